@@ -69,6 +69,8 @@ class TextEncoderConfig:
     projection_dim: int | None = None  # text_projection width (pooled output), if present
     # which hidden state the U-Net sees: -1 = last (after final LN), -2 = penultimate (no final LN)
     hidden_layer: int = -1
+    # SD1/SD2 pass that hidden state through the final LayerNorm; SDXL does not
+    final_norm_on_hidden: bool = True
     pad_token: int = 49407  # SD1 pads with EOS; OpenCLIP pads with 0
     # "hf" takes the pooled token at argmax(ids) (SD1/SDXL CLIP-L), like transformers
     pooled: bool = False  # whether this encoder's pooled (projected) output conditions the U-Net
@@ -125,9 +127,10 @@ CLIP_L = TextEncoderConfig(layout="hf", width=768, layers=12, heads=12, act="qui
 OPENCLIP_H = TextEncoderConfig(layout="openclip", width=1024, layers=24, heads=16, act="gelu",
                                projection_dim=1024, hidden_layer=-2, pad_token=0)
 # SDXL: CLIP-L penultimate hidden state; OpenCLIP bigG penultimate hidden + pooled projection
-CLIP_L_SDXL = dataclasses.replace(CLIP_L, hidden_layer=-2, pad_token=49407)
+CLIP_L_SDXL = dataclasses.replace(CLIP_L, hidden_layer=-2, final_norm_on_hidden=False)
 OPENCLIP_BIGG = TextEncoderConfig(layout="openclip", width=1280, layers=32, heads=20, act="gelu",
-                                  projection_dim=1280, hidden_layer=-2, pad_token=0, pooled=True)
+                                  projection_dim=1280, hidden_layer=-2, pad_token=0, pooled=True,
+                                  final_norm_on_hidden=False)
 
 VAE_SD = VAEConfig()
 VAE_SDXL = VAEConfig(scale_factor=0.13025)
@@ -162,3 +165,15 @@ PRESETS: dict[str, ModelConfig] = {
     "sdxl-refiner": ModelConfig("sdxl-refiner", UNET_SDXL_REFINER, VAE_SDXL, (OPENCLIP_BIGG,),
                                 default_size=1024, name="sdxl-refiner"),
 }
+
+# The embedded default model: SD1 classes and key layout at small width, trained by sdloom on
+# emoji at 128×128 (16×16 latents). Text width 128 keeps the 49408-row token table affordable.
+EMBEDDED = ModelConfig(
+    "sd1",
+    UNetConfig(model_channels=64, channel_mult=(1, 2, 3), num_res_blocks=1,
+               transformer_depth=(0, 1, 1), transformer_depth_middle=1, num_heads=4,
+               context_dim=128, num_groups=32),
+    VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, num_groups=16),
+    (TextEncoderConfig(layout="hf", width=128, layers=4, heads=2, act="quick_gelu"),),
+    default_size=128, name="embedded")
+PRESETS["embedded"] = EMBEDDED

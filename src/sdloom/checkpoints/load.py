@@ -1,0 +1,313 @@
+"""Loading models: single-file .safetensors / .ckpt (weights_only), diffusers folders, VAE files.
+
+Weights stream tensor by tensor into a model built on the meta device, so peak memory stays
+near one copy of the model (safetensors and zip .ckpt are memory-mapped).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, TextEncoderConfig, VAEConfig
+from ..errors import SdloomError
+from ..models.sd import LatentDiffusion
+from .detect import DetectionError, detect
+from .keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
+from .keymaps.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
+from .keymaps.vae import vae_diffusers_to_ldm
+
+CONFIG_KEY = "sdloom_config"  # safetensors metadata entry holding ModelConfig JSON
+
+# training-time buffers and EMA copies that inference does not use
+IGNORED = re.compile(
+    r"^(model_ema\.|betas$|alphas_cumprod|sqrt_|log_one_minus|posterior_|lvlb_weights|logvar$"
+    r"|.*\.position_ids$|first_stage_model\.loss\.|v_pred$)")
+
+
+@dataclass
+class TensorSource:
+    """A checkpoint opened lazily: shapes without reading, tensors one at a time."""
+    shapes: dict[str, tuple[int, ...]]
+    get: Callable[[str], torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _open_safetensors(path: Path) -> TensorSource:
+    from safetensors import safe_open
+    f = safe_open(str(path), framework="pt", device="cpu")
+    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return TensorSource(shapes, f.get_tensor, f.metadata() or {}, path)
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise SdloomError(f"{path}: not a state dict")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _open_dict(sd: dict[str, torch.Tensor], path: Path | None = None,
+               metadata: dict | None = None) -> TensorSource:
+    return TensorSource({k: tuple(v.shape) for k, v in sd.items()}, sd.__getitem__,
+                        metadata or {}, path)
+
+
+def open_file(path: str | Path) -> TensorSource:
+    """Open a single-file checkpoint (.safetensors, or .ckpt/.pt/.bin via weights_only)."""
+    path = Path(path)
+    if not path.exists():
+        raise SdloomError(f"no such model file or folder: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return _open_safetensors(path)
+        if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            return _open_dict(_torch_load(path), path)
+    except SdloomError:
+        raise
+    except Exception as e:  # corrupt or hostile files: one clear line, never a traceback
+        raise SdloomError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    raise SdloomError(f"{path}: unknown checkpoint format (expected .safetensors or .ckpt)")
+
+
+# ---------------------------------------------------------------- diffusers folders
+
+def _component_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All weights of one diffusers component (shards joined; plain files before variants)."""
+    st = sorted(folder.glob("*.safetensors"))
+    files = [f for f in st if f.name.count(".") == 1]  # "model.safetensors", shards too
+    if not files and st:  # only variants such as model.fp16.safetensors: take one variant
+        variant = st[0].name.split(".")[-2]
+        files = [f for f in st if f.name.split(".")[-2] == variant]
+    sd: dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors.torch import load_file
+        for f in files:
+            sd.update(load_file(str(f)))
+        return sd
+    bins = sorted(folder.glob("*.bin"))
+    if not bins:
+        raise SdloomError(f"{folder}: no weights (*.safetensors or *.bin)")
+    for f in bins:
+        sd.update(_torch_load(f))
+    return sd
+
+
+def text_config_from_hf(hc: dict) -> TextEncoderConfig:
+    """A TextEncoderConfig from a transformers CLIPTextConfig dict."""
+    # OpenCLIP-trained encoders (SD2's H, SDXL's bigG) use exact GELU; OpenAI's CLIP-L quick GELU
+    openclip = hc.get("hidden_act", "quick_gelu") == "gelu"
+    proj = hc.get("projection_dim") if any(
+        "Projection" in a for a in hc.get("architectures") or []) else None
+    return TextEncoderConfig(
+        layout="openclip" if openclip else "hf", vocab_size=hc.get("vocab_size", 49408),
+        max_positions=hc.get("max_position_embeddings", 77), width=hc["hidden_size"],
+        layers=hc["num_hidden_layers"], heads=hc["num_attention_heads"],
+        mlp_ratio=hc.get("intermediate_size", 4 * hc["hidden_size"]) // hc["hidden_size"],
+        act=hc.get("hidden_act", "quick_gelu"), projection_dim=proj,
+        pad_token=0 if openclip else 49407)
+
+
+def vae_config_from_diffusers(vc: dict, sdxl: bool) -> VAEConfig:
+    boc = vc["block_out_channels"]
+    scale = vc.get("scaling_factor") or (0.13025 if sdxl else 0.18215)
+    return VAEConfig(in_channels=vc.get("in_channels", 3), out_ch=vc.get("out_channels", 3),
+                     ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc),
+                     num_res_blocks=vc.get("layers_per_block", 2),
+                     z_channels=vc.get("latent_channels", 4), embed_dim=vc.get("latent_channels", 4),
+                     num_groups=vc.get("norm_num_groups", 32), scale_factor=scale,
+                     shift_factor=vc.get("shift_factor") or 0.0)
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SdloomError(f"diffusers folder incomplete: missing {path}") from None
+
+
+def open_diffusers(folder: str | Path) -> tuple[ModelConfig, TensorSource]:
+    """A diffusers pipeline folder, converted into our (single-file) names and config."""
+    folder = Path(folder)
+    uc = _json(folder / "unet" / "config.json")
+    unet = unet_config_from_diffusers(uc)
+    sdxl = unet.adm_in_channels is not None
+    vae = vae_config_from_diffusers(_json(folder / "vae" / "config.json"), sdxl)
+    sd = {"model.diffusion_model." + k: v
+          for k, v in unet_diffusers_to_ldm(_component_weights(folder / "unet"), unet).items()}
+    sd.update({"first_stage_model." + k: v
+               for k, v in vae_diffusers_to_ldm(_component_weights(folder / "vae")).items()})
+    encs: list[TextEncoderConfig] = []
+    names = [n for n in ("text_encoder", "text_encoder_2") if (folder / n).is_dir()]
+    if not names:
+        raise SdloomError(f"diffusers folder {folder} has no text_encoder/")
+    for n in names:
+        te = text_config_from_hf(_json(folder / n / "config.json"))
+        w = _component_weights(folder / n)
+        w = normalize_hf_clip(w)
+        if sdxl:
+            te = dataclasses.replace(te, hidden_layer=-2, final_norm_on_hidden=False,
+                            pooled=te.layout == "openclip")
+            prefix = f"conditioner.embedders.{len(encs)}."
+        else:
+            # diffusers stores SD2's encoder with the last layer removed, so "last + final norm"
+            # here is SD2's "penultimate + ln_final"
+            prefix = "cond_stage_model."
+        if te.layout == "openclip":
+            w = {prefix + "model." + k: v for k, v in clip_hf_to_openclip(w, te.layers).items()}
+        else:
+            w = {prefix + "transformer." + k: v for k, v in w.items()}
+        sd.update(w)
+        encs.append(te)
+    if sdxl:
+        family = "sdxl" if len(encs) == 2 else "sdxl-refiner"
+        cfg = ModelConfig(family, unet, vae, tuple(encs), default_size=1024)
+    else:
+        family = "sd2" if encs[0].layout == "openclip" else "sd1"
+        sched = {}
+        sp = folder / "scheduler" / "scheduler_config.json"
+        if sp.exists():
+            sched = json.loads(sp.read_text())
+        pred = "v" if sched.get("prediction_type") == "v_prediction" else "eps"
+        cfg = ModelConfig(family, unet, vae, tuple(encs), prediction=pred,
+                          default_size=8 * uc.get("sample_size", 64))
+    return cfg, _open_dict(sd, folder)
+
+
+# ---------------------------------------------------------------- building models
+
+def _ema_name(key: str) -> str:
+    return "model_ema." + key[len("model."):].replace(".", "")
+
+
+def _check_fit(model_shapes: dict[str, tuple], src: TensorSource, what: str,
+               optional: set[str]) -> None:
+    present = {k for k in src.shapes if not IGNORED.match(k)}
+    missing = sorted(set(model_shapes) - present - optional)
+    unexpected = sorted(present - set(model_shapes))
+    wrong = sorted(k for k in present & set(model_shapes) if tuple(src.shapes[k]) != model_shapes[k])
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("wrong shape", wrong)):
+            if keys:
+                more = f" … (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{len(keys)} {label}: {', '.join(keys[:5])}{more}")
+        raise SdloomError(f"checkpoint does not fit {what}: " + "; ".join(parts))
+
+
+def _optional_keys(model: LatentDiffusion) -> set[str]:
+    """Keys a checkpoint may lack: logit scales, and projections that nothing reads."""
+    out = set()
+    for prefix, te in zip(model.text_encoder_prefixes(), model.config.text_encoders):
+        out.add(prefix + "model.logit_scale")
+        if not te.pooled:
+            out.add(prefix + "model.text_projection")
+    return out
+
+
+def check_fit(model: LatentDiffusion, src: TensorSource) -> dict[str, tuple[int, ...]]:
+    """Strict key/shape check of a source against a model; returns the model's shapes."""
+    cfg = model.config
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_fit(expected, src, f"{cfg.name or cfg.family} model", _optional_keys(model))
+    return expected
+
+
+def build_from_source(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu", ema: bool = False) -> LatentDiffusion:
+    """Instantiate on the meta device, then stream the tensors in (strict)."""
+    with torch.device("meta"):
+        model = LatentDiffusion(cfg)
+    expected = check_fit(model, src)
+    state = {}
+    for k in expected:
+        name = _ema_name(k) if ema and k.startswith("model.diffusion_model.") else k
+        if ema and name not in src.shapes:
+            raise SdloomError(f"--ema asked for, but the checkpoint has no EMA weights ({name})")
+        if name not in src.shapes:
+            continue  # an optional key (checked above)
+        state[k] = src.get(name).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:  # optional keys absent from the file: zero, never uninitialised
+            parent = model.get_submodule(name.rpartition(".")[0])
+            leaf = name.rpartition(".")[2]
+            zeros = torch.zeros(t.shape, device=device, dtype=dtype)
+            if isinstance(t, torch.nn.Parameter):
+                setattr(parent, leaf, torch.nn.Parameter(zeros, requires_grad=False))
+            else:
+                setattr(parent, leaf, zeros)
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class LoadedModel:
+    model: LatentDiffusion
+    config: ModelConfig
+    path: Path
+    seconds: float
+
+
+def open_model_source(path: str | Path) -> tuple[ModelConfig, TensorSource]:
+    """Config + lazy tensors of a single file or a diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        return open_diffusers(path)
+    src = open_file(path)
+    if CONFIG_KEY in src.metadata:  # our own files carry their exact config
+        return ModelConfig.from_json(src.metadata[CONFIG_KEY]), src
+    return detect(src.shapes), src
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", prediction: str | None = None,
+               vae: str | Path | None = None, ema: bool = False) -> LoadedModel:
+    """Load any supported checkpoint into a LatentDiffusion model."""
+    t0 = time.perf_counter()
+    try:
+        cfg, src = open_model_source(path)
+    except DetectionError as e:
+        raise SdloomError(f"{path}: {e}") from None
+    if prediction:
+        if prediction not in ("eps", "v"):
+            raise SdloomError(f"prediction must be eps or v, not {prediction!r}")
+        cfg = cfg.replace(prediction=prediction)
+    model = build_from_source(cfg, src, dtype=dtype, device=device, ema=ema)
+    if vae:
+        load_vae_into(model, vae)
+    return LoadedModel(model, cfg, Path(path), time.perf_counter() - t0)
+
+
+def vae_source(path: str | Path) -> dict[str, torch.Tensor]:
+    """A separate VAE file (LDM or diffusers names, with or without prefix) in LDM names."""
+    src = open_file(path)
+    sd = {k: src.get(k) for k in src.shapes if not IGNORED.match(k) and not k.startswith("loss.")}
+    if any(k.startswith("first_stage_model.") for k in sd):
+        sd = {k[len("first_stage_model."):]: v for k, v in sd.items()
+              if k.startswith("first_stage_model.")}
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        sd = vae_diffusers_to_ldm(sd)
+    return sd
+
+
+def load_vae_into(model: LatentDiffusion, path: str | Path) -> None:
+    """Replace the model's VAE weights (A1111's VAE override), strictly."""
+    sd = vae_source(path)
+    vae = model.first_stage_model
+    expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    _check_fit(expected, _open_dict(sd), f"the model's VAE ({path})", set())
+    ref = next(vae.parameters())
+    vae.load_state_dict({k: v.to(ref.device, ref.dtype) for k, v in sd.items()}, strict=True)
