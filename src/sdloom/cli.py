@@ -1,0 +1,283 @@
+"""`sdloom …`: the command line, thin over the library API (DESIGN.md, "Command line")."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import SdloomError
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    path, sep, w = text.rpartition(":")
+    if sep and path and not w.startswith(("\\", "/")):
+        try:
+            return path, float(w)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [a:b:N], BREAK, <lora:name:w>)")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--model", help="checkpoint (.safetensors/.ckpt) or diffusers folder; "
+                   "default: the embedded emoji model")
+    p.add_argument("--vae", help="a separate VAE file to use instead of the model's")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type "
+                   "(e.g. eps for SD 2.x-base 512 checkpoints)")
+    p.add_argument("--sampler", default="DPM++ 2M", help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras"')
+    p.add_argument("--scheduler", default="automatic", help="automatic, karras, exponential, "
+                   "uniform, sgm_uniform, simple, normal, ddim_uniform, …")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--width", type=int, help="default: the model's native size")
+    p.add_argument("--height", type=int)
+    p.add_argument("--seed", type=int, default=-1, help="-1 = random")
+    p.add_argument("--subseed", type=int, default=-1, help="variation seed")
+    p.add_argument("--subseed-strength", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--n-iter", type=int, default=1, help="number of batches")
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--eta", type=float, help="noise multiplier of ancestral/SDE samplers")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH:W",
+                   help="apply a LoRA file at weight W (repeatable)")
+    p.add_argument("--lora-dir", help="folder where <lora:name:w> names are looked up")
+    p.add_argument("--embeddings", help="folder of textual-inversion embeddings")
+    p.add_argument("--output", "-o", default="outputs", help="output folder or .png file")
+    p.add_argument("--grid", action="store_true", help="also save a grid of the batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    ap = argparse.ArgumentParser(prog="sdloom", description="Stable Diffusion in plain PyTorch")
+    ap.add_argument("--version", action="version", version=f"sdloom {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="text to image")
+    _add_common(g)
+    g.add_argument("--hires-scale", type=float, help="enable hires fix with this upscale factor")
+    g.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (0 = same)")
+    g.add_argument("--hires-upscaler", default="Latent",
+                   help="Latent, Latent (nearest), Latent (bicubic antialiased), Lanczos, …")
+    g.add_argument("--denoise", type=float, default=0.7, help="hires-fix denoising strength")
+
+    i = sub.add_parser("img2img", help="image to image")
+    _add_common(i)
+    i.add_argument("--init", required=True, help="the input image")
+    i.add_argument("--strength", "--denoise", type=float, default=0.75, dest="strength")
+    i.add_argument("--resize-mode", type=int, default=0, choices=[0, 1, 2],
+                   help="0 just resize, 1 crop and resize, 2 resize and fill")
+
+    m = sub.add_parser("inpaint", help="repaint the masked area (white = repaint)")
+    _add_common(m)
+    m.add_argument("--init", required=True)
+    m.add_argument("--mask", help="mask image, same size as --init (white = repaint)")
+    m.add_argument("--outpaint", metavar="L,R,T,B",
+                   help="extend the canvas by these pixels and paint the new area (no --mask)")
+    m.add_argument("--strength", "--denoise", type=float, default=0.75, dest="strength")
+    m.add_argument("--mask-blur", type=int, default=4)
+    m.add_argument("--fill", default=None,
+                   choices=["original", "fill", "noise", "latent-noise", "latent-nothing"],
+                   help="masked content (default: original; fill for outpainting)")
+    m.add_argument("--only-masked", action="store_true", help="inpaint area: only masked")
+    m.add_argument("--padding", type=int, default=32, help="only-masked padding, pixels")
+    m.add_argument("--invert-mask", action="store_true")
+
+    s = sub.add_parser("info", help="family, components, parameter counts, hash")
+    s.add_argument("model")
+    s = sub.add_parser("convert", help="diffusers folder ⇄ .safetensors; .ckpt → .safetensors")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s = sub.add_parser("pnginfo", help="print an image's generation parameters")
+    s.add_argument("image")
+
+    t = sub.add_parser("train", help="train or fine-tune (VAE, U-Net, text encoder, LoRA)")
+    try:
+        from .training.train import add_train_args
+        add_train_args(t)
+    except ImportError as e:  # pragma: no cover - the training module is part of the package
+        t.set_defaults(_missing=str(e))
+
+    e = sub.add_parser("eval", help="prompt adherence of a model on its data set")
+    try:
+        from .eval.adherence import add_eval_args
+        add_eval_args(e)
+    except ImportError as err:
+        e.set_defaults(_missing=str(err))
+
+    return ap
+
+
+def _params(args, kind: str):
+    from .images import load_image
+    from .pipelines.params import FILL_MODES, GenerationParams
+    p = GenerationParams(
+        prompt=args.prompt, negative_prompt=args.negative, width=args.width, height=args.height,
+        steps=args.steps, cfg_scale=args.cfg, sampler_name=args.sampler, scheduler=args.scheduler,
+        seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength,
+        batch_size=args.batch_size, n_iter=args.n_iter, clip_skip=args.clip_skip, eta=args.eta,
+        loras=[_lora_arg(x) for x in args.lora])
+    if kind == "generate" and args.hires_scale:
+        p.enable_hr, p.hr_scale = True, args.hires_scale
+        p.hr_second_pass_steps, p.hr_upscaler = args.hires_steps, args.hires_upscaler
+        p.denoising_strength = args.denoise
+    if kind in ("img2img", "inpaint"):
+        p.init_image = load_image(args.init)
+        p.denoising_strength = args.strength
+        p.resize_mode = getattr(args, "resize_mode", 0)
+        if p.width is None and p.height is None:  # keep the input's size, rounded to 8
+            p.width, p.height = (p.init_image.width // 8 * 8, p.init_image.height // 8 * 8)
+    if kind == "inpaint":
+        fill = args.fill
+        if args.outpaint:
+            from .pipelines.generate import outpaint_canvas
+            try:
+                margins = [int(v) for v in args.outpaint.split(",")]
+                assert len(margins) == 4
+            except (ValueError, AssertionError):
+                raise SdloomError("--outpaint takes four integers: LEFT,RIGHT,TOP,BOTTOM") from None
+            p.init_image, p.mask = outpaint_canvas(p.init_image, *margins)
+            p.width, p.height = p.init_image.size
+            fill = fill or "fill"
+            if args.mask:
+                raise SdloomError("give either --mask or --outpaint, not both")
+        elif args.mask:
+            p.mask = load_image(args.mask)
+        else:
+            raise SdloomError("inpaint needs --mask IMAGE (or --outpaint L,R,T,B)")
+        p.mask_blur = args.mask_blur
+        p.inpainting_fill = FILL_MODES[fill or "original"]
+        p.inpaint_full_res = args.only_masked
+        p.inpaint_full_res_padding = args.padding
+        p.inpainting_mask_invert = args.invert_mask
+    return p
+
+
+def cmd_generate(args, kind: str) -> int:
+    from .images import unique_output_path
+    from .infotext import save_png
+    from .pipelines.engine import Engine
+    from .pipelines.generate import generate
+    p = _params(args, kind)
+    t0 = time.perf_counter()
+    engine = Engine.load(args.model, device=args.device, precision=args.precision, vae=args.vae,
+                         prediction=args.prediction, embeddings_dir=args.embeddings,
+                         lora_dir=args.lora_dir)
+    load_s = time.perf_counter() - t0
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=0, unit="it", desc=kind, leave=False, dynamic_ncols=True)
+
+    def progress(step: int, total: int, _x) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+    t1 = time.perf_counter()
+    result = generate(engine, p, progress)
+    if bar is not None:
+        bar.close()
+    out = Path(args.output)
+    paths = []
+    for img, info, seed in zip(result.images, result.infotexts, result.seeds):
+        if out.suffix.lower() == ".png":
+            path = out if len(result.images) == 1 and not out.exists() else unique_output_path(
+                out.parent, prefix=out.stem + "-", ext=".png")
+        else:
+            path = unique_output_path(out, suffix=f"-{seed}")
+        save_png(img, path, info)
+        paths.append(path)
+    if args.grid and len(result.images) > 1:
+        gp = unique_output_path(out if out.suffix == "" else out.parent, prefix="grid-")
+        save_png(result.grid(), gp, result.infotexts[0])
+        paths.append(gp)
+    gen_s = time.perf_counter() - t1
+    for path in paths:
+        print(path)
+    print(f"{len(result.images)} image(s) in {gen_s:.2f} s (model load {load_s:.2f} s), "
+          f"seed {result.seeds[0]}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+    from .checkpoints.load import check_fit, open_model_source
+    from .infotext import model_hash
+    from .models.sd import LatentDiffusion
+    c, src = open_model_source(args.model)
+    with torch.device("meta"):  # shapes only: nothing is read or allocated
+        m = LatentDiffusion(c)
+    check_fit(m, src)
+    print(f"model:       {args.model}")
+    print(f"family:      {c.family}" + (f" (preset {c.name})" if c.name else " (custom shapes)"))
+    print(f"prediction:  {c.prediction}")
+    print(f"inpainting:  {'yes' if c.is_inpaint else 'no'}")
+    print(f"native size: {c.default_size}x{c.default_size}")
+    for name, n in m.component_params().items():
+        print(f"{name + ':':13}{n / 1e6:9.2f} M parameters")
+    for i, te in enumerate(c.text_encoders):
+        print(f"text enc {i}:  {te.layout} width {te.width}, {te.layers} layers, "
+              f"hidden layer {te.hidden_layer}" + (", pooled" if te.pooled else ""))
+    if Path(args.model).is_file():
+        print(f"hash:        {model_hash(args.model)} (sha256[:10], A1111 'Model hash')")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoints.save import convert
+    cfg = convert(args.src, args.dst)
+    print(f"wrote {args.dst} ({cfg.family}{', ' + cfg.name if cfg.name else ''})")
+    return 0
+
+
+def cmd_pnginfo(args) -> int:
+    from .infotext import read_infotext
+    text = read_infotext(args.image)
+    if text is None:
+        raise SdloomError(f"{args.image}: no generation parameters in this image")
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"sdloom: error: {args.command} is unavailable: {args._missing}", file=sys.stderr)
+        return 1
+    try:
+        if args.command in ("generate", "img2img", "inpaint"):
+            return cmd_generate(args, args.command)
+        if args.command == "info":
+            return cmd_info(args)
+        if args.command == "convert":
+            return cmd_convert(args)
+        if args.command == "pnginfo":
+            return cmd_pnginfo(args)
+        return args.func(args)
+    except SdloomError as e:
+        print(f"sdloom: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sdloom: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("sdloom: error: out of memory (try a smaller size or batch)", file=sys.stderr)
+        return 1
+    except Exception as e:  # an unexpected failure: one line, and the traceback on request
+        if os.environ.get("SDLOOM_DEBUG"):
+            raise
+        print(f"sdloom: error: {type(e).__name__}: {e} (set SDLOOM_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
