@@ -234,8 +234,9 @@ def build_from_source(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype
     expected = check_fit(model, src)
     state = {}
     for k in expected:
-        name = _ema_name(k) if ema and k.startswith("model.diffusion_model.") else k
-        if ema and name not in src.shapes:
+        use_ema = ema and k.startswith("model.diffusion_model.")
+        name = _ema_name(k) if use_ema else k
+        if use_ema and name not in src.shapes:
             raise SdloomError(f"--ema asked for, but the checkpoint has no EMA weights ({name})")
         if name not in src.shapes:
             continue  # an optional key (checked above)
