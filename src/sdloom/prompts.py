@@ -1,41 +1,58 @@
 """A1111 prompt syntax → weighted 77-token chunks → conditioning tensors.
 
-Emphasis `(x)`, `(x:1.3)`, `[x]`, escapes, `BREAK`; prompt editing `[a:b:N]`, `[a:N]`, `[a::N]`,
-alternation `[a|b]`; prompts over 75 tokens in 77-token chunks, concatenated; textual inversion
-embeddings; "Original" emphasis normalisation. Semantics follow A1111's prompt_parser and
-sd_hijack_clip (reference/a1111.md); the code is our own.
+Emphasis `(x)`, `(x:1.3)`, `[x]`, escapes and `BREAK`; prompt editing `[a:b:N]`, `[a:N]`, `[a::N]`
+and alternation `[a|b]`; prompts longer than 75 tokens as several 77-token chunks encoded apart
+and concatenated; textual-inversion embeddings; "Original" emphasis (weights, then the mean
+restored). Semantics follow A1111's prompt_parser.py, sd_hijack_clip.py, sd_emphasis.py and
+textual_inversion.py (reference/a1111.md); the code is our own.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .errors import SdloomError
 
 ROUND, SQUARE = 1.1, 1 / 1.1
-CHUNK = 75
-COMMA_BACKTRACK = 20  # A1111 "comma_padding_backtrack"
-_ATTN = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+CHUNK = 75  # prompt tokens per chunk; +BOS +EOS = 77
+COMMA_BACKTRACK = 20  # A1111 "comma_padding_backtrack" default
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+BREAK = ("BREAK", -1.0)
+
+# ------------------------------------------------------------------ emphasis
+
+# one token per alternative: escapes, brackets, a `:weight)` closer, text runs, a lone colon
+_ATTN = re.compile(r"""
+    \\[()\[\]\\] | \\ | \( | \[
+  | :\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)
+  | \) | ] | [^\\()\[\]:]+ | :""", re.X)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
-    """Split a prompt into (text, weight) runs; ("BREAK", -1) marks a forced chunk break."""
-    res: list[list] = []
+    """A1111 emphasis: [(text, weight)] runs, equal neighbours merged; BREAK gives ("BREAK", -1)."""
+    res: list[list] = []  # [text, weight, is_break]
     rounds: list[int] = []
     squares: list[int] = []
 
     def scale(start: int, by: float) -> None:
         for r in res[start:]:
-            r[1] *= by
+            # deliberately unlike A1111, whose scaling of BREAK's -1 marker inside brackets
+            # turns it into the word "break" with a negative weight
+            if not r[2]:
+                r[1] *= by
 
     for m in _ATTN.finditer(text):
         tok, weight = m.group(0), m.group(1)
-        if tok.startswith("\\"):
-            res.append([tok[1:], 1.0])
+        if tok.startswith("\\"):  # an escape; a lone backslash is dropped, as in A1111
+            res.append([tok[1:], 1.0, False])
         elif tok == "(":
             rounds.append(len(res))
         elif tok == "[":
@@ -46,325 +63,605 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             scale(rounds.pop(), ROUND)
         elif tok == "]" and squares:
             scale(squares.pop(), SQUARE)
-        else:
+        else:  # plain text, an unmatched closer or a stray ":"
             for i, part in enumerate(_BREAK.split(tok)):
                 if i:
-                    res.append(["BREAK", -1.0])
-                res.append([part, 1.0])
-    for pos in rounds:  # unclosed brackets still apply to the rest of the prompt
+                    res.append([*BREAK, True])
+                res.append([part, 1.0, False])
+    # brackets never closed still apply to everything after them
+    for pos in rounds:
         scale(pos, ROUND)
     for pos in squares:
         scale(pos, SQUARE)
-    if not res:
-        return [("", 1.0)]
-    merged = [res[0]]
-    for r in res[1:]:
-        if r[1] == merged[-1][1]:
+    merged: list[list] = []
+    for r in res:
+        if merged and not r[2] and not merged[-1][2] and merged[-1][1] == r[1]:
             merged[-1][0] += r[0]
         else:
             merged.append(r)
-    return [(t, w) for t, w in merged]
+    return [(t, w) for t, w, _ in merged] or [("", 1.0)]
 
 
 # ------------------------------------------------------------------ prompt editing
 
-class _Parser:
-    """Recursive descent over A1111's editing grammar; emphasis brackets stay as text."""
+@dataclass
+class _Sched:
+    before: list | None  # None for `[a:N]` (nothing before N)
+    after: list
+    number: str  # as written: "10", "0.5", ".25"
 
-    def __init__(self, text: str, steps: int):
-        self.s, self.i, self.steps = text, 0, steps
 
-    def peek(self) -> str:
-        return self.s[self.i] if self.i < len(self.s) else ""
+@dataclass
+class _Alt:
+    options: list[list]
 
-    def seq(self, stops: str) -> list:
-        out: list = []
-        buf = ""
-        while self.i < len(self.s) and self.peek() not in stops:
-            c = self.peek()
-            if c == "\\" and self.i + 1 < len(self.s):
-                buf += self.s[self.i:self.i + 2]
-                self.i += 2
-            elif c == "[":
-                node = self.bracket()
-                if isinstance(node, str):
-                    buf += node
-                else:
-                    out.append(buf)
-                    buf = ""
-                    out.append(node)
-            elif c == "(":  # emphasis: keep brackets, parse inside for nested editing
-                self.i += 1
-                inner = self.seq(")")
-                close = ")" if self.peek() == ")" else ""
-                self.i += len(close)
-                out += [buf, "(", *inner, close]
-                buf = ""
+
+class _NoParse(Exception):
+    """The text is not a well-formed edit construct (A1111: a lark parse error)."""
+
+
+# lark's SIGNED_NUMBER, with the optional whitespace A1111 allows around it
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+))\s*")
+
+
+class _EditParser:
+    """Recursive descent over A1111's prompt-editing grammar (its lark grammar, by hand)."""
+    # Inside brackets everything must be well-formed. At the top level a bracket or colon that
+    # starts nothing usable is plain text. A `|` outside an alternation, or a `\` with nothing
+    # after it, is a parse error, and A1111 then uses the whole prompt as plain text.
+
+    def __init__(self, text: str):
+        self.s = text
+
+    def top(self) -> list:
+        s, out, i = self.s, [], 0
+        while i < len(s):
+            c = s[i]
+            if c in "[(":
+                try:
+                    node, i = self.construct(i)
+                except _NoParse:
+                    node, i = c, i + 1
+                out.append(node)
+            elif c in "]):":
+                out.append(c)
+                i += 1
             else:
-                buf += c
-                self.i += 1
-        out.append(buf)
+                text, i = self.plain(i)
+                out.append(text)
         return out
 
-    def bracket(self):
-        start = self.i
-        self.i += 1
-        parts = [self.seq(":|]")]
-        seps = []
-        while self.peek() in (":", "|"):
-            seps.append(self.peek())
-            self.i += 1
-            parts.append(self.seq(":|]"))
-        if self.peek() != "]":  # unterminated: literal text
-            self.i = start + 1
-            return "["
-        self.i += 1
-        if seps and all(s == "|" for s in seps):
-            return ("alt", parts)
-        if seps and all(s == ":" for s in seps) and len(parts) in (2, 3):
-            when = "".join(x for x in parts[-1] if isinstance(x, str)).strip()
-            try:
-                n = float(when)
-            except ValueError:
-                n = None
-            if n is not None:
-                n = n * self.steps if n < 1 else n
-                if len(parts) == 2:  # [a:N] adds a after N
-                    return ("sched", [], parts[0], n)
-                return ("sched", parts[0], parts[1], n)
-        # plain emphasis bracket ([x]) or a non-numeric [a:b]: literal text, nested edits kept
-        items: list = ["["] + parts[0]
-        for sep, part in zip(seps, parts[1:]):
-            items += [sep] + part
-        return ("lit", items + ["]"])
+    def plain(self, i: int) -> tuple[str, int]:
+        """A run of text with its `\\x` escapes kept (parse_prompt_attention reads them later)."""
+        s, start = self.s, i
+        while i < len(s) and s[i] not in "[]():|":
+            if s[i] == "\\":
+                if i + 1 >= len(s) or s[i + 1] == "\n":
+                    raise _NoParse
+                i += 1
+            i += 1
+        if i == start:  # "|" where no alternation is open
+            raise _NoParse
+        return s[start:i], i
+
+    def prompt(self, i: int) -> tuple[list, int]:
+        out: list = []
+        while i < len(self.s) and self.s[i] not in "]):|":
+            if self.s[i] in "[(":
+                node, i = self.construct(i)
+            else:
+                node, i = self.plain(i)
+            out.append(node)
+        return out, i
+
+    def construct(self, i: int) -> tuple[object, int]:
+        s = self.s
+        opener = s[i]
+        closer = "]" if opener == "[" else ")"
+        parts: list[tuple[list, int, int]] = []  # (nodes, start, end)
+        seps: list[str] = []
+        j = i + 1
+        while True:
+            nodes, end = self.prompt(j)
+            parts.append((nodes, j, end))
+            if end >= len(s) or s[end] not in closer + ":|":
+                raise _NoParse
+            if s[end] == closer:
+                j = end + 1
+                break
+            seps.append(s[end])
+            j = end + 1
+        if not seps:  # emphasis: kept as written
+            return [opener, *parts[0][0], closer], j
+        if opener == "(":
+            if seps != [":"]:
+                raise _NoParse
+            return ["(", *parts[0][0], ":", *parts[1][0], ")"], j
+        if set(seps) == {"|"}:
+            return _Alt([p[0] for p in parts]), j
+        if set(seps) == {":"} and len(parts) in (2, 3):
+            _, start, end = parts[-1]
+            m = _NUMBER.fullmatch(s, start, end)
+            if m:
+                before = parts[0][0] if len(parts) == 3 else None
+                return _Sched(before, parts[-2][0], m.group(1)), j
+        raise _NoParse
 
 
-def _render(nodes: list, step: int) -> str:
+def _walk(nodes: list) -> Iterable[_Sched | _Alt]:
+    for n in nodes:
+        if isinstance(n, list):
+            yield from _walk(n)
+        elif isinstance(n, _Sched):
+            yield n
+            yield from _walk([n.before or [], n.after])
+        elif isinstance(n, _Alt):
+            yield n
+            yield from _walk(n.options)
+
+
+def _render(nodes: list, step: int, when: Callable[[str], int]) -> str:
     out = []
     for n in nodes:
         if isinstance(n, str):
             out.append(n)
-        elif n[0] == "lit":
-            out.append(_render(n[1], step))
-        elif n[0] == "alt":
-            out.append(_render(n[1][(step - 1) % len(n[1])], step))
+        elif isinstance(n, list):
+            out.append(_render(n, step, when))
+        elif isinstance(n, _Sched):
+            out.append(_render((n.before or []) if step <= when(n.number) else n.after, step, when))
         else:
-            _, before, after, when = n
-            out.append(_render(before if step <= when else after, step))
+            out.append(_render(n.options[(step - 1) % len(n.options)], step, when))
     return "".join(out)
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
-    """[(end_at_step, text)]: the prompt text in force up to each (1-based) step, as A1111."""
-    nodes = _Parser(prompt, steps).seq("")
-    out: list[tuple[int, str]] = []
-    for step in range(1, steps + 1):
-        text = _render(nodes, step)
-        if out and out[-1][1] == text:
-            out[-1] = (step, text)
+def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None,
+                    old_scheduling: bool = False) -> list[tuple[int, str]]:
+    """A1111's prompt-editing timeline [(end_at_step, text)], steps counted from 1."""
+    # `[a:b:N]` shows a up to step N, then b; `[a:N]` adds a after N; `[a::N]` removes it after
+    # N; `[a|b]` alternates every step. N with a decimal point is a fraction of the steps, else a
+    # step number (A1111 ≥ 1.6; `old_scheduling`: N < 1 is a fraction). For a hires pass,
+    # `hires_steps` counts N on from the first pass: integers from `steps`, fractions from 1.0.
+    if hires_steps is None or old_scheduling:
+        int_offset, frac_offset, total = 0, 0.0, steps
+    else:
+        int_offset, frac_offset, total = steps, 1.0, hires_steps
+    try:
+        nodes = _EditParser(prompt).top()
+    except (_NoParse, RecursionError):
+        return [(total, prompt)]
+
+    def when(number: str) -> int:
+        v = float(number)
+        if old_scheduling:
+            v = v * total if v < 1 else v
+        elif "." in number:
+            v = (v - frac_offset) * total
         else:
-            out.append((step, text))
-    return out or [(steps, prompt)]
+            v = v - int_offset
+        return int(max(-1.0, min(float(total), v)))  # clamped first: "1e999" is inf
+
+    ends = {total}
+    for n in _walk(nodes):
+        if isinstance(n, _Alt):
+            ends.update(range(1, total + 1))
+        elif when(n.number) >= 1:
+            ends.add(when(n.number))
+    return [(t, _render(nodes, t, when)) for t in sorted(ends)]
 
 
-# ------------------------------------------------------------------ embeddings
+# ------------------------------------------------------------------ textual inversion
 
-@dataclass
+def _ti_key(cfg) -> str:
+    """A1111's per-encoder key in SDXL embedding files (SD1/SD2 files hold one tensor)."""
+    if cfg.layout == "hf":
+        return "clip_l"
+    return "clip_g" if cfg.pooled else "clip_h"
+
+
+@dataclass(eq=False)
 class Embedding:
+    """A textual-inversion embedding: n vectors per text encoder, used where its name is typed."""
     name: str
-    vectors: list[torch.Tensor]  # one [n, D] tensor per text-encoder width
-
-    def for_width(self, width: int) -> torch.Tensor:
-        for v in self.vectors:
-            if v.shape[-1] == width:
-                return v
-        raise SdloomError(f"embedding {self.name!r} has no vectors of width {width}")
+    # "*" for single-tensor files (SD1/SD2); "clip_l" and "clip_g" for SDXL files
+    vectors: dict[str, torch.Tensor]
+    path: Path | None = None
 
     @property
     def count(self) -> int:
-        return self.vectors[0].shape[0]
+        return next(iter(self.vectors.values())).shape[0]
+
+    @functools.cached_property
+    def shorthash(self) -> str | None:
+        """First 12 hex digits of the file's sha256, as A1111's "TI hashes" infotext."""
+        if self.path is None or not self.path.is_file():
+            return None
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
+
+    def for_encoder(self, cfg) -> torch.Tensor | None:
+        """[n, width] vectors for a text encoder config, or None if this file has none."""
+        v = self.vectors.get(_ti_key(cfg), self.vectors.get("*"))
+        return v if v is not None and v.shape[-1] == cfg.width else None
+
+    def usable_with(self, configs: list) -> bool:
+        """Whether the file fits the model exactly, as A1111 checks (else it is "skipped")."""
+        if "*" in self.vectors:
+            return len(configs) == 1 and self.for_encoder(configs[0]) is not None
+        return (set(self.vectors) == {_ti_key(c) for c in configs}
+                and all(self.for_encoder(c) is not None for c in configs))
 
 
 def load_embedding(path: str | Path) -> Embedding:
-    """A1111 textual-inversion file: .pt (`string_to_param`) or .safetensors (`emb_params`,
-    or SDXL's `clip_l` + `clip_g`)."""
-    from .checkpoints.load import open_file
+    """Read an A1111 textual-inversion file (.pt, .bin, .safetensors); its name is the stem."""
+    # .pt: {"string_to_param": {"*": [n, D]}}; .safetensors: {"emb_params": [n, D]} or SDXL's
+    # {"clip_l": [n, 768], "clip_g": [n, 1280]}; diffusers concepts: {"<token>": [D]}
     path = Path(path)
-    src = open_file(path) if path.suffix == ".safetensors" else None
-    if src is not None:
-        d = {k: src.get(k) for k in src.shapes}
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+            data = load_file(str(path), device="cpu")
+        else:  # pickles only through the weights-only unpickler: no code runs from the file
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SdloomError(f"cannot read embedding {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(data, dict):
+        raise SdloomError(f"{path}: not a textual-inversion embedding")
+    if "string_to_param" in data:  # A1111 .pt: {"string_to_param": {"*": [n, D]}, "name": …}
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise SdloomError(f"{path}: embedding file must hold exactly one term")
+        vectors = {"*": next(iter(params.values()))}
+    elif "clip_l" in data and "clip_g" in data:  # SDXL
+        vectors = {k: data[k] for k in ("clip_l", "clip_g")}
+    elif len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
+        vectors = {"*": next(iter(data.values()))}  # "emb_params", or a diffusers concept
     else:
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise SdloomError(f"cannot read embedding {path}: {e}") from None
-        if isinstance(d, dict) and "string_to_param" in d:
-            d = {"emb_params": next(iter(d["string_to_param"].values()))}
-    vecs = [d[k] for k in ("clip_l", "clip_g") if k in d] or \
-        [v for k, v in d.items() if isinstance(v, torch.Tensor)][:1]
-    if not vecs:
-        raise SdloomError(f"{path}: no embedding vectors found")
-    return Embedding(path.stem, [v.detach().float().reshape(-1, v.shape[-1]) for v in vecs])
+        raise SdloomError(f"{path}: not a textual-inversion embedding "
+                          f"(keys: {', '.join(map(str, list(data)[:8]))})")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in vectors.items():
+        if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2) or v.numel() == 0:
+            raise SdloomError(f"{path}: embedding {k!r} is not a [n, width] tensor")
+        out[k] = v.detach().to(torch.float32).reshape(-1, v.shape[-1])
+    if len({v.shape[0] for v in out.values()}) != 1:
+        raise SdloomError(f"{path}: clip_l and clip_g have different vector counts")
+    if next(iter(out.values())).shape[0] > CHUNK:
+        raise SdloomError(f"{path}: more than {CHUNK} vectors cannot fit in a prompt chunk")
+    return Embedding(path.stem, out, path)
 
 
 class EmbeddingDB:
-    """Embeddings by name; a prompt word equal to a name is replaced by its vectors."""
+    """Textual-inversion embeddings by name (later additions replace earlier ones)."""
+    EXTENSIONS = (".pt", ".bin", ".safetensors")
 
-    def __init__(self):
-        self.by_name: dict[str, Embedding] = {}
-        self._ids: dict[str, list[int]] = {}
+    def __init__(self, embeddings: Iterable[Embedding] = ()):
+        self.embeddings: dict[str, Embedding] = {}
+        self.errors: dict[str, str] = {}  # file → why it was not loaded
+        self.version = 0  # bumped on change, so encoders know to rebuild their lookups
+        for e in embeddings:
+            self.add(e)
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.embeddings
+
+    def __iter__(self):
+        return iter(self.embeddings.values())
 
     def add(self, emb: Embedding) -> None:
-        self.by_name[emb.name] = emb
-        self._ids.clear()
+        self.embeddings[emb.name] = emb
+        self.version += 1
+
+    def load(self, path: str | Path) -> Embedding:
+        emb = load_embedding(path)
+        self.add(emb)
+        return emb
 
     def load_dir(self, folder: str | Path) -> None:
-        for p in sorted(Path(folder).iterdir()):
-            if p.suffix in (".pt", ".safetensors", ".bin"):
-                self.add(load_embedding(p))
+        """Every embedding file under `folder`; unreadable ones are listed in `errors`."""
+        for p in sorted(Path(folder).rglob("*")):
+            if p.suffix.lower() in self.EXTENSIONS and p.is_file() and p.stat().st_size:
+                try:
+                    self.load(p)
+                except SdloomError as e:  # one bad download must not stop generation
+                    self.errors[str(p)] = str(e)
 
-    def find(self, tokens: list[int], pos: int, tokenizer) -> tuple[Embedding, int] | None:
-        """The longest embedding whose name's tokens start at `pos`."""
-        if not self.by_name:
-            return None
-        if not self._ids:
-            self._ids = {n: tokenizer.encode(n) for n in self.by_name}
-        best = None
-        for name, ids in self._ids.items():
-            if ids and tokens[pos:pos + len(ids)] == ids and (best is None or len(ids) > best[1]):
-                best = (self.by_name[name], len(ids))
-        return best
+    def lookup(self, tokenizer, usable: Callable[[Embedding], bool] | None = None
+               ) -> dict[int, list[tuple[list[int], Embedding]]]:
+        """First token id → [(name ids, embedding)], longest name first (A1111's ids_lookup)."""
+        table: dict[int, list[tuple[list[int], Embedding]]] = {}
+        for emb in self.embeddings.values():
+            ids = tokenizer.encode(emb.name)
+            if ids and (usable is None or usable(emb)):
+                table.setdefault(ids[0], []).append((ids, emb))
+        for entries in table.values():
+            entries.sort(key=lambda e: len(e[0]), reverse=True)
+        return table
 
 
 # ------------------------------------------------------------------ chunks
 
 @dataclass
 class Chunk:
-    tokens: list[int] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    fixes: list[tuple[int, Embedding]] = field(default_factory=list)
+    """One 77-token window: ids (BOS … EOS, EOS-padded), per-token weights, embedding slots."""
+    tokens: list[int]
+    weights: list[float]
+    fixes: list[tuple[int, Embedding]] = field(default_factory=list)  # (index in tokens, emb)
 
 
-def tokenize_prompt(text: str, tokenizer, db: EmbeddingDB | None = None) -> list[Chunk]:
-    """A1111's chunking: 75 tokens per chunk (+BOS/EOS), BREAK, comma backtracking."""
+def empty_chunk(tokenizer) -> Chunk:
+    """BOS and 76 EOS: the chunk that pads shorter prompts of a batch."""
+    return Chunk([tokenizer.bos] + [tokenizer.eos] * (CHUNK + 1), [1.0] * (CHUNK + 2))
+
+
+def tokenize_prompt(text: str, tokenizer, embeddings: EmbeddingDB | dict | None = None,
+                    emphasis: str = "Original", comma_backtrack: int = COMMA_BACKTRACK
+                    ) -> list[Chunk]:
+    """A prompt's 77-token chunks, as A1111's tokenize_line."""
+    # 75 prompt tokens per chunk; BREAK starts a new chunk; a chunk that overflows is cut after
+    # its last comma when that comma is within `comma_backtrack` tokens of the end.
+    # `embeddings` is a DB or an `EmbeddingDB.lookup` table.
+    if isinstance(embeddings, EmbeddingDB):
+        embeddings = embeddings.lookup(tokenizer)
+    lookup = embeddings or {}
+    # "None" emphasis reads the prompt verbatim: brackets are text and BREAK is a word
+    parsed = parse_prompt_attention(text) if emphasis != "None" else [(text, 1.0)]
     comma = tokenizer.encode(",")[0]
     chunks: list[Chunk] = []
-    cur = Chunk()
+    toks: list[int] = []
+    weights: list[float] = []
+    fixes: list[tuple[int, Embedding]] = []
     last_comma = -1
 
     def close() -> None:
-        nonlocal cur, last_comma
-        pad = CHUNK - len(cur.tokens)
-        cur.tokens = [tokenizer.bos] + cur.tokens + [tokenizer.eos] * pad + [tokenizer.eos]
-        cur.weights = [1.0] + cur.weights + [1.0] * pad + [1.0]
-        chunks.append(cur)
-        cur, last_comma = Chunk(), -1
+        nonlocal toks, weights, fixes, last_comma
+        pad = CHUNK - len(toks)
+        chunks.append(Chunk([tokenizer.bos, *toks, *[tokenizer.eos] * (pad + 1)],
+                            [1.0, *weights, *[1.0] * (pad + 1)], fixes))
+        toks, weights, fixes, last_comma = [], [], [], -1
 
-    for frag, weight in parse_prompt_attention(text):
-        if frag == "BREAK" and weight == -1:
+    for frag, weight in parsed:
+        if (frag, weight) == BREAK:
             close()
             continue
-        toks = tokenizer.encode(frag)
+        ids = tokenizer.encode(frag)
         pos = 0
-        while pos < len(toks):
-            tok = toks[pos]
+        while pos < len(ids):
+            tok = ids[pos]
             if tok == comma:
-                last_comma = len(cur.tokens)
-            elif (len(cur.tokens) == CHUNK and last_comma != -1
-                  and len(cur.tokens) - last_comma <= COMMA_BACKTRACK):
-                cut = last_comma + 1  # move the words after the last comma to the next chunk
-                moved_t, moved_w = cur.tokens[cut:], cur.weights[cut:]
-                cur.tokens, cur.weights = cur.tokens[:cut], cur.weights[:cut]
+                last_comma = len(toks)
+            elif (comma_backtrack and len(toks) == CHUNK and last_comma != -1
+                  and len(toks) - last_comma <= comma_backtrack):
+                # move the words after the last comma into the next chunk, so a phrase
+                # is not split across two independently encoded windows; embedding slots
+                # move with their words (A1111 leaves them behind in the old chunk)
+                cut = last_comma + 1
+                moved = toks[cut:], weights[cut:], [(p - cut, e) for p, e in fixes if p > cut]
+                toks, weights = toks[:cut], weights[:cut]
+                fixes = [(p, e) for p, e in fixes if p <= cut]
                 close()
-                cur.tokens, cur.weights = moved_t, moved_w
-            if len(cur.tokens) == CHUNK:
+                toks, weights, fixes = moved
+            if len(toks) == CHUNK:
                 close()
-            found = db.find(toks, pos, tokenizer) if db else None
-            if found is None:
-                cur.tokens.append(tok)
-                cur.weights.append(weight)
+            emb, n_ids = _find_embedding(lookup, ids, pos)
+            if emb is None:
+                toks.append(tok)
+                weights.append(weight)
                 pos += 1
                 continue
-            emb, n_ids = found
-            if len(cur.tokens) + emb.count > CHUNK:
+            if len(toks) + emb.count > CHUNK:
                 close()
-            cur.fixes.append((len(cur.tokens), emb))
-            cur.tokens += [0] * emb.count
-            cur.weights += [weight] * emb.count
+            fixes.append((len(toks) + 1, emb))  # +1: BOS comes first
+            toks += [0] * emb.count  # placeholder ids; the vectors replace their embeddings
+            weights += [weight] * emb.count
             pos += n_ids
-    if cur.tokens or not chunks:
+    if toks or not chunks:
         close()
     return chunks
 
 
+def _find_embedding(lookup: dict, ids: list[int], pos: int) -> tuple[Embedding | None, int]:
+    for name_ids, emb in lookup.get(ids[pos], ()):
+        if ids[pos:pos + len(name_ids)] == name_ids:
+            return emb, len(name_ids)
+    return None, 0
+
+
+def chunk_ids(chunks: list[Chunk], eos: int, pad_token: int) -> torch.Tensor:
+    """[N, 77] ids, with `pad_token` after the first EOS (OpenCLIP pads with 0), as A1111."""
+    ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long)
+    if pad_token != eos:
+        for row, c in enumerate(chunks):
+            ids[row, c.tokens.index(eos) + 1:] = pad_token
+    return ids
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, mode: str = "Original"
+                   ) -> torch.Tensor:
+    """Weight hidden states [N,77,D] per token (A1111 sd_emphasis); "Original" keeps the mean."""
+    # "Original" rescales each chunk of each prompt so its mean equals the unweighted mean.
+    # A1111 takes that mean over the whole batch it encodes, which is one prompt except for
+    # prompt-editing texts; per prompt keeps a prompt's encoding independent of its neighbours.
+    if mode in ("Ignore", "None") or bool((weights == 1).all()):
+        return z
+    scaled = z * weights[..., None].to(z)
+    if mode == "No norm":
+        return scaled
+    before = z.mean(dim=(1, 2), keepdim=True)
+    return scaled * (before / scaled.mean(dim=(1, 2), keepdim=True))
+
+
+# ------------------------------------------------------------------ conditioning
+
 @dataclass
 class Conditioning:
-    context: torch.Tensor  # [B, 77·k, D]
+    """Text conditioning for a batch: cross-attention context and (SDXL) the pooled vector."""
+    context: torch.Tensor  # [B, 77·k, sum of encoder widths]
     pooled: torch.Tensor | None = None  # [B, P]
 
     @property
     def chunks(self) -> int:
         return self.context.shape[1] // 77
 
+    def to(self, device=None, dtype=None) -> Conditioning:
+        return Conditioning(self.context.to(device, dtype),
+                            None if self.pooled is None else self.pooled.to(device, dtype))
+
+    def pad_chunks(self, k: int, empty: Conditioning) -> Conditioning:
+        """Append chunks of the empty prompt's encoding until there are `k`."""
+        if k < self.chunks:
+            raise ValueError(f"cannot pad {self.chunks} chunks down to {k}")
+        if k == self.chunks:
+            return self
+        pad = empty.context[:1, :77].to(self.context).expand(self.context.shape[0], -1, -1)
+        return Conditioning(torch.cat([self.context, pad.repeat(1, k - self.chunks, 1)], 1),
+                            self.pooled)
+
+
+def pad_to_same_length(a: Conditioning, b: Conditioning, empty: Conditioning
+                       ) -> tuple[Conditioning, Conditioning]:
+    """Pad the shorter of cond/uncond with empty-prompt chunks so they batch (A1111 ≥ 1.6)."""
+    k = max(a.chunks, b.chunks)
+    return a.pad_chunks(k, empty), b.pad_chunks(k, empty)
+
+
+def batch_conditionings(conds: list[Conditioning], empty: Conditioning) -> Conditioning:
+    """Concatenate conditionings on the batch axis, padding to the longest with empty chunks."""
+    k = max(c.chunks for c in conds)
+    padded = [c.pad_chunks(k, empty) for c in conds]
+    pooled = None
+    if all(c.pooled is not None for c in padded):
+        pooled = torch.cat([c.pooled for c in padded])
+    return Conditioning(torch.cat([c.context for c in padded]), pooled)
+
+
+def cond_at_step(schedule: list[tuple[int, Conditioning]], step: int) -> Conditioning:
+    """The entry in force at a 0-based sampling step: the first with step <= end (A1111)."""
+    for end, cond in schedule:
+        if step <= end:
+            return cond
+    return schedule[-1][1]
+
+
+def _device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
 
 class PromptEncoder:
-    """Prompts → Conditioning through one or more text encoders (SDXL: concatenated)."""
+    """Prompts → Conditioning through one or more text encoders (SDXL: CLIP-L ⊕ bigG)."""
+    # Hidden states are concatenated on the feature axis; the pooled vector comes from the
+    # encoder whose config says `pooled`, taken at the first chunk, as A1111.
 
-    def __init__(self, tokenizer, text_encoders: list, configs: list, embeddings=None):
+    def __init__(self, tokenizer, text_encoders: list[nn.Module], configs: list,
+                 embeddings: EmbeddingDB | None = None, emphasis: str = "Original",
+                 comma_backtrack: int = COMMA_BACKTRACK):
+        if len(text_encoders) != len(configs):
+            raise ValueError(f"{len(text_encoders)} text encoders but {len(configs)} configs")
+        if emphasis not in EMPHASIS_MODES:
+            raise SdloomError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}")
         self.tokenizer = tokenizer
-        self.encoders = text_encoders
-        self.configs = configs
-        self.db = embeddings
+        self.encoders = list(text_encoders)
+        self.configs = list(configs)
+        self.embeddings = embeddings if embeddings is not None else EmbeddingDB()
+        self.emphasis = emphasis
+        self.comma_backtrack = comma_backtrack
+        self.last_used_embeddings: dict[str, Embedding] = {}
+        self._lookup: dict | None = None
+        self._lookup_version = -1
+        self._chunk_cache: dict[str, list[Chunk]] = {}
 
-    def _empty(self) -> Chunk:
-        return tokenize_prompt("", self.tokenizer)[0]
+    # ---------------------------------------------------------------- tokens
+    @property
+    def skipped_embeddings(self) -> list[str]:
+        """Names of loaded embeddings made for another model family (A1111 "skipped")."""
+        return [e.name for e in self.embeddings if not e.usable_with(self.configs)]
 
+    def _embedding_lookup(self) -> dict:
+        if self._lookup is None or self._lookup_version != self.embeddings.version:
+            self._lookup = self.embeddings.lookup(
+                self.tokenizer, lambda e: e.usable_with(self.configs))
+            self._lookup_version = self.embeddings.version
+            self._chunk_cache.clear()
+        return self._lookup
+
+    def tokenize(self, text: str) -> list[Chunk]:
+        """The prompt's 77-token chunks (cached per text)."""
+        lookup = self._embedding_lookup()
+        if text not in self._chunk_cache:
+            if len(self._chunk_cache) > 1024:
+                self._chunk_cache.clear()
+            self._chunk_cache[text] = tokenize_prompt(text, self.tokenizer, lookup,
+                                                      self.emphasis, self.comma_backtrack)
+        return self._chunk_cache[text]
+
+    # ---------------------------------------------------------------- tensors
     @torch.no_grad()
-    def encode_chunks(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One chunk per batch item → (z [B,77,D], pooled [B,P] or None), weights applied."""
-        zs, pooled = [], None
+    def encode_chunks(self, chunks: list[Chunk], clip_skip: int = 1
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunks → (weighted hidden [N,77,ΣD] float32, pooled [N,P] or None)."""
+        zs: list[torch.Tensor] = []
+        pooled = None
+        weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32)
         for enc, cfg in zip(self.encoders, self.configs):
-            dev = next(enc.parameters()).device
-            ids = torch.tensor([c.tokens for c in chunks], device=dev)
-            # after the first EOS, OpenCLIP encoders see their own pad token
-            ids_in = ids.clone()
-            if cfg.pad_token != self.tokenizer.eos:
-                for b in range(len(chunks)):
-                    first = _first_eos(ids[b], self.tokenizer.eos)
-                    ids_in[b, first + 1:] = cfg.pad_token
+            dev = _device(enc)
+            ids = chunk_ids(chunks, self.tokenizer.eos, cfg.pad_token).to(dev)
             embeds = None
             if any(c.fixes for c in chunks):
-                embeds = enc.token_embedding(ids_in).clone()
-                for b, c in enumerate(chunks):
-                    for off, emb in c.fixes:
-                        v = emb.for_width(cfg.width).to(embeds)
-                        embeds[b, 1 + off:1 + off + v.shape[0]] = v
-            h, p = enc(ids_in, clip_skip=self._clip_skip, inputs_embeds=embeds)
-            zs.append(h.float())
+                embeds = enc.token_embedding(ids).clone()
+                for row, c in enumerate(chunks):
+                    for pos, emb in c.fixes:
+                        v = emb.for_encoder(cfg).to(embeds)
+                        embeds[row, pos:pos + v.shape[0]] = v
+            hidden, p = enc(ids, clip_skip=clip_skip, inputs_embeds=embeds)
+            # emphasis per encoder, as A1111 wraps each SDXL encoder separately
+            zs.append(apply_emphasis(hidden.float(), weights.to(dev), self.emphasis))
             if cfg.pooled:
-                pooled = p.float()
-        z = torch.cat(zs, dim=-1)
-        w = torch.tensor([c.weights for c in chunks], device=z.device, dtype=z.dtype)
-        before = z.mean()
-        z = z * w[..., None]
-        # "Original" emphasis: weighting must not change the overall mean
-        z = z * (before / z.mean())
-        return z, pooled
+                pooled = None if p is None else p.float()
+        if len({z.device for z in zs}) > 1:
+            zs = [z.to(zs[0].device) for z in zs]
+        return torch.cat(zs, dim=-1), pooled
+
+    def _encode_texts(self, texts: list[str], clip_skip: int, pad: bool
+                      ) -> list[Conditioning]:
+        """One [1, 77·k, D] Conditioning per text, all chunks in one forward per encoder."""
+        if not texts:
+            raise ValueError("no prompts to encode")
+        per = [self.tokenize(t) for t in texts]
+        self.last_used_embeddings = {e.name: e for cs in per for c in cs for _, e in c.fixes}
+        k = max(len(c) for c in per)
+        counts = [k if pad else len(c) for c in per]
+        flat = [cs[i] if i < len(cs) else empty_chunk(self.tokenizer)
+                for cs, n in zip(per, counts) for i in range(n)]
+        z, pooled = self.encode_chunks(flat, clip_skip)
+        out, start = [], 0
+        for n in counts:
+            out.append(Conditioning(z[start:start + n].reshape(1, n * 77, z.shape[-1]),
+                                    None if pooled is None else pooled[start:start + 1]))
+            start += n
+        return out
 
     def __call__(self, prompts: list[str], clip_skip: int = 1) -> Conditioning:
-        self._clip_skip = clip_skip
-        per = [tokenize_prompt(p, self.tokenizer, self.db) for p in prompts]
-        n = max(len(c) for c in per)
-        zs, pooled = [], None
-        for i in range(n):
-            batch = [c[i] if i < len(c) else self._empty() for c in per]
-            z, p = self.encode_chunks(batch)
-            zs.append(z)
-            if i == 0:
-                pooled = p
-        return Conditioning(torch.cat(zs, dim=1), pooled)
+        """Encode a batch; prompts with fewer chunks get chunks of the empty prompt."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        unique = list(dict.fromkeys(prompts))
+        conds = dict(zip(unique, self._encode_texts(unique, clip_skip, pad=True)))
+        rows = [conds[p] for p in prompts]
+        pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows])
+        return Conditioning(torch.cat([r.context for r in rows]), pooled)
 
+    def empty(self, clip_skip: int = 1) -> Conditioning:
+        """The empty prompt's encoding: what short conditionings are padded with."""
+        return self([""], clip_skip)
 
-def _first_eos(ids: torch.Tensor, eos: int) -> int:
-    hits = (ids == eos).nonzero()
-    return int(hits[0]) if len(hits) else len(ids) - 1
+    def encode_scheduled(self, prompts: list[str], steps: int, clip_skip: int = 1,
+                         hires_steps: int | None = None
+                         ) -> list[list[tuple[int, Conditioning]]]:
+        """Per prompt, its editing timeline [(end_at_step, Conditioning [1,77·k,D])]."""
+        # each distinct text of all the timelines is encoded once, in one batch
+        scheds = [prompt_schedule(p, steps, hires_steps) for p in prompts]
+        texts = list(dict.fromkeys(t for s in scheds for _, t in s))
+        conds = dict(zip(texts, self._encode_texts(texts, clip_skip, pad=False)))
+        return [[(end, conds[t]) for end, t in s] for s in scheds]

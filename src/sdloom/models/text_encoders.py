@@ -3,8 +3,13 @@
 "hf": transformers' CLIPTextModel names (OpenAI CLIP-L in SD1 and SDXL).
 "openclip": open_clip names with fused q/k/v (OpenCLIP ViT-H in SD2, ViT-bigG in SDXL).
 Both wrappers return (hidden states the U-Net reads, pooled projection or None).
+
+No buffers anywhere: the loader builds on the meta device and fills only what the file holds,
+so positions come from slicing the position table, never from a stored `position_ids`.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,15 +19,25 @@ from ..config import TextEncoderConfig
 from .attention import sdpa_heads
 
 
-def _act(name: str):
-    if name == "quick_gelu":  # OpenAI CLIP's sigmoid approximation of GELU
-        return lambda x: x * torch.sigmoid(1.702 * x)
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU: x·σ(1.702x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    # module-level functions, not lambdas, so a model can be pickled or deep-copied (EMA)
+    if name == "quick_gelu":
+        return quick_gelu
     if name == "gelu":
         return F.gelu
     raise ValueError(f"unknown activation {name!r}")
 
 
+# ------------------------------------------------------------------ transformers layout ("hf")
+
 class HFAttention(nn.Module):
+    """Causal multi-head self-attention with separate q/k/v projections."""
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -37,6 +52,8 @@ class HFAttention(nn.Module):
 
 
 class HFMLP(nn.Module):
+    """Two-layer feed-forward, width → mlp_ratio·width → width."""
+
     def __init__(self, width: int, hidden: int, act: str):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
@@ -48,6 +65,8 @@ class HFMLP(nn.Module):
 
 
 class HFLayer(nn.Module):
+    """Pre-norm transformer layer (transformers `CLIPEncoderLayer`)."""
+
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.self_attn = HFAttention(cfg.width, cfg.heads)
@@ -61,6 +80,8 @@ class HFLayer(nn.Module):
 
 
 class HFEmbeddings(nn.Module):
+    """Token and learned absolute position tables."""
+
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
@@ -68,12 +89,16 @@ class HFEmbeddings(nn.Module):
 
 
 class HFEncoder(nn.Module):
+    """The stack of layers (`text_model.encoder.layers.{n}`)."""
+
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.layers = nn.ModuleList(HFLayer(cfg) for _ in range(cfg.layers))
 
 
 class HFTextTransformer(nn.Module):
+    """transformers' `CLIPTextTransformer` (the `text_model.` prefix)."""
+
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.embeddings = HFEmbeddings(cfg)
@@ -87,7 +112,7 @@ class CLIPTextModel(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.text_model = HFTextTransformer(cfg)
-        if cfg.projection_dim:
+        if cfg.projection_dim:  # CLIPTextModelWithProjection's layout
             self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -97,42 +122,66 @@ class CLIPTextModel(nn.Module):
         return self.text_model.embeddings.position_embedding.weight[:n]
 
     @property
-    def layers(self):
+    def layers(self) -> nn.ModuleList:
         return self.text_model.encoder.layers
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.text_model.final_layer_norm(x)
 
-    def project(self, pooled: torch.Tensor) -> torch.Tensor | None:
-        return self.text_projection(pooled) if hasattr(self, "text_projection") else None
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        # without a projection, the pooled output is transformers' `pooler_output`
+        return self.text_projection(pooled) if hasattr(self, "text_projection") else pooled
+
+
+# ------------------------------------------------------------------ open_clip layout
+
+class OpenCLIPAttention(nn.Module):
+    """`nn.MultiheadAttention`'s parameters (fused in_proj), computed with SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention; no-op on meta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return self.out_proj(sdpa_heads(q, k, v, self.heads, causal=True))
+
+
+class OpenCLIPMLP(nn.Module):
+    """open_clip's feed-forward (`c_fc`, `c_proj`)."""
+
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.c_proj = nn.Linear(hidden, width)
+        self.act = _act(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class OpenCLIPBlock(nn.Module):
+    """open_clip `ResidualAttentionBlock`: pre-norm attention and MLP."""
+
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.width)
-        self.attn = nn.Module()
-        self.attn.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))
-        self.attn.in_proj_bias = nn.Parameter(torch.empty(3 * cfg.width))
-        self.attn.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.attn = OpenCLIPAttention(cfg.width, cfg.heads)
         self.ln_2 = nn.LayerNorm(cfg.width)
-        self.mlp = nn.Module()
-        self.mlp.c_fc = nn.Linear(cfg.width, cfg.width * cfg.mlp_ratio)
-        self.mlp.c_proj = nn.Linear(cfg.width * cfg.mlp_ratio, cfg.width)
-        self.heads = cfg.heads
-        self.act = _act(cfg.act)
-        if not self.attn.in_proj_weight.is_meta:
-            nn.init.xavier_uniform_(self.attn.in_proj_weight)
-            nn.init.zeros_(self.attn.in_proj_bias)
+        self.mlp = OpenCLIPMLP(cfg.width, cfg.width * cfg.mlp_ratio, cfg.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        q, k, v = F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
-        x = x + self.attn.out_proj(sdpa_heads(q, k, v, self.heads, causal=True))
-        return x + self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x))))
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
 
 
 class OpenCLIPTransformer(nn.Module):
+    """The stack of blocks (`transformer.resblocks.{n}`)."""
+
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.resblocks = nn.ModuleList(OpenCLIPBlock(cfg) for _ in range(cfg.layers))
@@ -147,11 +196,12 @@ class OpenCLIPTextModel(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(cfg.max_positions, cfg.width))
         self.transformer = OpenCLIPTransformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
-        self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim or cfg.width))
-        self.logit_scale = nn.Parameter(torch.full((), 4.6052))  # ln(100), unused by SD
-        if not self.positional_embedding.is_meta:
-            nn.init.normal_(self.positional_embedding, std=0.01)
-            nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
+        # open_clip always has these two; SD2 never reads the projection, nothing reads the scale
+        proj = cfg.projection_dim or cfg.width
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, proj))
+        self.logit_scale = nn.Parameter(torch.full((), 4.6052))  # ln(100)
+        nn.init.normal_(self.positional_embedding, std=0.01)  # open_clip's init; no-op on meta
+        nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(ids)
@@ -160,7 +210,7 @@ class OpenCLIPTextModel(nn.Module):
         return self.positional_embedding[:n]
 
     @property
-    def layers(self):
+    def layers(self) -> nn.ModuleList:
         return self.transformer.resblocks
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +220,8 @@ class OpenCLIPTextModel(nn.Module):
         return pooled @ self.text_projection
 
 
+# ------------------------------------------------------------------ single-file wrappers
+
 class TextEncoder(nn.Module):
     """Common forward of both layouts: (hidden [B,N,D] for the U-Net, pooled [B,P] or None)."""
     config: TextEncoderConfig
@@ -178,41 +230,49 @@ class TextEncoder(nn.Module):
         raise NotImplementedError
 
     def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B,N] → embeddings [B,N,D] before positions (for textual inversion)."""
         return self.core().embed(ids)
+
+    def wants_pooled(self) -> bool:
+        """Whether forward returns a pooled vector: SDXL's bigG, or an hf model with projection."""
+        cfg = self.config
+        return cfg.pooled or (cfg.layout == "hf" and bool(cfg.projection_dim))
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1,
                 inputs_embeds: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden state `hidden_layer - (clip_skip - 1)` (counted like transformers'
+        `hidden_states`, -1 = last layer), optionally final-normed, and the pooled projection."""
         cfg, m = self.config, self.core()
         layers = m.layers
         x = self.token_embedding(ids) if inputs_embeds is None else inputs_embeds
         x = x + m.positions(ids.shape[1]).to(x.dtype)
-        # hidden index counted from the end, like transformers' hidden_states (-1 = last layer)
         idx = cfg.hidden_layer - (max(1, clip_skip) - 1)
-        stop = len(layers) + 1 + idx  # number of layers to run for that hidden state
+        stop = len(layers) + 1 + idx  # layers to run for that hidden state (0 = embeddings)
         if stop < 0:
             raise ValueError(f"clip skip {clip_skip} is deeper than the {len(layers)} layers")
-        need_pooled = cfg.pooled or cfg.projection_dim is not None and cfg.layout == "hf"
-        hidden = x if stop == 0 else None
+        pool = self.wants_pooled()
+        hidden = x
         for i, layer in enumerate(layers):
-            if i >= stop and not need_pooled:
-                break
+            if i >= stop and not pool:
+                break  # SD2 never runs its last layer
             x = layer(x)
             if i + 1 == stop:
                 hidden = x
         if cfg.final_norm_on_hidden:
             hidden = m.final_norm(hidden)
         pooled = None
-        if need_pooled:
-            last = m.final_norm(x)
-            # the pooled token is the first end-of-text token: the largest id (49407)
-            pooled = m.project(last[torch.arange(ids.shape[0], device=ids.device),
-                                    ids.argmax(dim=-1)])
+        if pool:
+            # the first end-of-text token: 49407 is the largest id, so argmax finds it whether
+            # the padding is 49407 (SD1) or 0 (OpenCLIP)
+            eos = ids.argmax(dim=-1)
+            last = m.final_norm(x[torch.arange(x.shape[0], device=x.device), eos])
+            pooled = m.project(last)
         return hidden, pooled
 
 
 class FrozenCLIPEmbedder(TextEncoder):
-    """SD1/SDXL CLIP-L: keys `…transformer.text_model.*`."""
+    """SD1/SDXL CLIP-L: keys `…transformer.text_model.*` (+ `transformer.text_projection`)."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
@@ -236,6 +296,7 @@ class FrozenOpenCLIPEmbedder(TextEncoder):
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+    """The single-file wrapper for `cfg.layout`."""
     if cfg.layout == "hf":
         return FrozenCLIPEmbedder(cfg)
     if cfg.layout == "openclip":

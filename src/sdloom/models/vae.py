@@ -12,6 +12,8 @@ from ..config import VAEConfig
 
 
 class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, plus a 1×1 `nin_shortcut` when the width changes."""
+
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
@@ -47,6 +49,8 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Stride-2 3×3 conv after LDM's asymmetric (0, 1, 0, 1) padding."""
+
     def __init__(self, c: int):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
@@ -56,6 +60,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour ×2, then a 3×3 conv."""
+
     def __init__(self, c: int):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
@@ -65,6 +71,8 @@ class Upsample(nn.Module):
 
 
 class Mid(nn.Module):
+    """Middle of encoder and decoder: resnet, attention, resnet."""
+
     def __init__(self, c: int, groups: int):
         super().__init__()
         self.block_1 = ResnetBlock(c, c, groups)
@@ -76,6 +84,8 @@ class Mid(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Image → 2·z_channels moments; each `down.{i}` but the last halves the resolution."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         g, ch = cfg.num_groups, cfg.ch
@@ -107,6 +117,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latent → image; `up.{i}` is indexed by resolution (up.0 = full size), run top-down."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         g, ch = cfg.num_groups, cfg.ch
@@ -154,17 +166,22 @@ class AutoencoderKL(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Posterior sample (unscaled) → image in about [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
     def latent_from_image(self, x: torch.Tensor, generator: torch.Generator | None = None,
                           sample: bool = False) -> torch.Tensor:
-        """Image in [-1, 1] → diffusion latent ((z - shift) · scale); noise from a CPU generator."""
+        """Image in [-1, 1] → diffusion latent (z - shift) · scale; z = mean or a sample."""
         mean, logvar = self.encode(x)
         z = mean
         if sample:
-            eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+            # drawn on the generator's device (CPU by A1111 convention) in fp32, then moved, so a
+            # seed gives the same latent on every device and dtype
+            dev = generator.device if generator is not None else torch.device("cpu")
+            eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device=dev)
             z = mean + torch.exp(0.5 * logvar) * eps.to(mean.device, mean.dtype)
         return (z - self.config.shift_factor) * self.config.scale_factor
 
     def image_from_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffusion latent → image in about [-1, 1] (undoes `latent_from_image`'s scaling)."""
         return self.decode(z / self.config.scale_factor + self.config.shift_factor)

@@ -20,7 +20,7 @@ from ..infotext import format_infotext
 from ..models.lora import extract_prompt_loras
 from ..sampling.denoisers import sigmas_for_img2img
 from ..sampling.samplers import resolve_sampler
-from ..sampling.schedules import get_sigmas
+from ..sampling.schedules import scheduler_label
 from ..seeds import all_seeds, fix_seed, image_noise, sampler_generator
 from .engine import Engine
 from .params import FILL_NAMES, GenerationParams
@@ -146,13 +146,15 @@ def _run_sampler(engine: Engine, p: GenerationParams, den, x: torch.Tensor,
         if progress is not None:
             progress(step_offset + d["i"] + 1, total, d.get("denoised"))
 
-    return spec.fn(den, x, sigmas.to(x.device), extra_args={}, callback=cb,
-                   generator=sampler_generator(seeds), **opts)
+    # image 0's A1111 generator, moved past the starting noise
+    gen = sampler_generator(seeds, tuple(x.shape[1:]))
+    return spec.fn(den, x, sigmas.to(x.device), extra_args={}, callback=cb, generator=gen, **opts)
 
 
 def _sigmas(engine: Engine, p: GenerationParams, steps: int) -> torch.Tensor:
-    _, scheduler = resolve_sampler(p.sampler_name, p.scheduler)
-    return get_sigmas(scheduler, steps, engine.schedule)
+    spec, scheduler = resolve_sampler(p.sampler_name, p.scheduler)
+    # A1111 drops the next-to-last sigma for DPM2 / DPM2 a / DPM++ 3M SDE
+    return spec.sigmas(scheduler, steps, engine.schedule)
 
 
 def _infotext(engine: Engine, p: GenerationParams, prompt: str, negative: str, seed: int,
@@ -160,7 +162,7 @@ def _infotext(engine: Engine, p: GenerationParams, prompt: str, negative: str, s
     spec, scheduler = resolve_sampler(p.sampler_name, p.scheduler)
     params: dict[str, object] = {
         "Steps": p.steps, "Sampler": spec.name,
-        "Schedule type": scheduler.replace("_", " ").title() if scheduler else None,
+        "Schedule type": scheduler_label(scheduler) if scheduler else None,
         "CFG scale": p.cfg_scale, "Seed": seed, "Size": f"{width}x{height}",
         "Model hash": engine.hash, "Model": engine.name,
         "Variation seed": subseed if p.subseed_strength else None,
@@ -198,7 +200,7 @@ def generate(engine: Engine, p: GenerationParams, progress: ProgressFn | None = 
         extra.update({"Mask blur": p.mask_blur, "Masked content": FILL_NAMES[p.inpainting_fill],
                       "Inpaint area": "Only masked" if p.inpaint_full_res else "Whole picture"})
         if p.inpaint_full_res:
-            extra["Only masked padding, pixels"] = p.inpaint_full_res_padding
+            extra["Masked area padding"] = p.inpaint_full_res_padding
     if hr:
         extra.update({"Hires upscale": p.hr_scale, "Hires steps": p.hr_second_pass_steps or None,
                       "Hires upscaler": p.hr_upscaler})

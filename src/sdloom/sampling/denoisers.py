@@ -1,30 +1,42 @@
-"""Thin wrappers that turn a U-Net into a denoiser `D(x, sigma) -> x̂0`, and classifier-free
-guidance over any denoiser (k-diffusion `external.py`; Karras et al. 2022, Table 1)."""
+"""Thin wrappers that turn a U-Net into a denoiser D(x, σ) → x̂0, classifier-free guidance over
+any denoiser, and the glue that runs a named sampler (k-diffusion `external.py`; the
+preconditioning is Karras et al. 2022, Table 1, with σ_data = 1 as for LDM latents).
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
+from .samplers import Callback, Generators, resolve_sampler
 from .schedules import DiscreteSchedule
 
 
 class EpsDenoiser(nn.Module):
-    """ε-prediction: x̂0 = x − σ·ε(x·c_in, t(σ)), c_in = 1/√(σ²+1)."""
+    """ε-prediction: x̂0 = x − σ·ε(x/√(σ²+1), t(σ)) (Karras et al. 2022, Table 1; k-diffusion)."""
+    # `model(x_in, t, **cond)` gets the fractional timestep t(σ) from log-σ interpolation of
+    # the training table, as k-diffusion, A1111 (quantization off) and diffusers' Euler/Heun/
+    # LMS/KDPM2 do; on the table's own sigmas t is an integer. quantize=True rounds t to the
+    # nearest entry in log σ, leaving the scalings on the true σ (k-diffusion's quantize).
 
-    def __init__(self, model: nn.Module, schedule: DiscreteSchedule):
+    def __init__(self, model: Callable[..., torch.Tensor], schedule: DiscreteSchedule,
+                 quantize: bool = False):
         super().__init__()
         self.model = model
         self.schedule = schedule
+        self.quantize = quantize
 
     def scalings(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(c_skip, c_out, c_in) for sigmas `s` already shaped to broadcast over x."""
+        """(c_skip, c_out, c_in) for sigmas s, already shaped to broadcast over x."""
         return torch.ones_like(s), -s, 1 / (s ** 2 + 1) ** 0.5
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        c_skip, c_out, c_in = self.scalings(sigma.float().view(-1, *[1] * (x.ndim - 1)))
-        t = self.schedule.sigma_to_t(sigma.float())  # fractional timesteps, as k-diffusion
+        sigma = sigma.float()
+        t = self.schedule.sigma_to_t(sigma)
+        if self.quantize:
+            t = t.round()
+        c_skip, c_out, c_in = self.scalings(sigma.view(-1, *[1] * (x.ndim - 1)))
         out = self.model(x * c_in.to(x.dtype), t, **cond).float()
         return x.float() * c_skip + out * c_out
 
@@ -32,40 +44,96 @@ class EpsDenoiser(nn.Module):
 class VDenoiser(EpsDenoiser):
     """v-prediction (Salimans & Ho 2022): c_skip = 1/(σ²+1), c_out = −σ/√(σ²+1)."""
 
-    def scalings(self, s):
+    def scalings(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return 1 / (s ** 2 + 1), -s / (s ** 2 + 1) ** 0.5, 1 / (s ** 2 + 1) ** 0.5
 
 
-CondFn = Callable[[torch.Tensor], tuple[dict, dict]]
+Cond = Mapping[str, object]
+CondSource = Cond | Callable[[torch.Tensor], Cond]
+
+
+def _batchable(c: Cond, u: Cond) -> bool:
+    """Whether cond and uncond can share one U-Net call: same keys, tensors equal past dim 0."""
+    if c.keys() != u.keys():
+        return False
+    return all(not isinstance(c[k], torch.Tensor)
+               or (isinstance(u[k], torch.Tensor) and c[k].shape[1:] == u[k].shape[1:])
+               for k in c)
 
 
 class CFGDenoiser(nn.Module):
-    """Classifier-free guidance (Ho & Salimans 2022): uncond + scale·(cond − uncond), with cond
-    and uncond in one batch. `conds(sigma)` gives (cond kwargs, uncond kwargs) for this step,
-    which is how prompt editing switches prompts mid-way."""
+    """Classifier-free guidance (Ho & Salimans 2022): x̂0 = u + scale·(c − u), one batched call."""
+    # cond and uncond are dicts of U-Net keyword arguments ({"context": …, "y": …}), or
+    # callables σ → dict for prompt editing: σ rather than a step index, because solvers also
+    # evaluate between grid points (Heun, DPM2, DPM++ SDE). The older form
+    # CFGDenoiser(denoiser, conds, scale), conds(σ) → (cond, uncond), still works.
 
-    def __init__(self, denoiser: nn.Module, conds: CondFn | tuple[dict, dict], scale: float):
+    def __init__(self, denoiser: Callable[..., torch.Tensor],
+                 cond: CondSource | Callable[[torch.Tensor], tuple[Cond, Cond]],
+                 uncond: CondSource | float | None = None, cfg_scale: float | None = None):
         super().__init__()
         self.denoiser = denoiser
-        self.conds = conds if callable(conds) else (lambda _s, c=conds: c)
-        self.scale = scale
+        if cfg_scale is None and isinstance(uncond, (int, float)):
+            # (denoiser, conds, scale): pipelines/engine.py's form, one callable for both
+            pair = cond if callable(cond) else (lambda _s, p=cond: p)
+            self.cond = lambda s: pair(s)[0]
+            self.uncond = lambda s: pair(s)[1]
+            cfg_scale = float(uncond)
+        else:
+            if uncond is None or cfg_scale is None:
+                raise TypeError("CFGDenoiser(denoiser, cond, uncond, cfg_scale)")
+            self.cond = cond if callable(cond) else (lambda _s, c=cond: c)
+            self.uncond = uncond if callable(uncond) else (lambda _s, u=uncond: u)
+        self.scale = float(cfg_scale)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:
-        cond, uncond = self.conds(sigma)
-        if self.scale == 1.0:  # guidance off: the unconditional pass would be wasted
-            return self.denoiser(x, sigma, **cond, **extra)
-        kw = {}
-        for k in cond:
-            c, u = cond[k], uncond[k]
-            kw[k] = torch.cat([u, c]) if isinstance(c, torch.Tensor) else c
-        for k, v in extra.items():
-            kw[k] = torch.cat([v, v]) if isinstance(v, torch.Tensor) else v
-        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **kw)
-        u, c = out.chunk(2)
+        cond = {**self.cond(sigma), **extra}
+        if self.scale == 1.0:  # u + 1·(c − u) = c: the unconditional pass would be wasted
+            return self.denoiser(x, sigma, **cond)
+        uncond = {**self.uncond(sigma), **extra}
+        if not _batchable(cond, uncond):  # e.g. prompts of different token lengths
+            c = self.denoiser(x, sigma, **cond)
+            u = self.denoiser(x, sigma, **uncond)
+        else:
+            kw = {k: torch.cat([v, uncond[k].to(v)]) if isinstance(v, torch.Tensor) else v
+                  for k, v in cond.items()}
+            c, u = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **kw).chunk(2)
         return u + (c - u) * self.scale
 
 
-def sigmas_for_img2img(sigmas: torch.Tensor, strength: float, steps: int) -> torch.Tensor:
-    """A1111 img2img: t_enc = int(min(strength, 0.999)·steps); sample sigmas[steps − t_enc − 1:]."""
+def img2img_steps(steps: int, strength: float, fix_steps: bool = False) -> tuple[int, int]:
+    """A1111's setup_img2img_steps → (total, t_enc): run t_enc + 1 steps of a `total` schedule."""
+    # normally total = steps and t_enc = int(min(strength, 0.999)·steps); with fix_steps
+    # (A1111's img2img_fix_steps option, and always for its hires pass) exactly `steps` run
+    if fix_steps:
+        total = int(steps / min(strength, 0.999)) if strength > 0 else 0
+        return total, steps - 1
+    return steps, int(min(strength, 0.999) * steps)
+
+
+def sigmas_for_img2img(sigmas: torch.Tensor, strength: float,
+                       steps: int | None = None) -> torch.Tensor:
+    """A1111 img2img: sigmas[steps − t_enc − 1:] with t_enc = int(min(strength, 0.999)·steps)."""
+    # t_enc + 1 steps run, so strength 1.0 keeps the whole schedule; steps defaults to
+    # len(sigmas) − 1
+    steps = len(sigmas) - 1 if steps is None else steps
     t_enc = int(min(strength, 0.999) * steps)
     return sigmas[steps - t_enc - 1:]
+
+
+def sample(sampler_name: str, scheduler: str | None, denoiser: Callable[..., torch.Tensor],
+           noise: torch.Tensor, steps: int, schedule: DiscreteSchedule, *,
+           generator: Generators = None, denoise_start_sigma_index: int = 0,
+           init_latent: torch.Tensor | None = None, extra_args: dict | None = None,
+           callback: Callback | None = None, eta: float | None = None,
+           s_noise: float | None = None) -> torch.Tensor:
+    """Run a named A1111 sampler from x = init_latent + noise·sigmas[start] down to σ = 0."""
+    # txt2img is init_latent None and start 0: x = noise·σ_max, as A1111 (no √(1+σ²) factor)
+    spec, sched = resolve_sampler(sampler_name, scheduler)
+    sigmas = spec.sigmas(sched, steps, schedule)[denoise_start_sigma_index:].to(noise.device)
+    x = noise * sigmas[0]
+    if init_latent is not None:
+        x = init_latent.to(x) + x
+    opts = {k: v for k, v in (("eta", eta), ("s_noise", s_noise)) if v is not None}
+    return spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback,
+                   generator=generator, **opts)

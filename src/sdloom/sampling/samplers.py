@@ -1,31 +1,139 @@
-"""Samplers as pure functions over a denoiser `denoiser(x, sigma[B], **extra) -> x̂0`.
+"""Samplers as pure functions over a denoiser `denoiser(x, sigma[B], **extra_args) -> x̂0`.
 
-The state is x in the variance-exploding parameterisation (x = x0 + sigma·eps, Karras et al.
-2022); multistep history lives in local variables. Noise comes from a CPU torch.Generator, so a
-seed gives the same image on every device.
+The state is x in the variance-exploding parameterisation, x = x0 + σ·ε (Karras et al. 2022),
+walked along a decreasing sigma schedule that ends in 0. Multistep history is a local variable.
+Every sampler has the signature
+
+    sample_<name>(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                  noise_sampler=None, eta=…, s_noise=1.0, …) -> x at sigmas[-1]
+
+and accepts (and ignores) the options it has no use for, since callers pass A1111's request
+fields (eta, s_noise) whatever the sampler. Noise comes from CPU generators — one, or one per
+image — so a seed gives the same image on every device.
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..errors import SdloomError
-from .schedules import LABELS, scheduler_key
+from .schedules import DiscreteSchedule, LABELS, get_sigmas, karras_sigmas, scheduler_key
 
 Denoiser = Callable[..., torch.Tensor]
+Callback = Callable[[dict], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+NoiseFn = Callable[[float, float], torch.Tensor]  # (sigma, sigma_next) -> N(0, I) like x
 
 
-def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """dx/dsigma of the probability-flow ODE."""
+# ---------------------------------------------------------------------- noise
+def _draw(shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
+    """Standard normal noise on the CPU in float32; with a list, image i from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32)
+                        for g in generator])
+
+
+class NoiseSampler:
+    """Fresh independent noise like x at every call, drawn on the CPU from the generator(s)."""
+
+    def __init__(self, x: torch.Tensor, generator: Generators = None):
+        self.shape, self.device, self.dtype = tuple(x.shape), x.device, x.dtype
+        self.generator = generator
+
+    def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
+        return _draw(self.shape, self.generator).to(self.device, self.dtype)
+
+
+def _node_seed(seed: int, node: int) -> int:
+    """An independent 63-bit seed for one node of a Brownian tree."""
+    digest = hashlib.blake2b(f"{seed}:{node}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class _BrownianPath:
+    """A Brownian path on [t0, t1] fixed by a seed (virtual Brownian tree, Li et al. 2020)."""
+    # W(t) is found by bisecting [t0, t1]: each midpoint is a Brownian-bridge sample, the mean
+    # of the ends plus √(len/4)·z, with z from a generator seeded by (seed, node). So W(t)
+    # does not depend on which other points were asked for, or in what order, and a schedule
+    # with more steps sees the same path, refined. Below `tol`, W is interpolated linearly.
+
+    def __init__(self, seed: int, shape: tuple[int, ...], t0: float, t1: float,
+                 tol: float = 1e-6):
+        self.seed, self.shape, self.t0, self.t1 = seed, shape, t0, t1
+        self.depth = max(1, min(48, math.ceil(math.log2(max(t1 - t0, tol) / tol))))
+        self.w1 = self._z(0) * math.sqrt(t1 - t0)
+        self.cache: dict[float, torch.Tensor] = {}
+
+    def _z(self, node: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_node_seed(self.seed, node))
+        return torch.randn(self.shape, generator=g, dtype=torch.float32)
+
+    def __call__(self, t: float) -> torch.Tensor:
+        t = min(max(t, self.t0), self.t1)
+        if t in self.cache:
+            return self.cache[t]
+        a, b, wa, wb, node = self.t0, self.t1, torch.zeros(self.shape), self.w1, 1
+        for _ in range(self.depth):
+            if t == a or t == b:
+                break
+            m = (a + b) / 2
+            wm = (wa + wb) / 2 + self._z(node) * math.sqrt((b - a) / 4)
+            if t < m:
+                b, wb, node = m, wm, 2 * node
+            else:
+                a, wa, node = m, wm, 2 * node + 1
+        w = wa if t == a else wb if t == b else wa + (wb - wa) * ((t - a) / (b - a))
+        if len(self.cache) > 8:  # a sampler only revisits the last few sigmas
+            self.cache.pop(next(iter(self.cache)))
+        self.cache[t] = w
+        return w
+
+
+class BrownianTreeNoiseSampler:
+    """(W(σ_next) − W(σ))/√|σ_next − σ| on one Brownian path per image (as k-diffusion)."""
+    # The SDE samplers need one path: DPM++ SDE's two sub-steps overlap and must see
+    # correlated noise, and a fixed path makes a seed's image converge as the step count
+    # grows. The path's seed is drawn from the generator (per image when given a list).
+
+    def __init__(self, x: torch.Tensor, sigma_min: float, sigma_max: float,
+                 generator: Generators = None):
+        self.device, self.dtype = x.device, x.dtype
+        self.per_image = generator is not None and not isinstance(generator, torch.Generator)
+        gens = list(generator) if self.per_image else [generator]
+        if self.per_image and len(gens) != x.shape[0]:
+            raise ValueError(f"{len(gens)} generators for a batch of {x.shape[0]}")
+        shape = tuple(x.shape[1:]) if self.per_image else tuple(x.shape)
+        self.paths = [_BrownianPath(int(torch.randint(0, 2 ** 62, (), generator=g)), shape,
+                                    float(sigma_min), float(sigma_max)) for g in gens]
+
+    def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
+        a, b = float(sigma), float(sigma_next)
+        dw = [p(b) - p(a) for p in self.paths]
+        out = torch.stack(dw) if self.per_image else dw[0]
+        return (out / math.sqrt(abs(b - a))).to(self.device, self.dtype)
+
+
+def _brownian(x: torch.Tensor, sigmas: torch.Tensor, generator: Generators) -> NoiseFn:
+    positive = sigmas[sigmas > 0]
+    return BrownianTreeNoiseSampler(x, float(positive.min()), float(sigmas.max()), generator)
+
+
+# ---------------------------------------------------------------------- shared pieces
+def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+    """dx/dσ of the probability-flow ODE, (x − x̂0)/σ (Karras et al. 2022, eq. 3)."""
     return (x - denoised) / sigma
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
-    """Split a step into a deterministic part down to sigma_down and fresh noise sigma_up."""
+    """(σ_down, σ_up) with σ_down² + σ_up² = σ_next² (k-diffusion get_ancestral_step)."""
+    # eta = 1 is DDPM's posterior variance, eta = 0 the deterministic (DDIM/Euler) step
     if not eta or not sigma_next:
         return sigma_next, 0.0
     up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2)
@@ -33,185 +141,181 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return math.sqrt(sigma_next ** 2 - up ** 2), up
 
 
-class Noise:
-    """Standard normal noise like x, drawn on the CPU from a seeded generator."""
-
-    def __init__(self, generator: torch.Generator | None):
-        self.generator = generator
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n = torch.randn(x.shape, generator=self.generator, dtype=torch.float32)
-        return n.to(x.device, x.dtype)
-
-
-class BrownianNoise:
-    """Increments of one Brownian path W(sigma), normalised: (W(b) − W(a)) / √|b − a|.
-
-    Points are sampled on first use, by a Brownian bridge between known neighbours, from a
-    seeded CPU generator: overlapping sub-steps (DPM++ SDE) get correlated noise, as with
-    k-diffusion's Brownian tree, and a seed reproduces the path."""
-
-    def __init__(self, generator: torch.Generator | None):
-        self.generator = generator
-        self.points: dict[float, torch.Tensor] = {}
-
-    def _randn(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.generator, dtype=torch.float32)
-
-    def _at(self, t: float, like: torch.Tensor) -> torch.Tensor:
-        if t in self.points:
-            return self.points[t]
-        if not self.points:
-            w = torch.zeros(like.shape)
-        else:
-            lo = max((k for k in self.points if k < t), default=None)
-            hi = min((k for k in self.points if k > t), default=None)
-            if lo is not None and hi is not None:  # Brownian bridge
-                a = (t - lo) / (hi - lo)
-                mean = self.points[lo] + a * (self.points[hi] - self.points[lo])
-                w = mean + self._randn(like) * math.sqrt(a * (1 - a) * (hi - lo))
-            else:
-                ref = lo if lo is not None else hi
-                w = self.points[ref] + self._randn(like) * math.sqrt(abs(t - ref))
-        self.points[t] = w
-        return w
-
-    def __call__(self, x: torch.Tensor, a: float, b: float) -> torch.Tensor:
-        wa, wb = self._at(a, x), self._at(b, x)
-        return ((wb - wa) / math.sqrt(abs(b - a))).to(x.device, x.dtype)
-
-
-def _loop(sigmas: torch.Tensor):
+def _steps(sigmas: torch.Tensor) -> list[tuple[int, float, float]]:
     s = [float(v) for v in sigmas]
     return [(i, s[i], s[i + 1]) for i in range(len(s) - 1)]
 
 
-def _call(den, x, sigma: float, extra):
-    return den(x, x.new_full((x.shape[0],), sigma), **extra)
+def _den(denoiser: Denoiser, x: torch.Tensor, sigma: float, extra: dict) -> torch.Tensor:
+    # sigma in float32 even when x is half: σ_max = 14.6146 is 14.61 in fp16
+    return denoiser(x, torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32),
+                    **extra)
 
 
-def _cb(callback, i, x, sigma, denoised):
+def _cb(callback: Callback | None, i: int, x, sigma: float, denoised, sigma_hat=None) -> None:
     if callback is not None:
-        callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma_hat or sigma,
+                  "denoised": denoised})
 
 
-def sample_euler(den, x, sigmas, *, extra_args=None, callback=None, generator=None, **_):
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn)."""
-    extra = extra_args or {}
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
-        _cb(callback, i, x, s, denoised)
-        x = x + to_d(x, s, denoised) * (sn - s)
+def _t(sigma: float) -> float:
+    """DPM-Solver's time variable for x = x0 + σε: t = −log σ (half-log-SNR λ)."""
+    return -math.log(sigma)
+
+
+def _churn(x, s: float, n: int, noise: NoiseFn, s_churn: float, s_tmin: float, s_tmax: float,
+           s_noise: float) -> tuple[torch.Tensor, float]:
+    """Karras et al. 2022, Alg. 2 lines 4–6: raise σ by γ and add the matching noise."""
+    gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_churn > 0 and s_tmin <= s <= s_tmax else 0.0
+    if gamma == 0:
+        return x, s
+    s_hat = s * (gamma + 1)
+    return x + noise(s, s_hat) * s_noise * math.sqrt(s_hat ** 2 - s ** 2), s_hat
+
+
+# ---------------------------------------------------------------------- Euler family
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                 noise_sampler=None, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
+                 **_):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 with Euler steps)."""
+    extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    n = len(sigmas) - 1
+    for i, s, sn in _steps(sigmas):
+        x, s_hat = _churn(x, s, n, noise, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _den(denoiser, x, s_hat, extra)
+        _cb(callback, i, x, s, denoised, s_hat)
+        x = x + to_d(x, s_hat, denoised) * (sn - s_hat)
     return x
 
 
-def sample_euler_ancestral(den, x, sigmas, *, extra_args=None, callback=None, generator=None,
-                           eta=1.0, s_noise=1.0, **_):
-    """Euler steps down to sigma_down, then fresh noise up to sigma_next."""
-    extra, noise = extra_args or {}, Noise(generator)
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None,
+                           generator=None, noise_sampler=None, eta=1.0, s_noise=1.0, **_):
+    """Ancestral Euler: an Euler step down to σ_down, then fresh noise up to σ_next."""
+    extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    for i, s, sn in _steps(sigmas):
+        denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
         down, up = ancestral_step(s, sn, eta)
         x = x + to_d(x, s, denoised) * (down - s)
-        if sn > 0 and up > 0:
-            x = x + noise(x) * s_noise * up
+        if sn > 0:
+            x = x + noise(s, sn) * s_noise * up
     return x
 
 
-def sample_heun(den, x, sigmas, *, extra_args=None, callback=None, generator=None, **_):
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); Euler on the last step."""
-    extra = extra_args or {}
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
-        _cb(callback, i, x, s, denoised)
-        d = to_d(x, s, denoised)
-        if sn == 0:
-            x = x + d * (sn - s)
-            continue
-        x2 = x + d * (sn - s)
-        d2 = to_d(x2, sn, _call(den, x2, sn, extra))
-        x = x + (d + d2) / 2 * (sn - s)
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                noise_sampler=None, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, **_):
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 2); an Euler step onto σ = 0."""
+    extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    n = len(sigmas) - 1
+    for i, s, sn in _steps(sigmas):
+        x, s_hat = _churn(x, s, n, noise, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _den(denoiser, x, s_hat, extra)
+        _cb(callback, i, x, s, denoised, s_hat)
+        d = to_d(x, s_hat, denoised)
+        x_next = x + d * (sn - s_hat)
+        if sn > 0:  # the trapezoid needs d at σ_next, which is undefined at σ = 0
+            d_next = to_d(x_next, sn, _den(denoiser, x_next, sn, extra))
+            x_next = x + (d + d_next) / 2 * (sn - s_hat)
+        x = x_next
     return x
 
 
-def _dpm2_step(den, x, d, s, target, extra):
+def _dpm2_step(denoiser, x, d, s: float, target: float, extra) -> torch.Tensor:
+    """Midpoint step, the midpoint taken in log σ (DPM-Solver-2, Lu et al. 2022, as k-diffusion)."""
     mid = math.exp((math.log(s) + math.log(target)) / 2)
-    x2 = x + d * (mid - s)
-    d2 = to_d(x2, mid, _call(den, x2, mid, extra))
-    return x + d2 * (target - s)
+    x_mid = x + d * (mid - s)
+    return x + to_d(x_mid, mid, _den(denoiser, x_mid, mid, extra)) * (target - s)
 
 
-def sample_dpm_2(den, x, sigmas, *, extra_args=None, callback=None, generator=None, **_):
-    """DPM-Solver-2 as in k-diffusion: midpoint in log sigma (Lu et al. 2022)."""
-    extra = extra_args or {}
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
-        _cb(callback, i, x, s, denoised)
-        d = to_d(x, s, denoised)
-        x = x + d * (sn - s) if sn == 0 else _dpm2_step(den, x, d, s, sn, extra)
+@torch.no_grad()
+def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                 noise_sampler=None, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
+                 **_):
+    """DPM-Solver-2 in σ (Lu et al. 2022; k-diffusion sample_dpm_2); Euler onto σ = 0."""
+    extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    n = len(sigmas) - 1
+    for i, s, sn in _steps(sigmas):
+        x, s_hat = _churn(x, s, n, noise, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _den(denoiser, x, s_hat, extra)
+        _cb(callback, i, x, s, denoised, s_hat)
+        d = to_d(x, s_hat, denoised)
+        x = x + d * (sn - s_hat) if sn == 0 else _dpm2_step(denoiser, x, d, s_hat, sn, extra)
     return x
 
 
-def sample_dpm_2_ancestral(den, x, sigmas, *, extra_args=None, callback=None, generator=None,
-                           eta=1.0, s_noise=1.0, **_):
-    extra, noise = extra_args or {}, Noise(generator)
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
+@torch.no_grad()
+def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None,
+                           generator=None, noise_sampler=None, eta=1.0, s_noise=1.0, **_):
+    """DPM-Solver-2 steps down to σ_down, then ancestral noise up to σ_next."""
+    extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    for i, s, sn in _steps(sigmas):
+        denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
         down, up = ancestral_step(s, sn, eta)
         d = to_d(x, s, denoised)
-        x = x + d * (down - s) if down == 0 else _dpm2_step(den, x, d, s, down, extra)
-        if sn > 0 and up > 0:
-            x = x + noise(x) * s_noise * up
+        if down == 0:
+            x = x + d * (down - s)
+        else:
+            x = _dpm2_step(denoiser, x, d, s, down, extra) + noise(s, sn) * s_noise * up
     return x
 
 
-def lms_coefficient(order: int, t: list[float], i: int, j: int) -> float:
-    """∫ over [t_i, t_{i+1}] of the Lagrange basis polynomial of node t_{i-j} (Gauss-Legendre)."""
-    nodes, weights = np.polynomial.legendre.leggauss(8)  # exact for these low degrees
+# ---------------------------------------------------------------------- linear multistep
+# Gauss–Legendre nodes and weights on [−1, 1]; 3 points integrate degree ≤ 5 exactly, and an
+# order-k Lagrange basis has degree k − 1, so LMS up to order 6 gets exact coefficients.
+_GL_NODES = (-math.sqrt(3 / 5), 0.0, math.sqrt(3 / 5))
+_GL_WEIGHTS = (5 / 9, 8 / 9, 5 / 9)
+
+
+def lms_coefficient(order: int, t: Sequence[float], i: int, j: int) -> float:
+    """∫_{t_i}^{t_i+1} of the Lagrange basis of node t_{i−j} (Adams–Bashforth, non-uniform grid)."""
+    if order > 6:
+        raise ValueError("LMS coefficients are exact up to order 6")
     a, b = t[i], t[i + 1]
-    tau = (b - a) / 2 * nodes + (a + b) / 2
-    basis = np.ones_like(tau)
-    for k in range(order):
-        if k != j:
-            basis *= (tau - t[i - k]) / (t[i - j] - t[i - k])
-    return float((b - a) / 2 * (weights * basis).sum())
+    total = 0.0
+    for node, weight in zip(_GL_NODES, _GL_WEIGHTS):
+        tau = (b - a) / 2 * node + (a + b) / 2
+        basis = 1.0
+        for k in range(order):
+            if k != j:
+                basis *= (tau - t[i - k]) / (t[i - j] - t[i - k])
+        total += weight * basis
+    return (b - a) / 2 * total
 
 
-def sample_lms(den, x, sigmas, *, extra_args=None, callback=None, generator=None, order=4, **_):
-    """Linear multistep (Adams–Bashforth in sigma) with Lagrange-integrated coefficients."""
+@torch.no_grad()
+def sample_lms(denoiser, x, sigmas, *, extra_args=None, callback=None, order=4, **_):
+    """Linear multistep in σ with Lagrange-integrated coefficients (k-diffusion sample_lms)."""
     extra = extra_args or {}
     t = [float(v) for v in sigmas]
-    ds: list[torch.Tensor] = []
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
+    ds: list[torch.Tensor] = []  # newest first
+    for i, s, sn in _steps(sigmas):
+        denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
-        ds.insert(0, to_d(x, s, denoised))
-        del ds[order:]
-        cur = min(i + 1, order)
+        ds = [to_d(x, s, denoised)] + ds[:order - 1]
+        cur = len(ds)
         x = x + sum(lms_coefficient(cur, t, i, j) * ds[j] for j in range(cur))
     return x
 
 
-def _t(sigma: float) -> float:
-    return -math.log(sigma)
-
-
-def sample_dpmpp_2m(den, x, sigmas, *, extra_args=None, callback=None, generator=None, **_):
-    """DPM-Solver++(2M) (Lu et al. 2022b), data prediction, multistep."""
+# ---------------------------------------------------------------------- DPM-Solver++
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None, **_):
+    """DPM-Solver++(2M), data prediction, multistep (Lu et al. 2022b, Alg. 2)."""
     extra = extra_args or {}
     old, h_last = None, None
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
+    for i, s, sn in _steps(sigmas):
+        denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
-        if sn == 0:
+        if sn == 0:  # the exponential integrator's step onto σ = 0 is x̂0 itself
             x = denoised
-            break
+            continue
         h = _t(sn) - _t(s)
-        if old is None:
-            d = denoised
-        else:
+        d = denoised
+        if old is not None:
             r = h_last / h
             d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
         x = (sn / s) * x - math.expm1(-h) * d
@@ -219,12 +323,13 @@ def sample_dpmpp_2m(den, x, sigmas, *, extra_args=None, callback=None, generator
     return x
 
 
-def sample_dpmpp_2s_ancestral(den, x, sigmas, *, extra_args=None, callback=None,
-                              generator=None, eta=1.0, s_noise=1.0, **_):
-    """DPM-Solver++(2S) single-step with ancestral noise."""
-    extra, noise = extra_args or {}, Noise(generator)
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None,
+                              generator=None, noise_sampler=None, eta=1.0, s_noise=1.0, **_):
+    """DPM-Solver++(2S) single-step (Lu et al. 2022b, Alg. 1, r = ½) with ancestral noise."""
+    extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    for i, s, sn in _steps(sigmas):
+        denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
         down, up = ancestral_step(s, sn, eta)
         if down == 0:
@@ -232,290 +337,356 @@ def sample_dpmpp_2s_ancestral(den, x, sigmas, *, extra_args=None, callback=None,
         else:
             h = _t(down) - _t(s)
             s_mid = math.exp(-(_t(s) + h / 2))
-            x2 = (s_mid / s) * x - math.expm1(-h / 2) * denoised
-            x = (down / s) * x - math.expm1(-h) * _call(den, x2, s_mid, extra)
-        if sn > 0 and up > 0:
-            x = x + noise(x) * s_noise * up
+            x_mid = (s_mid / s) * x - math.expm1(-h / 2) * denoised
+            x = (down / s) * x - math.expm1(-h) * _den(denoiser, x_mid, s_mid, extra)
+        if sn > 0:
+            x = x + noise(s, sn) * s_noise * up
     return x
 
 
-def sample_dpmpp_sde(den, x, sigmas, *, extra_args=None, callback=None, generator=None,
-                     eta=1.0, s_noise=1.0, r=0.5, **_):
-    """DPM-Solver++ (stochastic, 2 evaluations per step); the two sub-steps' noise comes from
-    one Brownian path, so it is correlated as the SDE requires."""
-    extra, noise = extra_args or {}, BrownianNoise(generator)
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
+@torch.no_grad()
+def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                     noise_sampler=None, eta=1.0, s_noise=1.0, r=0.5, **_):
+    """DPM-Solver++ SDE, two evaluations a step (Lu et al. 2022b; k-diffusion sample_dpmpp_sde)."""
+    # each sub-step is an ancestral data-prediction step; both draw from one Brownian path
+    extra = extra_args or {}
+    noise = noise_sampler or _brownian(x, sigmas, generator)
+    for i, s, sn in _steps(sigmas):
+        denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
         if sn == 0:
             x = x + to_d(x, s, denoised) * (sn - s)
             continue
-        t, tn = _t(s), _t(sn)
-        h = tn - t
+        t, h = _t(s), _t(sn) - _t(s)
         s_mid = math.exp(-(t + h * r))
         down, up = ancestral_step(s, s_mid, eta)
-        x2 = (down / s) * x - math.expm1(t - _t(down)) * denoised
-        if up > 0:
-            x2 = x2 + noise(x, s, s_mid) * s_noise * up
-        den2 = _call(den, x2, s_mid, extra)
+        x_mid = (down / s) * x - math.expm1(t - _t(down)) * denoised
+        x_mid = x_mid + noise(s, s_mid) * s_noise * up
+        denoised_mid = _den(denoiser, x_mid, s_mid, extra)
         down, up = ancestral_step(s, sn, eta)
         fac = 1 / (2 * r)
-        dd = (1 - fac) * denoised + fac * den2
-        x = (down / s) * x - math.expm1(t - _t(down)) * dd
-        if up > 0:
-            x = x + noise(x, s, sn) * s_noise * up
+        d = (1 - fac) * denoised + fac * denoised_mid
+        x = (down / s) * x - math.expm1(t - _t(down)) * d
+        x = x + noise(s, sn) * s_noise * up
     return x
 
 
-def _dpmpp_2m_sde(den, x, sigmas, extra, callback, generator, eta, s_noise, heun: bool):
-    noise = Noise(generator)
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None,
+                        generator=None, noise_sampler=None, eta=1.0, s_noise=1.0,
+                        solver_type="midpoint", **_):
+    """DPM-Solver++(2M) SDE, midpoint or Heun correction (Lu et al. 2022b; k-diffusion)."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError("solver_type must be 'midpoint' or 'heun'")
+    extra = extra_args or {}
+    noise = noise_sampler or _brownian(x, sigmas, generator)
     old, h_last = None, None
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
+    for i, s, sn in _steps(sigmas):
+        denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
         if sn == 0:
             x = denoised
-            break
+            continue
         h = _t(sn) - _t(s)
         eh = eta * h
         x = (sn / s) * math.exp(-eh) * x - math.expm1(-h - eh) * denoised
         if old is not None:
             r = h_last / h
-            if heun:
+            if solver_type == "heun":
                 coef = -math.expm1(-h - eh) / (-h - eh) + 1
             else:
-                coef = 0.5 * -math.expm1(-h - eh)
-            x = x + coef * (1 / r) * (denoised - old)
+                coef = -0.5 * math.expm1(-h - eh)
+            x = x + coef / r * (denoised - old)
         if eta:
-            x = x + noise(x) * sn * math.sqrt(-math.expm1(-2 * eh)) * s_noise
+            x = x + noise(s, sn) * sn * math.sqrt(-math.expm1(-2 * eh)) * s_noise
         old, h_last = denoised, h
     return x
 
 
-def sample_dpmpp_2m_sde(den, x, sigmas, *, extra_args=None, callback=None, generator=None,
-                        eta=1.0, s_noise=1.0, **_):
-    """DPM-Solver++(2M) SDE, midpoint correction (Lu et al. 2022b)."""
-    return _dpmpp_2m_sde(den, x, sigmas, extra_args or {}, callback, generator, eta, s_noise,
-                         heun=False)
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(denoiser, x, sigmas, **kw):
+    """DPM-Solver++(2M) SDE with the Heun correction (A1111 "DPM++ 2M SDE Heun")."""
+    kw.pop("solver_type", None)
+    return sample_dpmpp_2m_sde(denoiser, x, sigmas, solver_type="heun", **kw)
 
 
-def sample_dpmpp_2m_sde_heun(den, x, sigmas, *, extra_args=None, callback=None,
-                             generator=None, eta=1.0, s_noise=1.0, **_):
-    return _dpmpp_2m_sde(den, x, sigmas, extra_args or {}, callback, generator, eta, s_noise,
-                         heun=True)
-
-
-def sample_dpmpp_3m_sde(den, x, sigmas, *, extra_args=None, callback=None, generator=None,
-                        eta=1.0, s_noise=1.0, **_):
-    """DPM-Solver++(3M) SDE: third-order multistep with an exponential integrator."""
-    extra, noise = extra_args or {}, Noise(generator)
-    d1_, d2_, h1, h2 = None, None, None, None
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
+@torch.no_grad()
+def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None,
+                        generator=None, noise_sampler=None, eta=1.0, s_noise=1.0, **_):
+    """DPM-Solver++(3M) SDE (Lu et al. 2022b; k-diffusion): third-order multistep in λ."""
+    extra = extra_args or {}
+    noise = noise_sampler or _brownian(x, sigmas, generator)
+    d1 = d2 = None  # the previous two x̂0
+    h1 = h2 = None  # the previous two step sizes in λ
+    for i, s, sn in _steps(sigmas):
+        denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
         if sn == 0:
             x = denoised
-            break
+            continue
         h = _t(sn) - _t(s)
         he = h * (eta + 1)
         x = math.exp(-he) * x - math.expm1(-he) * denoised
         phi2 = math.expm1(-he) / he + 1
         if h2 is not None:
             r0, r1 = h1 / h, h2 / h
-            e0 = (denoised - d1_) / r0
-            e1 = (d1_ - d2_) / r1
-            dd1 = e0 + (e0 - e1) * r0 / (r0 + r1)
-            dd2 = (e0 - e1) / (r0 + r1)
-            x = x + phi2 * dd1 - (phi2 / he - 0.5) * dd2
+            e0, e1 = (denoised - d1) / r0, (d1 - d2) / r1
+            x = x + phi2 * (e0 + (e0 - e1) * r0 / (r0 + r1)) \
+                - (phi2 / he - 0.5) * (e0 - e1) / (r0 + r1)
         elif h1 is not None:
-            x = x + phi2 * (denoised - d1_) / (h1 / h)
+            x = x + phi2 * (denoised - d1) / (h1 / h)
         if eta:
-            x = x + noise(x) * sn * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
-        d2_, d1_ = d1_, denoised
+            x = x + noise(s, sn) * sn * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
+        d2, d1 = d1, denoised
         h2, h1 = h1, h
     return x
 
 
-def _alpha_bar(sigma: float) -> float:
-    return 1.0 / (1.0 + sigma * sigma)
-
-
-def sample_ddim(den, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=0.0,
-                **_):
-    """DDIM (Song et al. 2021) in sigma space; eta = 0 is deterministic (equal to Euler)."""
-    extra, noise = extra_args or {}, Noise(generator)
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
+# ---------------------------------------------------------------------- DDIM, PLMS, UniPC, LCM
+@torch.no_grad()
+def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                noise_sampler=None, eta=0.0, **_):
+    """DDIM (Song et al. 2021, eq. 12) in σ: the VP update on x/√(1+σ²); eta = 0 equals Euler."""
+    extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    eta = 0.0 if eta is None else eta
+    for i, s, sn in _steps(sigmas):
+        denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
-        eps = to_d(x, s, denoised)
         if sn == 0:
             x = denoised
             continue
-        a, an = _alpha_bar(s), _alpha_bar(sn)
-        sd = eta * math.sqrt((1 - an) / (1 - a) * (1 - a / an))
-        # DDIM update in the variance-preserving scale, then back to x = x_vp / sqrt(ᾱ)
-        x_vp = math.sqrt(an) * denoised + math.sqrt(max(1 - an - sd ** 2, 0.0)) * eps
-        if sd > 0:
-            x_vp = x_vp + sd * noise(x)
-        x = x_vp / math.sqrt(an)
+        eps = to_d(x, s, denoised)
+        a, a_next = 1 / (1 + s * s), 1 / (1 + sn * sn)  # ᾱ_t, ᾱ_{t−1}
+        std = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+        x_vp = math.sqrt(a_next) * denoised + math.sqrt(max(1 - a_next - std ** 2, 0.0)) * eps
+        if std > 0:
+            x_vp = x_vp + std * noise(s, sn)
+        x = x_vp / math.sqrt(a_next)
     return x
 
 
-def sample_plms(den, x, sigmas, *, extra_args=None, callback=None, generator=None, **_):
-    """PLMS / PNDM (Liu et al. 2022): Adams–Bashforth on eps over DDIM steps, warmed up with
-    a pseudo improved-Euler step."""
+@torch.no_grad()
+def sample_plms(denoiser, x, sigmas, *, extra_args=None, callback=None, **_):
+    """PLMS (Liu et al. 2022, PNDM, as LDM's PLMSSampler): Adams–Bashforth on ε over DDIM steps."""
+    # warm-up as LDM: a pseudo improved-Euler (trapezoid) first step, then AB2, AB3, AB4
     extra = extra_args or {}
-    eps_hist: list[torch.Tensor] = []
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
+    eps_hist: list[torch.Tensor] = []  # oldest first, at most 3
+    for i, s, sn in _steps(sigmas):
+        denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
-        e = to_d(x, s, denoised)
+        e = to_d(x, s, denoised)  # = ε̂
         if not eps_hist and sn > 0:
             x_next = x + e * (sn - s)
-            e_next = to_d(x_next, sn, _call(den, x_next, sn, extra))
-            ep = (e + e_next) / 2
+            e_prime = (e + to_d(x_next, sn, _den(denoiser, x_next, sn, extra))) / 2
         elif len(eps_hist) == 1:
-            ep = (3 * e - eps_hist[-1]) / 2
+            e_prime = (3 * e - eps_hist[-1]) / 2
         elif len(eps_hist) == 2:
-            ep = (23 * e - 16 * eps_hist[-1] + 5 * eps_hist[-2]) / 12
-        elif len(eps_hist) >= 3:
-            ep = (55 * e - 59 * eps_hist[-1] + 37 * eps_hist[-2] - 9 * eps_hist[-3]) / 24
+            e_prime = (23 * e - 16 * eps_hist[-1] + 5 * eps_hist[-2]) / 12
+        elif len(eps_hist) == 3:
+            e_prime = (55 * e - 59 * eps_hist[-1] + 37 * eps_hist[-2] - 9 * eps_hist[-3]) / 24
         else:
-            ep = e
-        eps_hist.append(e)
-        x = x + ep * (sn - s)
+            e_prime = e
+        eps_hist = (eps_hist + [e])[-3:]
+        x = x + e_prime * (sn - s)  # the DDIM (eta = 0) step with ε′: x̂0′ + σ_next·ε′
     return x
 
 
-def sample_unipc(den, x, sigmas, *, extra_args=None, callback=None, generator=None, order=2,
-                 **_):
-    """UniPC with B(h) = expm1(h) ("bh2"), data prediction (Zhao et al. 2023): a UniP predictor
-    and a UniC corrector that reuses the next model evaluation."""
-    extra = extra_args or {}
-    ms: list[torch.Tensor] = []
-    lams: list[float] = []
-    x_prev = None
-    used_order = 1
-    n = len(sigmas) - 1
-    for i, s, sn in _loop(sigmas):
-        m = _call(den, x, s, extra)
-        _cb(callback, i, x, s, m)
-        if ms:  # UniC: correct the previous step with the model output at its end
-            x = _unipc_update(x_prev, ms, lams, _t(s), used_order, s, model_t=m)
-        ms.append(m)
-        lams.append(_t(s))
-        del ms[:-order], lams[:-order]
-        if sn == 0:
-            x = m
-            break
-        used_order = min(order, len(ms), n - i)  # lower order on the final steps
-        x_prev = x
-        x = _unipc_update(x, ms, lams, _t(sn), used_order, sn)
-    return x
-
-
-def _unipc_update(x, ms, lams, lam_t, order, sigma_t, model_t=None):
+def _unipc_update(x, ms, lams, lam_t: float, sigma_t: float, order: int, variant: str,
+                  model_t=None):
+    """UniP predictor (model_t None) or UniC corrector step to λ_t (Zhao et al. 2023, Alg. 2/3)."""
+    # data prediction, in σ space; B(h) = h for bh1, eʰ − 1 for bh2
     m0, lam0 = ms[-1], lams[-1]
-    sigma0 = math.exp(-lam0)
     h = lam_t - lam0
-    hh = -h
+    hh = -h  # data prediction integrates e^{−λ}
     h_phi_1 = math.expm1(hh)
-    b_h = math.expm1(hh)
+    b_h = hh if variant == "bh1" else math.expm1(hh)
     rks, d1s = [], []
     for k in range(1, order):
         rk = (lams[-1 - k] - lam0) / h
         rks.append(rk)
         d1s.append((ms[-1 - k] - m0) / rk)
     rks.append(1.0)
+    # R[k][j] = r_j^k and b_k = k!·φ_{k+1}(h)/B(h): the order conditions of the UniPC paper
     R, b = [], []
-    h_phi_k = h_phi_1 / hh - 1
-    fact = 1
+    h_phi_k, fact = h_phi_1 / hh - 1, 1
     for k in range(1, order + 1):
         R.append([r ** (k - 1) for r in rks])
         b.append(h_phi_k * fact / b_h)
         fact *= k + 1
         h_phi_k = h_phi_k / hh - 1 / fact
-    x_t_ = (sigma_t / sigma0) * x - h_phi_1 * m0
-    if model_t is None:  # UniP predictor
+    R64, b64 = torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    x_t = (sigma_t / math.exp(-lam0)) * x - h_phi_1 * m0
+    if model_t is None:
         if not d1s:
-            return x_t_
-        rhos = [0.5] if order == 2 else np.linalg.solve(np.array(R)[:-1, :-1], np.array(b)[:-1])
-        return x_t_ - b_h * sum(float(r) * d for r, d in zip(rhos, d1s))
-    rhos_c = [0.5] if order == 1 else np.linalg.solve(np.array(R), np.array(b))
-    corr = sum(float(r) * d for r, d in zip(rhos_c[:-1], d1s)) if d1s else 0
-    return x_t_ - b_h * (corr + float(rhos_c[-1]) * (model_t - m0))
+            return x_t
+        rhos = [0.5] if order == 2 else torch.linalg.solve(R64[:-1, :-1], b64[:-1]).tolist()
+        return x_t - b_h * sum(r * d for r, d in zip(rhos, d1s))
+    rhos = [0.5] if order == 1 else torch.linalg.solve(R64, b64).tolist()
+    corr = sum(r * d for r, d in zip(rhos[:-1], d1s)) if d1s else 0
+    return x_t - b_h * (corr + rhos[-1] * (model_t - m0))
 
 
-def sample_lcm(den, x, sigmas, *, extra_args=None, callback=None, generator=None, **_):
-    """Latent consistency sampling (Luo et al. 2023): jump to x̂0, re-noise to the next sigma."""
-    extra, noise = extra_args or {}, Noise(generator)
-    for i, s, sn in _loop(sigmas):
-        denoised = _call(den, x, s, extra)
-        _cb(callback, i, x, s, denoised)
-        x = denoised
-        if sn > 0:
-            x = x + noise(x) * sn
+@torch.no_grad()
+def sample_unipc(denoiser, x, sigmas, *, extra_args=None, callback=None, order=2,
+                 variant="bh2", **_):
+    """UniPC (Zhao et al. 2023): UniP multistep predictor + UniC corrector, 1 evaluation a step."""
+    # the corrector reuses the next step's model evaluation, so it costs nothing extra
+    if variant not in ("bh1", "bh2") or not 1 <= order <= 3:
+        raise ValueError("UniPC takes variant 'bh1' or 'bh2' and order 1, 2 or 3")
+    extra = extra_args or {}
+    ms: list[torch.Tensor] = []
+    lams: list[float] = []
+    x_prev, used = None, 1
+    n = len(sigmas) - 1
+    for i, s, sn in _steps(sigmas):
+        m = _den(denoiser, x, s, extra)
+        _cb(callback, i, x, s, m)
+        if ms:  # UniC: redo the last step with the model output at its end
+            x = _unipc_update(x_prev, ms, lams, _t(s), s, used, variant, model_t=m)
+        ms, lams = (ms + [m])[-order:], (lams + [_t(s)])[-order:]
+        if sn == 0:  # a first-order step onto σ = 0 is x̂0 (diffusers' lower_order_final)
+            x = m
+            continue
+        used = min(order, len(ms), n - i)  # warm up, and lower the order on the last steps
+        x_prev = x
+        x = _unipc_update(x, ms, lams, _t(sn), sn, used, variant)
     return x
 
 
+@torch.no_grad()
+def sample_lcm(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+               noise_sampler=None, **_):
+    """Latent consistency sampling (Luo et al. 2023): jump to x̂0, re-noise to the next σ."""
+    extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    for i, s, sn in _steps(sigmas):
+        x = _den(denoiser, x, s, extra)
+        _cb(callback, i, x, s, x)
+        if sn > 0:
+            x = x + noise(s, sn) * sn
+    return x
+
+
+@torch.no_grad()
+def sample_restart(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                   noise_sampler=None, s_noise=1.0, restart_list=None, **_):
+    """Restart sampling (Xu et al. 2023) with A1111's defaults: Heun, restarts from σ≈0.1 to σ≈2."""
+    # restart_list: {σ at which to restart: (steps + 1, times, σ to jump to)}. Without one,
+    # 20+ steps give {0.1: (10, 1, 2)} and 36+ give {0.1: (steps//4 + 1, 2, 2)}; the main
+    # Karras schedule gives up those steps, so len(sigmas) − 1 Heun steps are run in all.
+    extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    steps = len(sigmas) - 1
+    if restart_list is None:
+        restart_list = {}
+        if steps >= 20:
+            k, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+            sigmas = karras_sigmas(steps - k * times, float(sigmas[-2]), float(sigmas[0]))
+            restart_list = {0.1: (k + 1, times, 2.0)}
+    sig = [float(v) for v in sigmas]
+
+    def nearest(v: float) -> int:
+        return min(range(len(sig)), key=lambda j: abs(sig[j] - v))
+
+    restarts = {nearest(at): spec for at, spec in restart_list.items()}
+    segments: list[tuple[float, float]] = []
+    for i in range(len(sig) - 1):
+        segments.append((sig[i], sig[i + 1]))
+        if i + 1 in restarts:
+            n_restart, times, to = restarts[i + 1]
+            top = nearest(to)
+            if top < i + 1:
+                sub = [float(v) for v in karras_sigmas(n_restart, sig[i + 1], sig[top])[:-1]]
+                segments += list(zip(sub[:-1], sub[1:])) * times
+    last = None
+    for i, (s, sn) in enumerate(segments):
+        if last is not None and last < s:  # a restart: forward-diffuse from last up to s
+            x = x + noise(last, s) * s_noise * math.sqrt(s ** 2 - last ** 2)
+        denoised = _den(denoiser, x, s, extra)
+        _cb(callback, i, x, s, denoised)
+        d = to_d(x, s, denoised)
+        x_next = x + d * (sn - s)
+        if sn > 0:
+            d_next = to_d(x_next, sn, _den(denoiser, x_next, sn, extra))
+            x_next = x + (d + d_next) / 2 * (sn - s)
+        x, last = x_next, sn
+    return x
+
+
+# ---------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class SamplerSpec:
-    name: str  # A1111 name
-    fn: Callable
-    scheduler: str  # what "automatic" means for this sampler (A1111)
-    aliases: tuple[str, ...] = field(default_factory=tuple)
-    stochastic: bool = False
+    """A sampler as A1111 lists it: name, function, and the schedule "Automatic" means for it."""
+    name: str  # A1111 name, as written to infotext
+    fn: Callable[..., torch.Tensor]
+    scheduler: str  # the scheduler key "automatic" resolves to (A1111's options['scheduler'])
+    aliases: tuple[str, ...] = ()  # A1111 k_ aliases and ComfyUI names
+    stochastic: bool = False  # draws noise while sampling
+    # A1111 computes steps+1 sigmas and drops the next-to-last one for these, so the last step
+    # is one big jump from a moderate σ to 0 rather than a tiny step to σ_min
+    discard_penultimate_sigma: bool = False
+
+    def sigmas(self, scheduler: str, steps: int, schedule: DiscreteSchedule) -> torch.Tensor:
+        """The sigmas A1111 would sample this sampler on: [steps + 1], ending in 0."""
+        key = scheduler_key(scheduler)
+        key = self.scheduler if key == "automatic" else key
+        if not self.discard_penultimate_sigma:
+            return get_sigmas(key, steps, schedule)
+        s = get_sigmas(key, steps + 1, schedule)
+        return torch.cat([s[:-2], s[-1:]])
 
 
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in [
     SamplerSpec("DPM++ 2M", sample_dpmpp_2m, "karras", ("k_dpmpp_2m", "dpmpp_2m")),
-    SamplerSpec("DPM++ SDE", sample_dpmpp_sde, "karras", ("k_dpmpp_sde", "dpmpp_sde"), True),
+    SamplerSpec("DPM++ SDE", sample_dpmpp_sde, "karras", ("k_dpmpp_sde", "dpmpp_sde",
+                                                          "dpmpp_sde_gpu"), True),
     SamplerSpec("DPM++ 2M SDE", sample_dpmpp_2m_sde, "exponential",
-                ("k_dpmpp_2m_sde", "dpmpp_2m_sde"), True),
+                ("k_dpmpp_2m_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu"), True),
     SamplerSpec("DPM++ 2M SDE Heun", sample_dpmpp_2m_sde_heun, "exponential",
-                ("k_dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun"), True),
+                ("k_dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"), True),
     SamplerSpec("DPM++ 2S a", sample_dpmpp_2s_ancestral, "karras",
                 ("k_dpmpp_2s_a", "dpmpp_2s_ancestral"), True),
     SamplerSpec("DPM++ 3M SDE", sample_dpmpp_3m_sde, "exponential",
-                ("k_dpmpp_3m_sde", "dpmpp_3m_sde"), True),
-    SamplerSpec("Euler a", sample_euler_ancestral, "uniform", ("k_euler_a", "euler_ancestral"),
-                True),
+                ("k_dpmpp_3m_sde", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu"), True,
+                discard_penultimate_sigma=True),
+    SamplerSpec("Euler a", sample_euler_ancestral, "uniform",
+                ("k_euler_a", "k_euler_ancestral", "euler_ancestral"), True),
     SamplerSpec("Euler", sample_euler, "uniform", ("k_euler", "euler")),
     SamplerSpec("LMS", sample_lms, "uniform", ("k_lms", "lms")),
     SamplerSpec("Heun", sample_heun, "uniform", ("k_heun", "heun")),
-    SamplerSpec("DPM2", sample_dpm_2, "karras", ("k_dpm_2", "dpm_2")),
+    SamplerSpec("DPM2", sample_dpm_2, "karras", ("k_dpm_2", "dpm_2"),
+                discard_penultimate_sigma=True),
     SamplerSpec("DPM2 a", sample_dpm_2_ancestral, "karras", ("k_dpm_2_a", "dpm_2_ancestral"),
-                True),
+                True, discard_penultimate_sigma=True),
+    SamplerSpec("Restart", sample_restart, "karras", ("restart",), True),
     SamplerSpec("DDIM", sample_ddim, "ddim_uniform", ("ddim",)),
     SamplerSpec("PLMS", sample_plms, "ddim_uniform", ("plms",)),
     SamplerSpec("UniPC", sample_unipc, "uniform", ("unipc", "uni_pc", "uni_pc_bh2")),
-    SamplerSpec("LCM", sample_lcm, "sgm_uniform", ("lcm",), True),
+    SamplerSpec("LCM", sample_lcm, "sgm_uniform", ("k_lcm", "lcm"), True),
 ]}
 
 _LOOKUP = {k.lower(): v for k, v in SAMPLERS.items()}
 _LOOKUP.update({a.lower(): v for v in SAMPLERS.values() for a in v.aliases})
-_SUFFIXES = {" karras": "karras", " exponential": "exponential",
-             " sgm uniform": "sgm_uniform", " uniform": "uniform"}
+# scheduler suffixes of pre-1.9 combined names ("DPM++ 2M Karras") and of A1111's aliases
+# ("k_dpmpp_2m_ka", "k_dpmpp_2m_sde_exp"), longest first so "SGM Uniform" beats "Uniform"
+_SUFFIXES = sorted([(" " + label.lower(), key) for key, label in LABELS.items()]
+                   + [(" " + key.replace("_", " "), key) for key in LABELS]
+                   + [(" " + key, key) for key in LABELS]
+                   + [("_ka", "karras"), ("_exp", "exponential")],
+                   key=lambda p: -len(p[0]))
 
 
 def resolve_sampler(name: str | None, scheduler: str | None = None) -> tuple[SamplerSpec, str]:
-    """A1111 sampler name (also pre-1.9 combined names like "DPM++ 2M Karras" and ComfyUI names)
-    and scheduler → (spec, concrete scheduler key)."""
+    """A1111/ComfyUI sampler name (pre-1.9 "DPM++ 2M Karras" too) → (spec, scheduler key)."""
+    # case-insensitive; a combined name's suffix wins over `scheduler`, as in A1111's
+    # get_sampler_and_scheduler; None or "" is A1111's API default, Euler
     key = (name or "Euler").strip().lower()
     implied = None
     if key not in _LOOKUP:
-        for suf, sch in _SUFFIXES.items():
-            if key.endswith(suf) and key[:-len(suf)] in _LOOKUP:
-                key, implied = key[:-len(suf)], sch
+        for suffix, sch in _SUFFIXES:
+            if key.endswith(suffix) and key[:-len(suffix)].strip() in _LOOKUP:
+                key, implied = key[:-len(suffix)].strip(), sch
                 break
     spec = _LOOKUP.get(key)
     if spec is None:
         raise SdloomError(f"unknown sampler {name!r}; choose from: " + ", ".join(SAMPLERS))
-    sch = scheduler_key(scheduler) if scheduler else "automatic"
-    if sch == "automatic":
-        sch = implied or spec.scheduler
-    return spec, sch
-
-
-def scheduler_label(key: str) -> str:
-    return LABELS.get(key, key)
+    sch = implied if implied and implied != "automatic" else scheduler_key(scheduler)
+    return spec, spec.scheduler if sch == "automatic" else sch

@@ -3,48 +3,61 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SdloomError
 
+WHAT = ("vae", "unet", "full", "lora")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "what": WHAT, "precision": ("fp32", "bf16", "fp16"),
+    "schedule": ("constant", "cosine", "linear"), "prediction": ("eps", "v"),
+    "rec_loss": ("l1", "l2"), "save_dtype": ("fp32", "fp16", "bf16")}
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainConfig:
-    what: str = "unet"  # vae | unet | full (U-Net + text encoder from scratch) | lora
-    model: str = "embedded"  # a preset name, or a checkpoint to start from
-    vae_from: str | None = None  # take the (frozen) VAE from this checkpoint
+    """Everything a training run needs besides its data and output folders."""
+    what: str = "unet"
+    model: str = "embedded"
+    vae_from: str | None = None
     resolution: int = 128
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-4
-    text_lr: float | None = None  # text encoder learning rate (default: lr)
+    text_lr: float | None = None
     weight_decay: float = 1e-2
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
     warmup: int = 100
-    schedule: str = "cosine"  # constant | cosine | linear
+    schedule: str = "cosine"
     steps: int = 1000
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"
     grad_checkpointing: bool = False
     grad_clip: float = 1.0
-    ema_decay: float = 0.0  # 0 = no EMA
-    prediction: str = "eps"  # eps | v
+    ema_decay: float = 0.0
+    ema_warmup: bool = True
+    prediction: str | None = None
     offset_noise: float = 0.0
-    min_snr_gamma: float = 0.0  # 0 = off (Hang et al. 2023)
+    min_snr_gamma: float = 0.0
     caption_dropout: float = 0.1
     flip: bool = False
     random_crop: bool = False
     buckets: bool = False
+    bucket_step: int = 64
     cache_latents: bool = True
-    kl_weight: float = 1e-6  # VAE
-    adv_weight: float = 0.0  # VAE patch discriminator (no pretrained weights needed)
+    rec_loss: str = "l1"
+    kl_weight: float = 1e-6
+    adv_weight: float = 0.0
     adv_start: int = 0
+    vae_scale_by_std: bool = True
     lora_rank: int = 8
     lora_alpha: float = 8.0
+    lora_text_encoder: bool = False
     save_every: int = 500
+    save_dtype: str = "fp32"
     sample_every: int = 0
     log_every: int = 10
-    sample_prompts: list[str] = field(default_factory=lambda: ["a red apple", "grinning face",
-                                                                "thumbs up", "a cat face"])
+    sample_prompts: tuple[str, ...] = ("a red apple", "grinning face", "thumbs up", "cat face")
     sample_steps: int = 20
     seed: int = 0
     include_holdout: bool = False
@@ -54,58 +67,143 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
+    def load(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+        """A JSON file of (some) fields over `base` (default: the defaults)."""
         try:
             d = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SdloomError(f"cannot read training config {path}: {e}") from None
-        return cls().override(d)
+        if not isinstance(d, dict):
+            raise SdloomError(f"{path}: a training config is a JSON object")
+        return (base or cls()).override(d)
 
     def override(self, d: dict) -> TrainConfig:
-        names = {f.name: f for f in dataclasses.fields(self)}
+        """A copy with fields replaced; strings (from the command line) are parsed by type."""
+        names = {f.name for f in dataclasses.fields(self)}
         kw = {}
         for k, v in d.items():
             k = k.replace("-", "_")
             if k not in names:
-                raise SdloomError(f"unknown training option {k!r}")
-            kw[k] = _coerce(v, getattr(self, k), names[k].type)
+                raise SdloomError(f"unknown training option {k!r} "
+                                  f"(known: {', '.join(sorted(names))})")
+            kw[k] = _coerce(k, v, getattr(TrainConfig, k))
         return dataclasses.replace(self, **kw)
 
     def validate(self) -> None:
-        if self.what not in ("vae", "unet", "full", "lora"):
-            raise SdloomError(f"what must be vae, unet, full or lora, not {self.what!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise SdloomError("precision must be fp32, bf16 or fp16")
-        if self.schedule not in ("constant", "cosine", "linear"):
-            raise SdloomError("schedule must be constant, cosine or linear")
-        if self.prediction not in ("eps", "v"):
-            raise SdloomError("prediction must be eps or v")
-        if self.resolution % 8 or self.batch_size < 1 or self.steps < 1:
-            raise SdloomError("resolution must be a multiple of 8; batch size and steps ≥ 1")
+        """Raise SdloomError naming the first inconsistent option."""
+        for k, allowed in CHOICES.items():
+            if getattr(self, k) not in allowed and not (k in NULLABLE and getattr(self, k) is None):
+                raise SdloomError(f"{k} must be one of {', '.join(allowed)}, "
+                                  f"not {getattr(self, k)!r}")
+        if self.resolution % 8 or self.resolution < 8:
+            raise SdloomError(f"resolution must be a positive multiple of 8, not {self.resolution}")
+        for k in ("batch_size", "grad_accum", "steps", "save_every", "log_every", "lora_rank",
+                  "bucket_step"):
+            if getattr(self, k) < 1:
+                raise SdloomError(f"{k} must be at least 1")
+        if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
+            raise SdloomError("caption_dropout must be in [0, 1] and ema_decay in [0, 1)")
+        if self.warmup < 0 or self.sample_every < 0 or self.num_workers < 0:
+            raise SdloomError("warmup, sample_every and num_workers must be ≥ 0")
+        if len(self.adam_betas) != 2:
+            raise SdloomError("adam_betas takes two numbers, e.g. 0.9,0.999")
 
 
-def _coerce(v, current, typ):
-    if isinstance(v, str) and not isinstance(current, str):
-        if isinstance(current, bool):
-            return v.lower() in ("1", "true", "yes", "on")
-        if isinstance(current, int):
-            return int(v)
-        if isinstance(current, float) or "float" in str(typ):
-            return float(v) if v.lower() != "none" else None
-        if isinstance(current, list):
-            return [s.strip() for s in v.split("|")]
-        if v.lower() == "none":
+def _coerce(name: str, v, default):
+    """Parse a command-line string (or a JSON value) into the field's type."""
+    if isinstance(v, str):
+        s = v.strip()
+        if isinstance(default, bool):
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+            raise SdloomError(f"{name}: expected true or false, got {v!r}")
+        if s.lower() == "none" and name in NULLABLE:
             return None
+        try:
+            if isinstance(default, int):
+                return int(s)
+            if isinstance(default, float) or name in ("text_lr",):
+                return float(s)
+        except ValueError:
+            raise SdloomError(f"{name}: expected a number, got {v!r}") from None
+        if isinstance(default, tuple):
+            sep = "|" if name == "sample_prompts" else ","
+            parts = [p.strip() for p in s.split(sep) if p.strip()]
+            return tuple(float(p) for p in parts) if name == "adam_betas" else tuple(parts)
+        return v
+    if isinstance(v, list):
+        return tuple(v)
+    if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
     return v
 
+
+NULLABLE = ("vae_from", "text_lr", "prediction")
+
+# One line per field: the command line's help and the documentation of a config file.
+HELP: dict[str, str] = {
+    "what": "vae | unet | full (U-Net + text encoder jointly, e.g. from scratch) | lora",
+    "model": "a model preset name (fresh random weights) or a checkpoint to start from",
+    "vae_from": "take the (frozen) VAE from this checkpoint, e.g. a `what=vae` run's output",
+    "resolution": "training size in pixels (images are resized on the shorter side and cropped)",
+    "batch_size": "images per step per process (the global batch is this × processes × accum)",
+    "grad_accum": "micro-batches accumulated per optimizer step",
+    "lr": "peak learning rate (AdamW)",
+    "text_lr": "text encoder learning rate for what=full (default: lr)",
+    "weight_decay": "AdamW weight decay",
+    "adam_betas": "AdamW betas (β1 β2)",
+    "warmup": "linear LR warm-up steps",
+    "schedule": "LR schedule after warm-up: constant | cosine | linear (to 0 at `steps`)",
+    "steps": "optimizer steps in all",
+    "precision": "fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)",
+    "grad_checkpointing": "recompute U-Net blocks in the backward pass to save memory",
+    "grad_clip": "clip the global gradient norm to this (0 = no clipping)",
+    "ema_decay": "EMA of the trained weights (0 = off); model.safetensors holds the EMA",
+    "ema_warmup": "ramp the EMA decay as (1+n)/(10+n) early on",
+    "prediction": "eps | v target for the U-Net (default: the model's own)",
+    "offset_noise": "offset-noise strength (per-channel constant added to the noise)",
+    "min_snr_gamma": "min-SNR-γ loss weighting (Hang et al. 2023); 0 = off, 5 is usual",
+    "caption_dropout": "probability of an empty caption (for classifier-free guidance)",
+    "flip": "random horizontal flips",
+    "random_crop": "random instead of centred crops",
+    "buckets": "aspect-ratio buckets of about resolution² pixels",
+    "bucket_step": "bucket sides are multiples of this",
+    "cache_latents": "encode every image once with the frozen VAE before training",
+    "rec_loss": "VAE reconstruction loss: l1 | l2",
+    "kl_weight": "VAE KL weight, relative to the summed reconstruction error as in LDM",
+    "adv_weight": "VAE patch-discriminator (hinge) weight; 0 = off",
+    "adv_start": "step at which the VAE discriminator starts",
+    "vae_scale_by_std": "store 1/std of the training latents as the VAE's scale factor "
+                        "(LDM's scale_by_std), so diffusion sees unit-variance latents",
+    "lora_rank": "LoRA rank",
+    "lora_alpha": "LoRA alpha (scale = alpha / rank)",
+    "lora_text_encoder": "also train LoRA on the text encoder (hf/CLIP-L layout only)",
+    "save_every": "write model + training state every N steps (and at the end)",
+    "save_dtype": "dtype of model.safetensors: fp32 | fp16 | bf16",
+    "sample_every": "sample the fixed prompts every N steps into samples/ (0 = never)",
+    "log_every": "log scalars every N steps",
+    "sample_prompts": "prompts for sample grids, separated by |",
+    "sample_steps": "sampler steps for sample grids",
+    "seed": "seed of initialisation, data order, augmentation and noise",
+    "include_holdout": "also train on metadata.jsonl rows marked holdout",
+    "num_workers": "DataLoader worker processes for image loading",
+}
 
 PRESETS: dict[str, dict] = {
     # the embedded emoji model, stage 1: the VAE
     "emoji-vae": dict(what="vae", model="embedded", resolution=128, batch_size=8, lr=4e-4,
                       warmup=50, steps=3000, kl_weight=1e-6, flip=False, save_every=500),
-    # stage 2: U-Net and text encoder jointly, VAE frozen from stage 1
+    # stage 2: U-Net and text encoder jointly, VAE frozen from stage 1 (set vae_from)
     "emoji-full": dict(what="full", model="embedded", resolution=128, batch_size=32, lr=6e-4,
                        warmup=200, steps=20000, ema_decay=0.999, caption_dropout=0.1,
                        cache_latents=True, save_every=1000, sample_every=2000),
-    "lora": dict(what="lora", lr=1e-4, steps=1000, lora_rank=8, lora_alpha=8.0),
+    # fine-tuning an SD1.x/SD2.x checkpoint (set model=PATH) on one large GPU
+    "sd-finetune": dict(what="unet", resolution=512, batch_size=4, lr=1e-5, warmup=500,
+                        schedule="constant", steps=10000, precision="bf16",
+                        grad_checkpointing=True, ema_decay=0.9999, caption_dropout=0.1,
+                        save_every=1000, sample_every=1000, save_dtype="fp16"),
+    "lora": dict(what="lora", lr=1e-4, warmup=0, schedule="constant", steps=1000, lora_rank=8,
+                 lora_alpha=8.0, caption_dropout=0.05),
 }

@@ -1,15 +1,18 @@
-"""torch.distributed under `torchrun`: process group, rank-0 writes, DDP wrapping."""
+"""torch.distributed under `torchrun`: process group, rank-0 writes, DDP wrapping, checks."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass
 class Dist:
+    """This process's place in the job; a single process is rank 0 of 1."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -26,34 +29,67 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def mean(self, value: float) -> float:
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Average a tensor over ranks (one collective for a whole window of scalars)."""
         if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+            return values
+        t = values.detach().to(_collective_device(), torch.float64).clone()
         dist.all_reduce(t)
-        return float(t.item()) / self.world
+        return (t / self.world).to(values.device)
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
 
-def init_distributed() -> tuple[Dist, torch.device]:
-    """Read torchrun's environment; NCCL on CUDA, gloo on CPU. Single process without it."""
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> tuple[Dist, torch.device]:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on CUDA, gloo on CPU.
+    Without it (or with WORLD_SIZE=1) this is a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device != "cpu"
     if world <= 1:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return Dist(), dev
+        return Dist(), torch.device("cuda" if cuda else "cpu")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        dev = torch.device("cuda", local)
-    else:
-        dist.init_process_group("gloo")
-        dev = torch.device("cpu")
-    return Dist(rank, world, local), dev
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, local), torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+def wrap_ddp(module: nn.Module, d: Dist, device: torch.device, find_unused: bool = False
+             ) -> nn.Module:
+    """DDP over `module` when distributed (gradients of its trainable parameters all-reduced);
+    the module itself otherwise."""
+    if not d.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+               broadcast_buffers=False, find_unused_parameters=find_unused)
+
+
+def checksum(module: nn.Module) -> str:
+    """sha256 of a module's trainable parameters (fp32 bytes, sorted by name)."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def shutdown(d: Dist) -> None:
+    """Wait for every rank, then leave the process group."""
     if d.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Exponential moving average of parameters (Polyak averaging), with warm-up."""
+"""Exponential moving average of parameters (Polyak averaging), optionally with warm-up."""
 from __future__ import annotations
 
 import torch
@@ -6,22 +6,31 @@ from torch import nn
 
 
 class EMA:
-    """Shadow copies of a module's trainable parameters; decay ramps up as min(d, (1+n)/(10+n))."""
+    """fp32 shadow copies of a module's trainable parameters.
 
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
+    With warm-up the decay is min(decay, (1 + n) / (10 + n)) after n updates (as LDM's LitEma),
+    so early averages are not dominated by the random initialisation."""
+
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         params = dict(module.named_parameters())
         self.shadow = {n: params[n].detach().float().clone() for n in self.names}
         self.updates = 0
 
+    def current_decay(self) -> float:
+        """The decay the next update will use."""
+        n = self.updates + 1
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        d = self.current_decay()
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         params = dict(module.named_parameters())
-        for n in self.names:
-            self.shadow[n].lerp_(params[n].detach().float(), 1 - d)
+        shadow = [self.shadow[n] for n in self.names]
+        current = [params[n].detach().float() for n in self.names]
+        torch._foreach_lerp_(shadow, current, 1.0 - d)  # one fused kernel per dtype group
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -39,8 +48,14 @@ class EMA:
             params[n].copy_(v)
 
     def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "updates": self.updates, "decay": self.decay}
+        """Tensors and plain numbers only, so `torch.load(weights_only=True)` reads it."""
+        return {"shadow": dict(self.shadow), "updates": self.updates, "decay": self.decay,
+                "warmup": self.warmup}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.shadow = {k: v.clone() for k, v in sd["shadow"].items()}
+        missing = set(self.names) - set(sd["shadow"])
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {min(missing)}")
+        for n in self.names:
+            self.shadow[n].copy_(sd["shadow"][n])
         self.updates = int(sd["updates"])

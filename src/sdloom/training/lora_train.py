@@ -1,61 +1,113 @@
 """LoRA adapters for training (Hu et al. 2021), saved in kohya/A1111 naming.
 
-Keys are `lora_unet_<module path>` with the original (SGM) U-Net path, dots as underscores —
-the convention kohya uses for SGM names, which `sdloom.models.lora` loads."""
+U-Net keys are `lora_unet_` + the original (LDM/SGM) module path with dots as underscores,
+e.g. `lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q`. kohya writes SGM names like
+these for SDXL and diffusers names for SD1/SD2; A1111 and `sdloom.models.lora` accept both for
+every family, and writing the one name our modules already have needs no name table.
+Text encoder keys (CLIP-L, transformers layout) are `lora_te_text_model_encoder_layers_0_…`.
+Tensors: `.lora_down.weight` [r, in(, 1, 1)], `.lora_up.weight` [out, r(, 1, 1)], `.alpha`.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
-           "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
-           "proj_in", "proj_out")
+from ..errors import SdloomError
+
+UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
+                "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
+                "proj_in", "proj_out")
+TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
-class LoRALinear(nn.Module):
-    """base(x) + (alpha / r) · up(down(x)); `up` starts at zero so training starts at base."""
+class LoRAModule(nn.Module):
+    """base(x) + (alpha / r) · up(down(x)) around an nn.Linear or a 1×1 nn.Conv2d; `up` starts
+    at zero so training starts exactly at the base model."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float):
         super().__init__()
         self.base = base
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        dev = base.weight.device
+        if isinstance(base, nn.Linear):
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=dev)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=dev)
+        else:
+            self.lora_down = nn.Conv2d(base.in_channels, rank, 1, bias=False, device=dev)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=dev)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=5 ** 0.5)
         nn.init.zeros_(self.lora_up.weight)
-        self.scale = alpha / rank
-        self.alpha = alpha
-        self.lora_down.to(base.weight.device)
-        self.lora_up.to(base.weight.device)
+        self.alpha, self.scale = float(alpha), alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) \
-            .to(x.dtype) * self.scale
+        return self.base(x) + self.lora_up(self.lora_down(x)) * self.scale
 
 
-def inject_lora(unet: nn.Module, rank: int, alpha: float) -> dict[str, LoRALinear]:
-    """Wrap every targeted nn.Linear of the U-Net; returns {module path: adapter}."""
-    found: dict[str, LoRALinear] = {}
-    for name, mod in list(unet.named_modules()):
-        if isinstance(mod, nn.Linear) and name.endswith(TARGETS):
-            parent = unet.get_submodule(name.rpartition(".")[0])
-            adapter = LoRALinear(mod, rank, alpha)
-            setattr(parent, name.rpartition(".")[2], adapter)
-            found[name] = adapter
+def _wrappable(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1)
+                                          and mod.groups == 1)
+
+
+def _inject(root: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, prefix: str
+            ) -> dict[str, LoRAModule]:
+    found: dict[str, LoRAModule] = {}
+    for name, mod in list(root.named_modules()):
+        if _wrappable(mod) and name.endswith(targets) and ".lora_" not in name:
+            parent, _, leaf = name.rpartition(".")
+            adapter = LoRAModule(mod, rank, alpha)
+            setattr(root.get_submodule(parent), leaf, adapter)
+            found[prefix + name] = adapter
     return found
 
 
-def lora_state_dict(adapters: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, a in adapters.items():
-        key = "lora_unet_" + name.replace(".", "_")
-        out[key + ".lora_down.weight"] = a.lora_down.weight.detach().float().cpu()
-        out[key + ".lora_up.weight"] = a.lora_up.weight.detach().float().cpu()
-        out[key + ".alpha"] = torch.tensor(float(a.alpha))
+def inject_lora(model, rank: int, alpha: float, text_encoder: bool = False
+                ) -> dict[str, LoRAModule]:
+    """Wrap the targeted layers of `model` (a LatentDiffusion); returns {kohya name: adapter}.
+    Only the adapters are meant to train: the caller freezes everything else."""
+    unet = _inject(model.unet, UNET_TARGETS, rank, alpha, "")
+    out = {"lora_unet_" + n.replace(".", "_"): a for n, a in unet.items()}
+    if not out:
+        raise SdloomError("no LoRA targets found in the U-Net")
+    if text_encoder:
+        if model.config.is_sdxl or model.config.text_encoders[0].layout != "hf":
+            raise SdloomError("text encoder LoRA training needs a CLIP-L (transformers layout) "
+                              "text encoder, as SD1 has")
+        te = _inject(model.text_encoders[0], TEXT_TARGETS, rank, alpha, "")
+        for n, a in te.items():
+            # module path `transformer.text_model.encoder.layers.0.self_attn.q_proj` → kohya's
+            # transformers name without the `transformer.` wrapper
+            out["lora_te_" + n.removeprefix("transformer.").replace(".", "_")] = a
     return out
 
 
-def remove_lora(unet: nn.Module, adapters: dict[str, LoRALinear]) -> None:
-    """Put the original layers back (the adapters are kept by the caller)."""
-    for name, a in adapters.items():
-        parent = unet.get_submodule(name.rpartition(".")[0])
-        setattr(parent, name.rpartition(".")[2], a.base)
+def lora_parameters(adapters: dict[str, LoRAModule]) -> list[nn.Parameter]:
+    return [p for a in adapters.values() for p in (a.lora_down.weight, a.lora_up.weight)]
+
+
+def lora_state_dict(adapters: dict[str, LoRAModule], dtype: torch.dtype = torch.float32
+                    ) -> dict[str, torch.Tensor]:
+    """The kohya tensors of every adapter."""
+    out = {}
+    for key, a in adapters.items():
+        out[key + ".lora_down.weight"] = a.lora_down.weight.detach().to("cpu", dtype)
+        out[key + ".lora_up.weight"] = a.lora_up.weight.detach().to("cpu", dtype)
+        out[key + ".alpha"] = torch.tensor(a.alpha, dtype=dtype)
+    return out
+
+
+def lora_metadata(model, rank: int, alpha: float) -> dict[str, str]:
+    """kohya's `ss_*` metadata that A1111 and other tools read."""
+    family = model.config.family
+    base = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(family, family)
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+            "ss_network_alpha": str(alpha), "ss_base_model_version": base,
+            "ss_v2": str(family == "sd2"), "sdloom_key_layout": "sgm"}
+
+
+def remove_lora(model, adapters: dict[str, LoRAModule]) -> None:
+    """Put the original layers back (the adapters stay with the caller)."""
+    for root in (model.unet, *model.text_encoders):
+        for name, mod in list(root.named_modules()):
+            if isinstance(mod, LoRAModule):
+                parent, _, leaf = name.rpartition(".")
+                setattr(root.get_submodule(parent), leaf, mod.base)

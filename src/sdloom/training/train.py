@@ -1,20 +1,26 @@
-"""`sdloom train`: VAE, U-Net (eps/v), U-Net + text encoder from scratch, or LoRA.
+"""`sdloom train`: VAE, U-Net (eps/v), U-Net + text encoder jointly (e.g. from scratch), or LoRA.
 
-Images → VAE latents; noise at a uniformly drawn timestep; the U-Net predicts the noise (or v);
-MSE (optionally min-SNR weighted). Deterministic data order and RNG make `--resume` continue the
-exact run; under torchrun the same command trains with DDP.
+Images → frozen VAE → latents · scale; noise at a uniformly drawn timestep t;
+x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε; the U-Net predicts ε (or v = √ᾱ_t·ε − √(1-ᾱ_t)·x0) given the text
+context; MSE, optionally min-SNR-γ weighted (Ho et al. 2020; Salimans & Ho 2022; Hang et al.
+2023). Data order, augmentation and noise are functions of the seed and the step, so `--resume`
+continues the exact run; under `torchrun` the same command trains with DDP.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..checkpoints.save import save_model, save_safetensors
@@ -23,16 +29,21 @@ from ..errors import SdloomError
 from ..models.sd import LatentDiffusion
 from ..sampling.schedules import DiscreteSchedule
 from ..tokenizer import get_tokenizer
-from .config import PRESETS, TrainConfig
-from .data import ImageCaptionSet
-from .distributed import Dist, init_distributed, shutdown
+from .config import CHOICES, HELP, PRESETS, TrainConfig
+from .data import BatchSampler, ImageCaptionDataset, encode_latents, micro_batches
+from .distributed import Dist, checksum, init_distributed, shutdown, wrap_ddp
 from .ema import EMA
-from .lora_train import inject_lora, lora_state_dict
+from .lora_train import inject_lora, lora_metadata, lora_parameters, lora_state_dict
 
+SampleFn = Callable[[LatentDiffusion, list[str], int], list[Image.Image]]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------ model and objective
 
 def init_from_scratch(model: LatentDiffusion) -> None:
-    """Zero the last layer of every residual branch of the U-Net (as LDM does), so a fresh
-    U-Net starts as a near-identity and trains stably."""
+    """Zero the last layer of every residual branch of the U-Net (as LDM's `zero_module`), so
+    a fresh U-Net starts near the identity; CLIP's 0.02-std embeddings for the text encoder."""
     u = model.unet
     with torch.no_grad():
         nn.init.zeros_(u.out[2].weight)
@@ -51,28 +62,61 @@ def init_from_scratch(model: LatentDiffusion) -> None:
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> LatentDiffusion:
+    """A fresh seeded model of a preset, or a checkpoint; everything frozen to begin with."""
+    from ..checkpoints.load import load_model
     if cfg.model in MODEL_PRESETS:
         torch.manual_seed(cfg.seed)
         model = LatentDiffusion(MODEL_PRESETS[cfg.model])
         init_from_scratch(model)
         model = model.to(device)
-    else:
-        from ..checkpoints.load import load_model
+    elif Path(cfg.model).exists():
         model = load_model(cfg.model, device=device).model
-    if cfg.vae_from:
-        from ..checkpoints.load import load_model
-        src = load_model(cfg.vae_from, device=device).model
-        model.first_stage_model.load_state_dict(src.first_stage_model.state_dict())
+    else:
+        raise SdloomError(f"model {cfg.model!r} is neither a preset "
+                          f"({', '.join(sorted(MODEL_PRESETS))}) nor a file")
     if model.config.is_sdxl:
-        raise SdloomError("training SDXL models is not supported yet (SD1/SD2-style only)")
+        raise SdloomError("training SDXL models is not supported (SD1/SD2-style models only)")
+    if model.config.is_inpaint and cfg.what != "vae":
+        raise SdloomError("training inpainting U-Nets is not supported")
+    if cfg.vae_from:  # the whole VAE with its config: its scale factor belongs to its weights
+        src = load_model(cfg.vae_from, device=device).model
+        model.first_stage_model = src.first_stage_model
+        model.config = model.config.replace(vae=src.config.vae)
+    if cfg.what != "vae" and cfg.prediction and cfg.prediction != model.config.prediction:
+        if cfg.what == "lora":  # a LoRA file carries no objective: it must be the base's
+            raise SdloomError(f"the base model predicts {model.config.prediction}; a LoRA for "
+                              f"it cannot be trained on {cfg.prediction}")
+        model.config = model.config.replace(prediction=cfg.prediction)  # saved with the model
     model.requires_grad_(False)
     return model
 
 
-class PatchDiscriminator(nn.Module):
-    """A small PatchGAN (Isola et al. 2017) for the optional VAE adversarial term."""
+def trainable(cfg: TrainConfig, model: LatentDiffusion) -> tuple[list[dict], dict]:
+    """Unfreeze what `cfg.what` trains; returns optimizer groups and the LoRA adapters."""
+    adapters: dict = {}
+    if cfg.what == "vae":
+        model.first_stage_model.requires_grad_(True)
+        return [{"params": list(model.first_stage_model.parameters()), "lr": cfg.lr}], adapters
+    if cfg.what == "lora":
+        adapters = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_text_encoder)
+        ps = lora_parameters(adapters)
+        for p in ps:
+            p.requires_grad_(True)
+        return [{"params": ps, "lr": cfg.lr}], adapters
+    model.unet.requires_grad_(True)
+    groups = [{"params": list(model.unet.parameters()), "lr": cfg.lr}]
+    if cfg.what == "full":
+        te = model.text_encoders[0]
+        te.requires_grad_(True)
+        groups.append({"params": list(te.parameters()), "lr": cfg.text_lr or cfg.lr})
+    return groups, adapters
 
-    def __init__(self, ch: int = 32):
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN (Isola et al. 2017): a real/fake logit per image patch, no pretrained
+    weights needed; the VAE's optional adversarial term."""
+
+    def __init__(self, ch: int = 64):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2),
@@ -84,402 +128,597 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+def diffusion_target(x0: torch.Tensor, noise: torch.Tensor, ac: torch.Tensor,
+                     prediction: str) -> torch.Tensor:
+    """ε, or v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022); `ac` broadcasts over x0."""
+    if prediction == "eps":
+        return noise
+    return ac.sqrt() * noise - (1 - ac).sqrt() * x0
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v (Hang et al. 2023, eq. 8 and app.)."""
+    return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
+
+
 class Trainee(nn.Module):
-    """The trained computation as one module (what DDP wraps): batch → loss."""
+    """The trained computation as one module (what DDP wraps): a micro-batch → loss."""
 
     def __init__(self, model: LatentDiffusion, cfg: TrainConfig, schedule: DiscreteSchedule):
         super().__init__()
-        self.model = model
-        self.cfg = cfg
+        self.model, self.cfg = model, cfg
+        self.prediction = model.config.prediction
         self.register_buffer("ac", schedule.alphas_cumprod.float(), persistent=False)
+        self.text_grad = any(p.requires_grad for p in model.text_encoders[0].parameters())
 
     def vae_loss(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction of a posterior sample + KL to N(0, I) (Kingma & Welling 2014). The KL
+        is summed per image and divided by its pixel count: kl_weight means what it does in LDM,
+        where the reconstruction error is summed too."""
         vae = self.model.first_stage_model
         mean, logvar = vae.encode(x)
+        mean, logvar = mean.float(), logvar.float()
         z = mean + torch.exp(0.5 * logvar) * eps
-        rec = vae.decode(z)
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
-        return F.l1_loss(rec, x) + self.cfg.kl_weight * kl, rec
+        rec = vae.decode(z).float()
+        err = (rec - x).abs() if self.cfg.rec_loss == "l1" else (rec - x).pow(2)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+        return err.mean() + self.cfg.kl_weight * kl.mean() / x[0].numel(), rec
 
     def diffusion_loss(self, x0: torch.Tensor, ids: torch.Tensor, t: torch.Tensor,
                        noise: torch.Tensor) -> torch.Tensor:
-        context = self.model.text_encoders[0](ids)[0]
+        with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
+            context = self.model.text_encoders[0](ids)[0]
         a = self.ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = self.model.unet(x_t, t, context).float()
-        target = noise if self.cfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        target = diffusion_target(x0, noise, a, self.prediction)
         loss = (pred - target).pow(2).flatten(1).mean(1)
         if self.cfg.min_snr_gamma > 0:
-            snr = (a / (1 - a)).flatten()
-            w = snr.clamp(max=self.cfg.min_snr_gamma) / (snr if self.cfg.prediction == "eps"
-                                                          else snr + 1)
-            loss = loss * w
+            loss = loss * min_snr_weight((a / (1 - a)).flatten(), self.cfg.min_snr_gamma,
+                                         self.prediction)
         return loss.mean()
 
     def forward(self, *args):
-        if self.cfg.what == "vae":
-            return self.vae_loss(*args)
-        return self.diffusion_loss(*args)
+        return self.vae_loss(*args) if self.cfg.what == "vae" else self.diffusion_loss(*args)
+
+
+@torch.no_grad()
+def latent_std(vae, images: list[torch.Tensor], device: torch.device) -> float:
+    """Standard deviation of the posterior means of `images` (unscaled)."""
+    zs = [vae.encode(x[None].to(device))[0].float().flatten() for x in images]
+    return float(torch.cat(zs).std())
+
+
+def set_vae_scale(model: LatentDiffusion, scale: float) -> None:
+    """Set the latent scale factor in the model's config and its VAE's."""
+    import dataclasses
+    vae_cfg = dataclasses.replace(model.config.vae, scale_factor=scale)
+    model.config = model.config.replace(vae=vae_cfg)
+    model.first_stage_model.config = vae_cfg
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to 1, then constant, cosine or linear decay to 0 at cfg.steps."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+        return 0.5 * (1 + math.cos(math.pi * p))
     if cfg.schedule == "linear":
-        return max(0.0, 1 - p)
+        return 1 - p
     return 1.0
 
 
-class Logger:
-    """Scalars to TensorBoard when it is installed, always to metrics.jsonl."""
+# ------------------------------------------------------------------ logging and samples
 
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled = enabled
-        self.file = open(out / "metrics.jsonl", "a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except Exception:  # tensorboard is optional
-                self.tb = None
+class Logger:
+    """Scalars to metrics.jsonl, and to TensorBoard when the `tensorboard` package is installed."""
+
+    def __init__(self, out: Path, enabled: bool, resumed_at: int | None = None):
+        """A fresh run starts a new metrics.jsonl; a resumed one keeps the rows up to the step
+        it resumes from (rows after it belong to steps that will be run again)."""
+        self.file, self.tb = None, None
+        if not enabled:
+            return
+        path = out / "metrics.jsonl"
+        keep = []
+        if resumed_at is not None and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= resumed_at:
+                        keep.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
+        self.file = open(path, "w", encoding="utf-8")
+        self.file.writelines(keep)
+        try:
+            import tensorboard  # noqa: F401  (optional dependency)
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"),
+                                    purge_step=None if resumed_at is None else resumed_at + 1)
+        except ImportError:
+            pass
 
     def log(self, step: int, **scalars: float) -> None:
-        if not self.enabled:
+        if self.file is None:
             return
         self.file.write(json.dumps({"step": step, **scalars}) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
+                self.tb.add_scalar(f"train/{k}", v, step)
 
     def close(self) -> None:
-        if self.file:
+        if self.file is not None:
             self.file.close()
-        if self.tb:
+        if self.tb is not None:
             self.tb.close()
 
 
-def _encode_all(model, ds: ImageCaptionSet, device, flip: bool, bs: int = 32) -> torch.Tensor:
-    """Latents of every image (posterior mean · scale), and of the mirrored images if flipping."""
-    vae = model.first_stage_model
-    outs = []
-    for mirrored in ([False, True] if flip else [False]):
-        lat = []
-        for i in range(0, len(ds), bs):
-            idx = list(range(i, min(i + bs, len(ds))))
-            fl = torch.full((len(idx),), mirrored)
-            with torch.no_grad():
-                lat.append(vae.latent_from_image(ds.tensor(idx, fl).to(device)).float().cpu())
-        outs.append(torch.cat(lat))
-    return torch.stack(outs)  # [1 or 2, N, C, h, w]
-
-
-def train(cfg: TrainConfig, data: Path, out: Path, resume: bool = False,
-          progress: bool = True) -> dict:
-    cfg.validate()
-    d, device = init_distributed()
+def pipeline_sample_fn(cfg: TrainConfig) -> SampleFn | None:
+    """The txt2img pipeline as a sample hook (seed i for prompt i), or None without it."""
     try:
-        return _train(cfg, data, out, resume, progress, d, device)
-    finally:
-        shutdown(d)
+        from ..pipelines.engine import Engine
+        from ..pipelines.generate import generate
+        from ..pipelines.params import GenerationParams
+    except ImportError:
+        return None
+
+    size = max(64, cfg.resolution)  # the pipeline's smallest size
+
+    def sample(model: LatentDiffusion, prompts: list[str], step: int) -> list[Image.Image]:
+        eng = Engine(model)
+        return [generate(eng, GenerationParams(prompt=p, seed=i, steps=cfg.sample_steps,
+                                               width=size, height=size)).images[0]
+                for i, p in enumerate(prompts)]
+    return sample
 
 
-def _train(cfg, data, out, resume, progress, d: Dist, device) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    state_dir = out / "state"
-    if d.main:
-        (out / "config.json").write_text(cfg.to_json())
-    ds = ImageCaptionSet(data, cfg.resolution, buckets=cfg.buckets, random_crop=cfg.random_crop,
-                         include_holdout=cfg.include_holdout, seed=cfg.seed)
-    model = build_model(cfg, device)
-    schedule = DiscreteSchedule.scaled_linear(model.config.num_timesteps,
-                                              model.config.linear_start, model.config.linear_end)
-    if cfg.prediction != model.config.prediction and cfg.what != "vae":
-        model.config = model.config.replace(prediction=cfg.prediction)
-    adapters = {}
-    groups: list[dict] = []
-    if cfg.what == "vae":
-        model.first_stage_model.requires_grad_(True)
-        groups.append({"params": list(model.first_stage_model.parameters()), "lr": cfg.lr})
-    elif cfg.what == "lora":
-        adapters = inject_lora(model.unet, cfg.lora_rank, cfg.lora_alpha)
-        ps = [p for a in adapters.values() for p in (a.lora_down.weight, a.lora_up.weight)]
-        for p in ps:
-            p.requires_grad_(True)
-        groups.append({"params": ps, "lr": cfg.lr})
-    else:
-        model.unet.requires_grad_(True)
-        groups.append({"params": list(model.unet.parameters()), "lr": cfg.lr})
-        if cfg.what == "full":
-            te = model.text_encoders[0]
-            te.requires_grad_(True)
-            groups.append({"params": list(te.parameters()), "lr": cfg.text_lr or cfg.lr})
-    model.unet.gradient_checkpointing = cfg.grad_checkpointing
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                            **({"fused": True} if device.type == "cuda" else {}))
-    trainee = Trainee(model, cfg, schedule).to(device)
-    module: nn.Module = trainee
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        module = DDP(trainee, device_ids=[d.local_rank] if device.type == "cuda" else None)
-    disc = disc_opt = None
-    if cfg.what == "vae" and cfg.adv_weight > 0:
-        torch.manual_seed(cfg.seed + 1)
-        disc = PatchDiscriminator().to(device)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)
-    step = 0
-    if resume:
-        if not (state_dir / "trainer.pt").exists():
-            raise SdloomError(f"--resume: no training state in {state_dir}")
-        st = torch.load(state_dir / "trainer.pt", map_location="cpu", weights_only=True)
-        from safetensors.torch import load_file
-        raw = load_file(str(state_dir / "raw.safetensors"))
-        own = dict(model.named_parameters())
-        with torch.no_grad():
-            for k, v in raw.items():
-                own[k].copy_(v)
-        opt.load_state_dict(st["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(st["ema"])
-        if disc is not None and "disc" in st:
-            disc.load_state_dict(st["disc"])
-            disc_opt.load_state_dict(st["disc_optimizer"])
-        gen.set_state(st["rng"][d.rank] if d.rank < len(st["rng"]) else st["rng"][0])
-        step = int(st["step"])
-    tok = get_tokenizer()
-    pad = model.config.text_encoders[0].pad_token
-    cached = None
-    if cfg.what != "vae" and cfg.cache_latents and not cfg.buckets:
-        cached = _encode_all(model, ds, device, cfg.flip)
-    per_epoch = len(ds.batches(0, cfg.batch_size, cfg.seed, d.rank, d.world))
-    if per_epoch == 0:
-        raise SdloomError(f"{len(ds)} images are fewer than one batch of {cfg.batch_size} "
-                          f"× {d.world} processes")
-    epoch_cache: dict[int, list[list[int]]] = {}
-
-    def micro_batch(m: int) -> list[int]:
-        ep, i = divmod(m, per_epoch)
-        if ep not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[ep] = ds.batches(ep, cfg.batch_size, cfg.seed, d.rank, d.world)
-        return epoch_cache[ep][i]
-
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 and device.type == "cuda" \
-        else None
-    logger = Logger(out, d.main)
-    bar = None
-    if progress and d.main:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
-    losses: list[float] = []
-    t0, seen = time.perf_counter(), 0
-    module.train()
-    while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(cfg, step)
-        total = 0.0
-        for k in range(cfg.grad_accum):
-            idx = micro_batch(step * cfg.grad_accum + k)
-            b = len(idx)
-            flip = (torch.rand(b, generator=gen) < 0.5) if cfg.flip else torch.zeros(b, dtype=bool)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                if cfg.what == "vae":
-                    x = ds.tensor(idx, flip).to(device)
-                    eps = torch.randn((b, model.config.vae.embed_dim, x.shape[2] // 8,
-                                       x.shape[3] // 8), generator=gen).to(device)
-                    loss, rec = module(x, eps)
-                    if disc is not None and step >= cfg.adv_start:
-                        loss = loss - cfg.adv_weight * disc(rec).mean()
-                else:
-                    if cached is not None:
-                        x0 = cached[flip.long(), torch.tensor(idx)].to(device)
-                    else:
-                        with torch.no_grad():
-                            x0 = model.first_stage_model.latent_from_image(
-                                ds.tensor(idx, flip).to(device)).float()
-                    caps = ds.captions(idx)
-                    drop = torch.rand(b, generator=gen) < cfg.caption_dropout
-                    caps = ["" if dr else c for c, dr in zip(caps, drop.tolist())]
-                    ids = tok(caps, pad_token=pad).to(device)
-                    t = torch.randint(0, len(schedule.alphas_cumprod), (b,), generator=gen)
-                    noise = torch.randn(x0.shape, generator=gen)
-                    if cfg.offset_noise:
-                        noise = noise + cfg.offset_noise * torch.randn(
-                            (b, x0.shape[1], 1, 1), generator=gen)
-                    loss = module(x0, ids, t.to(device), noise.to(device))
-            loss = loss / cfg.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-            total += float(loss.detach())
-            seen += b * d.world
-        if scaler:
-            scaler.unscale_(opt)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        if disc is not None and step >= cfg.adv_start:
-            _disc_step(disc, disc_opt, model, ds, micro_batch(step * cfg.grad_accum), device, gen)
-        if ema is not None:
-            ema.update(model)
-        step += 1
-        total = d.mean(total)
-        losses.append(total)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            logger.log(step, loss=total, lr=opt.param_groups[0]["lr"], grad_norm=gnorm,
-                       images_per_s=seen / (time.perf_counter() - t0))
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(out, cfg, model, adapters, opt, ema, gen, step, d, disc, disc_opt)
-        if cfg.sample_every and step % cfg.sample_every == 0 and d.main and cfg.what != "vae":
-            save_samples(out, cfg, model, ema, step)
-    if bar is not None:
-        bar.close()
-    logger.close()
-    d.barrier()
-    return {"losses": losses, "step": step, "images_per_s": seen / (time.perf_counter() - t0)}
-
-
-def _disc_step(disc, disc_opt, model, ds, idx, device, gen):
-    """Hinge loss on real images against fresh reconstructions."""
-    x = ds.tensor(idx).to(device)
-    with torch.no_grad():
-        mean, _ = model.first_stage_model.encode(x)
-        rec = model.first_stage_model.decode(mean)
-    loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec)).mean()
-    disc_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    disc_opt.step()
-
-
-def save_checkpoint(out: Path, cfg, model, adapters, opt, ema, gen, step, d: Dist,
-                    disc=None, disc_opt=None) -> None:
-    """model.safetensors (EMA weights when EMA is on), and state/ for an exact resume.
-    Every file is written atomically; trainer.pt goes last and marks the state complete."""
-    import torch.distributed as dist
-    rngs = [gen.get_state()]
-    if d.enabled:  # each rank's data RNG, gathered so a resume restores all of them
-        states = [None] * d.world
-        dist.all_gather_object(states, gen.get_state())
-        rngs = states
-    if not d.main:
-        return
-    state_dir = out / "state"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    trained = {k: v for k, v in model.named_parameters() if v.requires_grad}
-    save_safetensors(trained, state_dir / "raw.safetensors")
-    meta = {"sdloom_step": str(step)}
-    if adapters:
-        save_safetensors(lora_state_dict(adapters), out / "lora.safetensors",
-                         {"ss_network_dim": str(cfg.lora_rank),
-                          "ss_network_alpha": str(cfg.lora_alpha), **meta})
-    else:
-        backup = ema.copy_to(model) if ema is not None else None
-        save_model(model, model.config, out / "model.safetensors", dtype=torch.float32,
-                   extra_metadata=meta)
-        if backup is not None:
-            ema.restore(model, backup)
-    st = {"step": step, "optimizer": opt.state_dict(), "rng": rngs}
-    if ema is not None:
-        st["ema"] = ema.state_dict()
-    if disc is not None:
-        st["disc"] = disc.state_dict()
-        st["disc_optimizer"] = disc_opt.state_dict()
-    from ..checkpoints.save import _atomic
-    _atomic(state_dir / "trainer.pt", lambda tmp: torch.save(st, tmp))
-
-
-def save_samples(out: Path, cfg, model, ema, step: int) -> None:
-    """A grid of images from the fixed sample prompts (EMA weights when EMA is on)."""
+def save_samples(out: Path, cfg: TrainConfig, model: LatentDiffusion, ema: EMA | None,
+                 step: int, sample_fn: SampleFn) -> Path | None:
+    """A grid of the fixed prompts' images (EMA weights when EMA is on), saved atomically."""
     from ..images import image_grid
     from ..infotext import save_png
-    from ..pipelines.engine import Engine
-    from ..pipelines.generate import generate
-    from ..pipelines.params import GenerationParams
     backup = ema.copy_to(model) if ema is not None else None
     was = model.training
     model.eval()
     try:
-        eng = Engine(model)
-        imgs = []
-        for i, p in enumerate(cfg.sample_prompts):
-            imgs += generate(eng, GenerationParams(prompt=p, seed=i, steps=cfg.sample_steps,
-                                                   width=cfg.resolution,
-                                                   height=cfg.resolution)).images
-        save_png(image_grid(imgs), out / "samples" / f"step-{step:06d}.png",
-                 " | ".join(cfg.sample_prompts))
+        with torch.no_grad():
+            imgs = sample_fn(model, list(cfg.sample_prompts), step)
+        if not imgs:
+            return None
+        return save_png(image_grid(imgs), out / "samples" / f"step-{step:07d}.png",
+                        f"step {step}: " + " | ".join(cfg.sample_prompts))
+    except Exception as e:  # a failed sample grid must not end a long run
+        print(f"sdloom: sample grid at step {step} failed: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return None
     finally:
         model.train(was)
         if backup is not None:
             ema.restore(model, backup)
 
 
+# ------------------------------------------------------------------ checkpoints
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a temporary file beside `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def find_state(out: Path) -> Path | None:
+    """The newest complete training state: state/, or one left mid-swap by a crash."""
+    if (out / "state" / "trainer.pt").exists():
+        return out / "state"
+    old = sorted(out.glob("state.old-*"), key=lambda p: p.stat().st_mtime)
+    return old[-1] if old and (old[-1] / "trainer.pt").exists() else None
+
+
+def save_checkpoint(out: Path, cfg: TrainConfig, model: LatentDiffusion, adapters: dict,
+                    opt, ema: EMA | None, scaler, disc, disc_opt, gen: torch.Generator,
+                    step: int, d: Dist, calib: list[torch.Tensor] | None = None) -> None:
+    """model.safetensors (or lora.safetensors; EMA weights when EMA is on), then state/ for an
+    exact resume, built in a temporary folder and swapped in whole so a crash never leaves a
+    state of two different steps."""
+    rng = {"data": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = d.gather(rng)  # every rank's generators, so a resume restores all of them
+    if not d.main:
+        return
+    meta = {"sdloom_step": str(step), "sdloom_train": cfg.to_json()}
+    backup = ema.copy_to(model) if ema is not None else None
+    try:
+        if calib:  # VAE runs: the scale that gives the saved VAE unit-variance latents
+            std = latent_std(model.first_stage_model, calib, model.device)
+            set_vae_scale(model, 1.0 / max(std, 1e-6))
+        if adapters:
+            save_safetensors(lora_state_dict(adapters, DTYPES[cfg.save_dtype]),
+                             out / "lora.safetensors",
+                             {**lora_metadata(model, cfg.lora_rank, cfg.lora_alpha), **meta})
+        else:
+            save_model(model, model.config, out / "model.safetensors",
+                       dtype=DTYPES[cfg.save_dtype], extra_metadata=meta)
+    finally:
+        if backup is not None:
+            ema.restore(model, backup)
+    tmp = out / f"state.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    raw = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    save_safetensors(raw, tmp / "raw.safetensors", {"sdloom_step": str(step)})
+    st = {"step": step, "world": d.world, "optimizer": opt.state_dict(), "rng": rngs,
+          "scheduler": {"schedule": cfg.schedule, "warmup": cfg.warmup, "steps": cfg.steps,
+                        "last_step": step}}
+    if ema is not None:
+        st["ema"] = ema.state_dict()
+    if scaler is not None:
+        st["scaler"] = scaler.state_dict()
+    if disc is not None:
+        st["disc"], st["disc_optimizer"] = disc.state_dict(), disc_opt.state_dict()
+    torch.save(st, tmp / "trainer.pt")
+    (tmp / "config.json").write_text(cfg.to_json())
+    final, old = out / "state", out / f"state.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(state: Path, cfg: TrainConfig, model: LatentDiffusion, opt, ema, scaler,
+                    disc, disc_opt, gen: torch.Generator, d: Dist) -> int:
+    """Restore weights, optimizer, EMA, scaler and RNGs; returns the step to continue from."""
+    from safetensors.torch import load_file
+    conf = state / "config.json"
+    if not conf.exists():  # states written before the config was kept inside them
+        conf = state.parent / "config.json"
+    saved = json.loads(conf.read_text()) if conf.exists() else {"what": cfg.what}
+    if saved.get("what") != cfg.what:
+        raise SdloomError(f"--resume: {state} is a what={saved.get('what')} run, not {cfg.what}")
+    st = torch.load(state / "trainer.pt", map_location="cpu", weights_only=True)
+    raw = load_file(str(state / "raw.safetensors"))
+    own = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if raw.keys() != own.keys():
+        diff = sorted(raw.keys() ^ own.keys())
+        raise SdloomError(f"--resume: saved weights do not match this run ({len(diff)} names "
+                          f"differ, e.g. {diff[0]})")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(raw[k])
+    opt.load_state_dict(st["optimizer"])
+    if ema is not None and "ema" in st:
+        ema.load_state_dict(st["ema"])
+    if scaler is not None and "scaler" in st:
+        scaler.load_state_dict(st["scaler"])
+    if disc is not None and "disc" in st:
+        disc.load_state_dict(st["disc"])
+        disc_opt.load_state_dict(st["disc_optimizer"])
+    world = st.get("world", len(st["rng"]))
+    if world != d.world:
+        print(f"sdloom: resuming a {world}-process run on {d.world}: data order and noise "
+              "differ from the uninterrupted run", file=sys.stderr)
+    rng = st["rng"][d.rank % len(st["rng"])]
+    if isinstance(rng, torch.Tensor):  # older states kept only the data generator
+        rng = {"data": rng}
+    gen.set_state(rng["data"])
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return int(st["step"])
+
+
+# ------------------------------------------------------------------ the loop
+
+def train(cfg: TrainConfig, data_dir: str | Path, output_dir: str | Path, resume: bool = False,
+          *, sample_fn: SampleFn | None = None, progress: bool = True,
+          stop_after: int | None = None, device: str = "auto") -> dict:
+    """Run (or continue, with `resume`) a training; returns {"losses", "step", "model",
+    "images_per_s"}. `stop_after` ends this process after that many steps as an interruption
+    would (the schedule still spans cfg.steps). Under torchrun every rank calls this."""
+    cfg.validate()
+    d, dev = init_distributed(device)
+    try:
+        return _train(cfg, Path(data_dir), Path(output_dir), resume, sample_fn, progress,
+                      stop_after, d, dev)
+    finally:
+        shutdown(d)
+
+
+def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, progress: bool,
+           stop_after: int | None, d: Dist, device: torch.device) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    state = find_state(out) if resume else None
+    if resume and state is None:
+        raise SdloomError(f"--resume: no training state in {out / 'state'}")
+    if not resume and find_state(out) is not None and d.main:
+        print(f"sdloom: {out} holds a training state; starting over (--resume continues it)",
+              file=sys.stderr)
+    if d.main:
+        write_text_atomic(out / "config.json", cfg.to_json())
+    if device.type == "cuda":  # TF32 matmuls: fp32 training at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ds = ImageCaptionDataset(data, cfg.resolution, buckets=cfg.buckets,
+                             bucket_step=cfg.bucket_step, random_crop=cfg.random_crop,
+                             flip=cfg.flip, caption_dropout=cfg.caption_dropout,
+                             include_holdout=cfg.include_holdout)
+    sampler = BatchSampler(ds.sizes, cfg.batch_size, cfg.seed, d.rank, d.world)
+    model = build_model(cfg, device)
+    schedule = DiscreteSchedule.scaled_linear(model.config.num_timesteps,
+                                              model.config.linear_start, model.config.linear_end)
+    _check_sizes(cfg, model)
+    groups, adapters = trainable(cfg, model)
+    model.unet.gradient_checkpointing = cfg.grad_checkpointing
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas),
+                            **({"fused": True} if device.type == "cuda" else {}))
+    trainee = Trainee(model, cfg, schedule).to(device)
+    # SD2's OpenCLIP never runs its last layer nor its projection: with the text encoder
+    # trained, DDP must expect parameters without gradients
+    module = wrap_ddp(trainee, d, device, find_unused=cfg.what == "full")
+    disc = disc_opt = disc_module = None
+    if cfg.what == "vae" and cfg.adv_weight > 0:
+        torch.manual_seed(cfg.seed + 1)
+        disc = PatchDiscriminator().to(device)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+        disc_module = wrap_ddp(disc, d, device)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)  # timesteps and noise
+    torch.manual_seed(cfg.seed + d.rank)
+    step = 0
+    if state is not None:
+        step = load_checkpoint(state, cfg, model, opt, ema, scaler, disc, disc_opt, gen, d)
+    cache = None
+    if cfg.what != "vae" and cfg.cache_latents:
+        if cfg.random_crop:
+            if d.main:
+                print("sdloom: not caching latents: random crops differ every epoch",
+                      file=sys.stderr)
+        else:
+            cache = encode_latents(model, ds, device, amp)
+    if sample_fn is None and cfg.sample_every and cfg.what != "vae":
+        sample_fn = pipeline_sample_fn(cfg)
+        if sample_fn is None and d.main:
+            print("sdloom: no sample grids (the txt2img pipeline is not available)",
+                  file=sys.stderr)
+    calib = None
+    if cfg.what == "vae" and cfg.vae_scale_by_std and d.main:
+        calib = [ds.image(i) for i in range(min(64, len(ds)))]
+    tok = get_tokenizer()
+    pad = model.config.text_encoders[0].pad_token
+    params = [p for g in opt.param_groups for p in g["params"]]
+    batches = micro_batches(ds, sampler, step * cfg.grad_accum, cache, cfg.num_workers,
+                            pin=device.type == "cuda")
+    logger = Logger(out, d.main, step if state is not None else None)
+    bar = None
+    if progress and d.main:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
+                   desc=f"train {cfg.what}")
+    losses: list[float] = []
+    window: list[torch.Tensor] = []  # per-step losses on the device, read at log time only
+    extra: dict[str, torch.Tensor] = {}
+    gnorm = torch.zeros(())
+    t0, seen, start = time.perf_counter(), 0, step
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    module.train()
+    while step < end:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(cfg, step)
+        adv = disc is not None and step >= cfg.adv_start
+        total = torch.zeros((), device=device)
+        for k in range(cfg.grad_accum):
+            b = next(batches)
+            # DDP all-reduces gradients on the last micro-batch only
+            sync = k == cfg.grad_accum - 1
+            autocast = torch.autocast(device.type, dtype=amp or torch.float32,
+                                      enabled=amp is not None)
+            with _no_sync(module, sync), _no_sync(disc_module, sync):
+                with autocast:
+                    if cfg.what == "vae":
+                        loss, dl = _vae_step(cfg, module, model, disc, disc_module, b, gen,
+                                             device, adv)
+                        if dl is not None:
+                            extra["disc_loss"] = extra.get("disc_loss", 0) + dl.detach() \
+                                / cfg.grad_accum
+                    else:
+                        loss, dl = _diffusion_step(cfg, module, model, b, tok, pad, gen,
+                                                   device), None
+                # the discriminator's loss has its own graph: one backward serves both
+                both = (loss if dl is None else loss + dl) / cfg.grad_accum
+                (scaler.scale(both) if scaler else both).backward()
+            total += loss.detach().float() / cfg.grad_accum
+            seen += len(b["captions"]) * d.world
+        if scaler:
+            scaler.unscale_(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+        for o in (opt, disc_opt) if adv else (opt,):
+            if scaler:
+                scaler.step(o)
+            else:
+                o.step()
+        if scaler:
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if adv:
+            disc_opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        window.append(total)
+        if step % cfg.log_every == 0 or step == end:
+            vals = d.mean(torch.stack(window)).tolist()
+            window.clear()
+            if not all(math.isfinite(v) for v in vals):
+                raise SdloomError(f"the loss is not finite at step {step}: lower the learning "
+                                  "rate, or use bf16 rather than fp16")
+            losses += vals
+            lr = opt.param_groups[0]["lr"]
+            scalars = {"loss": sum(vals) / len(vals), "lr": lr, "grad_norm": float(gnorm),
+                       "images_per_s": seen / (time.perf_counter() - t0)}
+            scalars.update({k: float(d.mean(v.reshape(1))) for k, v in extra.items()})
+            extra.clear()
+            logger.log(step, **scalars)
+            if bar is not None:
+                bar.set_postfix(loss=f"{vals[-1]:.4f}", lr=f"{lr:.2e}",
+                                img_s=f"{scalars['images_per_s']:.1f}")
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.save_every == 0 or step == end:
+            save_checkpoint(out, cfg, model, adapters, opt, ema, scaler, disc, disc_opt, gen,
+                            step, d, calib)
+        if (sample_fn is not None and cfg.sample_every and step % cfg.sample_every == 0
+                and d.main):
+            save_samples(out, cfg, model, ema, step, sample_fn)
+    if bar is not None:
+        bar.close()
+    logger.close()
+    if d.enabled:  # every rank must hold the same weights; a mismatch is a bug worth stopping on
+        sums = d.gather(checksum(model))
+        if d.main:
+            (out / "rank_checksums.json").write_text(json.dumps(sums) + "\n")
+        if len(set(sums)) != 1:
+            raise SdloomError(f"distributed ranks diverged: {sums}")
+    elapsed = time.perf_counter() - t0
+    return {"losses": losses, "step": step, "model": model,
+            "images_per_s": seen / elapsed if step > start else 0.0}
+
+
+def _check_sizes(cfg: TrainConfig, model: LatentDiffusion) -> None:
+    """Image sides must pass the VAE's and the U-Net's downsamplings without remainder."""
+    f = model.config.vae.downscale
+    if cfg.what != "vae":
+        f *= 2 ** (len(model.config.unet.channel_mult) - 1)
+    if cfg.resolution % f or (cfg.buckets and cfg.bucket_step % f):
+        raise SdloomError(f"resolution{' and bucket_step' if cfg.buckets else ''} must be "
+                          f"multiples of {f} for this model")
+
+
+def _no_sync(module, sync: bool):
+    """DDP's no_sync() for gradient accumulation; a null context otherwise."""
+    from contextlib import nullcontext
+    return module.no_sync() if module is not None and not sync and hasattr(module, "no_sync") \
+        else nullcontext()
+
+
+def _adversarial(cfg, loss, disc, disc_module, x, rec):
+    """Generator hinge term (through frozen copies of the discriminator's weights, so it trains
+    only the VAE) and the discriminator's hinge loss on real vs detached reconstructions."""
+    frozen = {n: p.detach() for n, p in disc.named_parameters()}
+    g = -torch.func.functional_call(disc, frozen, (rec,)).float().mean()
+    logits = disc_module(torch.cat([x, rec.detach()])).float()
+    real, fake = logits.chunk(2)
+    dl = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return loss + cfg.adv_weight * g, dl
+
+
+def _vae_step(cfg, module, model, disc, disc_module, b, gen, device, adv: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch of VAE training: (VAE loss, discriminator loss or None)."""
+    x = b["pixels"].to(device, non_blocking=True)
+    f, c = model.config.vae.downscale, model.config.vae.embed_dim
+    eps = torch.randn((x.shape[0], c, x.shape[2] // f, x.shape[3] // f), generator=gen)
+    loss, rec = module(x, eps.to(device))
+    if not adv:
+        return loss, None
+    return _adversarial(cfg, loss, disc, disc_module, x, rec)
+
+
+def _diffusion_step(cfg, module, model, b, tok, pad, gen, device) -> torch.Tensor:
+    """One micro-batch of the denoising objective: latents, caption ids, t and noise → loss."""
+    if "latents" in b:
+        x0 = b["latents"].to(device, non_blocking=True)
+    else:
+        with torch.no_grad():
+            x0 = model.first_stage_model.latent_from_image(
+                b["pixels"].to(device, non_blocking=True)).float()
+    n = x0.shape[0]
+    ids = tok(b["captions"], pad_token=pad).to(device, non_blocking=True)
+    # drawn on the CPU generator: the same run on any device, and restorable on resume
+    t = torch.randint(0, model.config.num_timesteps, (n,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    if cfg.offset_noise:  # Guttenberg 2023: lets the model shift a whole channel's mean
+        noise = noise + cfg.offset_noise * torch.randn((n, x0.shape[1], 1, 1), generator=gen)
+    return module(x0, ids, t.to(device), noise.to(device))
+
+
 # ------------------------------------------------------------------ command line
 
-FLAGS = ["what", "model", "vae_from", "steps", "batch_size", "grad_accum", "lr", "precision",
-         "save_every", "sample_every", "ema_decay", "prediction", "resolution", "seed",
-         "lora_rank", "lora_alpha"]
-
-
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="images + .txt captions, or metadata.jsonl")
-    p.add_argument("--output", required=True, help="output folder (model, state, samples)")
+    """`sdloom train` flags: data/output/config/preset/resume, and one flag per TrainConfig
+    field (also settable as --set KEY=VALUE)."""
+    p.add_argument("--data", required=True, help="images + .txt captions, or a metadata.jsonl")
+    p.add_argument("--output", required=True, help="output folder (model, state/, samples/)")
     p.add_argument("--config", help="a JSON file of TrainConfig fields")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/state")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT/state")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any TrainConfig field")
-    p.add_argument("--no-progress", action="store_true")
-    defaults = TrainConfig()
-    for f in FLAGS:
-        p.add_argument("--" + f.replace("_", "-"), dest=f, default=None,
-                       type=type(getattr(defaults, f)) if getattr(defaults, f) is not None
-                       else str)
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop this process after N steps (continue later with --resume)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("training options (TrainConfig fields)")
+    for name, default in TrainConfig.__dataclass_fields__.items():
+        flag, kw = "--" + name.replace("_", "-"), {"dest": name, "default": None,
+                                                  "help": HELP.get(name, "")}
+        value = default.default
+        if isinstance(value, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif name == "adam_betas":
+            g.add_argument(flag, nargs=2, type=float, metavar=("B1", "B2"), **kw)
+        elif isinstance(value, tuple):
+            g.add_argument(flag, nargs="+", metavar="PROMPT", **kw)
+        elif name in CHOICES:
+            g.add_argument(flag, choices=CHOICES[name], **kw)
+        else:
+            typ = type(value) if value is not None else (float if name == "text_lr" else str)
+            g.add_argument(flag, type=typ, metavar=name.upper() if typ is str else
+                           typ.__name__.upper(), **kw)
     p.set_defaults(func=run_train)
 
 
 def config_from_args(a) -> TrainConfig:
+    """defaults < the run's saved config (on --resume) < --preset < --config < flags, --set."""
     cfg = TrainConfig()
-    if a.resume and (Path(a.output) / "config.json").exists() and not a.config:
-        cfg = TrainConfig.load(Path(a.output) / "config.json")
+    saved = Path(a.output) / "config.json"
+    if a.resume and saved.exists():
+        cfg = TrainConfig.load(saved)
     if a.preset:
         cfg = cfg.override(PRESETS[a.preset])
     if a.config:
-        cfg = cfg.override(json.loads(Path(a.config).read_text()))
-    over = {f: getattr(a, f) for f in FLAGS if getattr(a, f) is not None}
+        cfg = TrainConfig.load(a.config, base=cfg)
+    over = {f: getattr(a, f) for f in TrainConfig.__dataclass_fields__
+            if getattr(a, f, None) is not None}
     for kv in a.set:
         if "=" not in kv:
             raise SdloomError(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
-        over[k] = v
+        over[k.strip()] = v
     return cfg.override(over)
 
 
 def run_train(a) -> int:
+    """The `sdloom train` command."""
     cfg = config_from_args(a)
-    res = train(cfg, Path(a.data), Path(a.output), resume=a.resume, progress=not a.no_progress)
-    if res["losses"]:
-        print(f"trained {res['step']} steps; last loss {res['losses'][-1]:.4f}; "
+    res = train(cfg, a.data, a.output, resume=a.resume, progress=not a.no_progress,
+                stop_after=a.stop_after, device=a.device)
+    if res["losses"] and int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained to step {res['step']}; last loss {res['losses'][-1]:.4f}; "
               f"{res['images_per_s']:.1f} images/s → {a.output}", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdloom.training.train")
+    """`python -m sdloom.training.train …` (what torchrun runs)."""
+    ap = argparse.ArgumentParser(prog="python -m sdloom.training.train",
+                                 description="Train or fine-tune a Stable Diffusion model.")
     add_train_args(ap)
     a = ap.parse_args(argv)
     try:

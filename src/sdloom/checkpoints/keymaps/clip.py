@@ -1,6 +1,7 @@
 """transformers CLIPTextModel names ⇄ open_clip text-tower names (fused q/k/v).
 
-CLIP-L in SD1/SDXL checkpoints already uses transformers names, so only OpenCLIP needs this.
+CLIP-L in SD1/SDXL checkpoints already uses transformers names (our `CLIPTextModel` is that
+layout), so only OpenCLIP needs this. Plain dicts, no prefix: the caller adds `…model.`.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 
 import torch
 
+# (transformers, open_clip) names inside one layer, then at the top level
 LAYER = [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
          ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
 TOP = [("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
@@ -23,9 +25,7 @@ def clip_hf_to_openclip(sd: dict[str, torch.Tensor], layers: int | None = None
     out: dict[str, torch.Tensor] = {}
     qkv: dict[int, dict[str, torch.Tensor]] = {}
     top = dict(TOP)
-    for k, v in sd.items():
-        if k.endswith("position_ids"):
-            continue
+    for k, v in normalize_hf_clip(sd).items():
         if k in top:
             out[top[k]] = v
         elif k == "text_model.embeddings.position_embedding.weight":
@@ -45,10 +45,12 @@ def clip_hf_to_openclip(sd: dict[str, torch.Tensor], layers: int | None = None
                 raise KeyError(f"no open_clip name for {k!r}")
         else:
             raise KeyError(f"no open_clip name for {k!r}")
-    for i, d in qkv.items():
+    for i, d in sorted(qkv.items()):
         for kind in ("weight", "bias"):
-            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
-                [d[f"{p}_proj.{kind}"] for p in "qkv"])
+            names = [f"{p}_proj.{kind}" for p in "qkv"]  # nn.MultiheadAttention's order
+            if missing := [n for n in names if n not in d]:
+                raise KeyError(f"layer {i} lacks self_attn.{', self_attn.'.join(missing)}")
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([d[n] for n in names])
     if layers is not None and len(qkv) != layers:
         raise ValueError(f"expected {layers} layers, found {len(qkv)}")
     return out

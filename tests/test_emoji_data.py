@@ -1,0 +1,227 @@
+"""The emoji data set: captions, hold-out selection, rendering, determinism and the loader."""
+import collections
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdloom.errors import SdloomError
+from sdloom.training.emoji_data import (DEFAULT_FONT, MODIFIERS, TONES, TWO_PERSON, _Renderer,
+                                        base_key, build_emoji_dataset, caption, emoji_entries,
+                                        load_emoji_arrays, main, select_holdout, tones_of)
+
+needs_font = pytest.mark.skipif(
+    not DEFAULT_FONT.is_file(),
+    reason=f"rendering needs {DEFAULT_FONT} (apt-get install fonts-noto-color-emoji)")
+
+# a few of each kind: plain, toned, flag, two-tone ZWJ, keycap, the base of a toned set
+SAMPLE = ["😀", "👍", "👍🏽", "🇨🇴", "🧑🏽‍🤝‍🧑🏾", "#️⃣", "🐈", "🏂",
+          "🏂🏽"]
+
+
+@pytest.fixture(scope="module")
+def entries():
+    return emoji_entries()
+
+
+def n_modifiers(e: str) -> int:
+    return sum(c in MODIFIERS for c in e)
+
+
+# ---- captions (pure) ----
+
+def test_known_captions():
+    assert caption("😀") == "grinning face"
+    assert caption("👍") == "thumbs up"
+    t = caption("👍🏽")
+    assert "thumbs up" in t and "medium skin tone" in t
+    assert t == "thumbs up, medium skin tone"
+    assert caption("🇨🇴") == "flag of colombia"
+    assert caption("🏴󠁧󠁢󠁳󠁣󠁴󠁿") == "flag of scotland"
+    # the tone sits mid-name in CLDR ('man: medium-light skin tone, curly hair'); it moves last
+    t = caption("👨🏼‍🦱")
+    assert t.startswith("man curly hair") and t.endswith(", medium-light skin tone")
+    assert caption("🧑🏽‍🤝‍🧑🏾") == \
+        "people holding hands, medium skin tone, medium-dark skin tone"
+    assert caption("🧑🏽‍🤝‍🧑🏽") == "people holding hands, medium skin tone"
+    assert caption("👞") == "man's shoe"  # curly apostrophe made plain
+    assert caption("🅰️") == "a button blood type"
+    assert caption("💩").startswith("pile of poo, ")  # aliases that add words are kept
+
+
+def test_all_captions_clean_and_unique(entries):
+    texts = [x.text for x in entries]
+    assert len(entries) > 3500
+    assert len(set(texts)) == len(texts)
+    for t in texts:
+        assert t == t.lower() and t == t.strip() and "  " not in t
+        assert not set(t) & set(":_()!.’\""), t
+        assert t.count(", ") <= 4, t
+
+
+def test_toned_caption_is_base_caption_plus_tone(entries):
+    by_key = {base_key(x.emoji): x.text for x in entries if not tones_of(x.emoji)}
+    n = 0
+    for x in entries:
+        if n_modifiers(x.emoji) == 1 and base_key(x.emoji) in by_key:
+            assert x.text == f"{by_key[base_key(x.emoji)]}, {tones_of(x.emoji)[0]}"
+            n += 1
+    assert n > 1000
+
+
+def test_entries_sorted_and_fully_qualified(entries):
+    keys = [[ord(c) for c in x.emoji] for x in entries]
+    assert keys == sorted(keys)
+    assert "☝️" in {x.emoji for x in entries} and "☝" not in {x.emoji for x in entries}
+
+
+# ---- hold-out selection (pure, on the full emoji list) ----
+
+def test_holdout_selection_properties(entries):
+    held = select_holdout(entries)
+    toned = [x.emoji for x in entries if n_modifiers(x.emoji) == 1]
+    assert held <= set(toned)
+    assert 0.08 <= len(held) / len(toned) <= 0.12
+    keys = [base_key(e) for e in held]
+    assert len(keys) == len(set(keys))  # one tone per base at most
+    assert not any(k[0] in TWO_PERSON for k in keys)
+    training = [e for e in toned if e not in held]
+    tones_by_base = collections.defaultdict(set)
+    bases_by_tone = collections.defaultdict(set)
+    for e in training:
+        tones_by_base[base_key(e)].add(tones_of(e)[0])
+        bases_by_tone[tones_of(e)[0]].add(base_key(e))
+    for e in held:
+        k, tone = base_key(e), tones_of(e)[0]
+        assert tone not in tones_by_base[k]
+        assert tones_by_base[k] == set(TONES) - {tone}  # the base's other four tones train
+        assert len(bases_by_tone[tone] - {k}) >= 50  # the tone trains with many other bases
+    counts = collections.Counter(tones_of(e)[0] for e in held)
+    assert set(counts) == set(TONES) and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_holdout_selection_deterministic(entries):
+    held = select_holdout(entries)
+    shuffled = [x.emoji for x in entries]
+    random.Random(0).shuffle(shuffled)
+    assert select_holdout(shuffled) == held
+    assert select_holdout(list(entries)) == held
+
+
+def test_holdout_needs_all_five_tones():
+    thumbs = [f"👍{m}" for m in MODIFIERS]
+    assert len(select_holdout(thumbs)) == 1
+    assert select_holdout(thumbs[:4]) == set()
+    assert select_holdout(["💏" + m for m in MODIFIERS]) == set()  # two people: excluded
+
+
+# ---- errors and loader (pure) ----
+
+def test_missing_font_is_a_clear_error(tmp_path):
+    with pytest.raises(SdloomError, match="fonts-noto-color-emoji"):
+        build_emoji_dataset(tmp_path / "out", font=tmp_path / "missing.ttf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_replace_foreign_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(SdloomError, match="refusing"):
+        build_emoji_dataset(tmp_path, only=["😀"])
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_load_emoji_arrays_caches(tmp_path):
+    rows = []
+    for i, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (16, 16), rgb).save(tmp_path / f"{i:05d}.png")
+        rows.append({"file_name": f"{i:05d}.png", "text": f"c{i}", "codepoints": "0",
+                     "holdout": i == 1})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arr, caps, mask = load_emoji_arrays(tmp_path)
+    assert arr.shape == (3, 16, 16, 3) and arr.dtype == np.uint8
+    assert caps == ["c0", "c1", "c2"] and mask.tolist() == [False, True, False]
+    assert arr[2, 0, 0].tolist() == [0, 0, 255]
+    assert (tmp_path / "images.npy").exists()
+    arr2, _, _ = load_emoji_arrays(tmp_path)
+    np.testing.assert_array_equal(arr, arr2)
+    # a rebuilt set with a different length invalidates the cache
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert load_emoji_arrays(tmp_path)[0].shape[0] == 1
+
+
+# ---- rendering (needs the font) ----
+
+@needs_font
+def test_renderer_rejects_blank_and_several_glyphs():
+    r = _Renderer(DEFAULT_FONT, 64)
+    assert r.render(" ") == (None, "blank")
+    assert r.render("😀😀") == (None, "several glyphs")
+    img, reason = r.render("😀")
+    assert reason == "" and img.size == (64, 64) and img.mode == "RGB"
+
+
+@needs_font
+def test_build_small(tmp_path):
+    out = tmp_path / "set"
+    stats = build_emoji_dataset(out, size=64, only=SAMPLE)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert stats["rendered"] == len(rows) and stats["rendered"] + stats["skipped"] == len(SAMPLE)
+    by_text = {r["text"]: r for r in rows}
+    assert by_text["grinning face"]["codepoints"] == "1F600"
+    assert "thumbs up, medium skin tone" in by_text
+    assert [r["file_name"] for r in rows] == [f"{i:05d}.png" for i in range(len(rows))]
+    assert all(set(r) == {"file_name", "text", "codepoints", "holdout"} for r in rows)
+    pictures, corners_checked = set(), 0
+    for r in rows:
+        with Image.open(out / r["file_name"]) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
+            a = np.asarray(im).astype(int)
+        assert a.std() > 10  # not blank
+        pictures.add(a.tobytes())
+        if r["codepoints"] in ("1F600", "1F44D", "1F408"):  # round-ish shapes
+            for y, x in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:
+                assert a[y, x].min() >= 245, (r["text"], a[y, x])  # white corners
+            corners_checked += 1
+    assert corners_checked == 3
+    # no two captions share a picture (Noto draws the snowboarder's tones like the base)
+    assert len(pictures) == len(rows)
+    held = [json.loads(line) for line in (out / "holdout.jsonl").read_text().splitlines()]
+    assert held == [r for r in rows if r["holdout"]]
+    info = json.loads((out / "build.json").read_text())
+    assert info["size"] == 64 and info["font_pixel_size"] == 109
+
+
+@needs_font
+def test_build_is_deterministic(tmp_path):
+    def files(d):
+        return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    build_emoji_dataset(tmp_path / "a", size=32, only=SAMPLE)
+    build_emoji_dataset(tmp_path / "b", size=32, only=SAMPLE)
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    # rebuilding in place replaces the folder whole: no stale files or cache survive
+    load_emoji_arrays(tmp_path / "a")
+    build_emoji_dataset(tmp_path / "a", size=32, only=SAMPLE[:2])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == \
+        ["00000.png", "00001.png", "build.json", "holdout.jsonl", "metadata.jsonl"]
+
+
+@needs_font
+def test_holdout_marked_and_switchable(tmp_path):
+    tones = [f"👍{m}" for m in MODIFIERS] + ["👍"]
+    build_emoji_dataset(tmp_path / "h", size=16, only=tones)
+    arr, caps, mask = load_emoji_arrays(tmp_path / "h")
+    assert arr.shape == (6, 16, 16, 3) and mask.sum() == 1
+    assert "thumbs up" in caps and caps[int(np.argmax(mask))].startswith("thumbs up, ")
+    build_emoji_dataset(tmp_path / "n", size=16, only=tones, holdout=False)
+    assert load_emoji_arrays(tmp_path / "n")[2].sum() == 0
+    assert (tmp_path / "n" / "holdout.jsonl").read_text() == ""
+
+
+@needs_font
+def test_main(tmp_path, capsys):
+    assert main([str(tmp_path / "m"), "--size", "32", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "rendered 3" in out and "held out 0" in out
+    assert len(list((tmp_path / "m").glob("*.png"))) == 3
