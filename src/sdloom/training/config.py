@@ -199,6 +199,13 @@ PRESETS: dict[str, dict] = {
     "emoji-full": dict(what="full", model="embedded", resolution=128, batch_size=32, lr=6e-4,
                        warmup=200, steps=20000, ema_decay=0.999, caption_dropout=0.1,
                        cache_latents=True, save_every=1000, sample_every=2000),
+    # what the shipped embedded model actually ran on a 2-core CPU (docs/embedded-model.md);
+    # kl_weight 0.05 here equals the 1e-6 of the per-image KL sum used in that run
+    "emoji-vae-cpu": dict(what="vae", model="embedded", resolution=128, batch_size=8, lr=6e-4,
+                          warmup=50, steps=1300, kl_weight=0.05, flip=False, save_every=100),
+    "emoji-full-cpu": dict(what="full", model="embedded", resolution=128, batch_size=16,
+                           lr=1e-3, warmup=40, steps=1500, ema_decay=0.995, prediction="v",
+                           caption_dropout=0.1, cache_latents=True, save_every=100),
     # fine-tuning an SD1.x/SD2.x checkpoint (set model=PATH) on one large GPU
     "sd-finetune": dict(what="unet", resolution=512, batch_size=4, lr=1e-5, warmup=500,
                         schedule="constant", steps=10000, precision="bf16",
