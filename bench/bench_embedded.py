@@ -53,11 +53,15 @@ def main() -> None:
                                      model_max_length=77)
     sched = diffusers.DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        use_karras_sigmas=True, algorithm_type="dpmsolver++", final_sigmas_type="zero")
+        use_karras_sigmas=True, algorithm_type="dpmsolver++", final_sigmas_type="zero",
+        prediction_type="v_prediction" if eng.config.prediction == "v" else "epsilon")
     pipe = diffusers.StableDiffusionPipeline(
-        vae=diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-        text_encoder=transformers.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-        tokenizer=tok, unet=diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+        vae=diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae",
+                                                    torch_dtype=torch.float32),
+        text_encoder=transformers.CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", torch_dtype=torch.float32),
+        tokenizer=tok, unet=diffusers.UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", torch_dtype=torch.float32),
         scheduler=sched, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -5,14 +5,13 @@ All files are written atomically: a temp file in the same folder, then a rename.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..errors import SdloomError
+from ..io import atomic_path
 from .keymaps.clip import clip_openclip_to_hf
 from .keymaps.unet import unet_ldm_to_diffusers
 from .keymaps.vae import vae_ldm_to_diffusers
@@ -20,15 +19,9 @@ from .load import CONFIG_KEY, IGNORED, TensorSource, open_model_source
 
 
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Run `write(tmp)` on a temp file beside `path`, then rename it into place."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,

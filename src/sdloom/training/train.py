@@ -26,6 +26,7 @@ from torch import nn
 from ..checkpoints.save import save_model, save_safetensors
 from ..config import PRESETS as MODEL_PRESETS
 from ..errors import SdloomError
+from ..io import atomic_write_text
 from ..models.sd import LatentDiffusion
 from ..sampling.schedules import DiscreteSchedule
 from ..tokenizer import get_tokenizer
@@ -303,9 +304,7 @@ def save_samples(out: Path, cfg: TrainConfig, model: LatentDiffusion, ema: EMA |
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a temporary file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def find_state(out: Path) -> Path | None:
