@@ -40,17 +40,12 @@ def main() -> None:
         print("diffusers not installed: no comparison")
         return
     from sdloom.checkpoints.save import convert
-    from sdloom.tokenizer import bytes_to_unicode, find_vocab
+    from sdloom.tokenizer import get_tokenizer
     folder = tempfile.mkdtemp() + "/emoji"
     convert(EMBEDDED_MODEL, folder)
-    import gzip
-    merges = gzip.open(find_vocab()).read().decode("utf-8").split("\n")[1:48895]
-    pairs = [tuple(m.split()) for m in merges]
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab] + ["".join(x) for x in pairs]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    tok = transformers.CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=pairs,
-                                     model_max_length=77)
+    clip_tok = get_tokenizer()  # the same vocabulary and merge ranks, handed to transformers
+    pairs = [tuple(m.split()) for m in sorted(clip_tok.ranks, key=clip_tok.ranks.get)]
+    tok = transformers.CLIPTokenizer(vocab=clip_tok.encoder, merges=pairs, model_max_length=77)
     sched = diffusers.DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         use_karras_sigmas=True, algorithm_type="dpmsolver++", final_sigmas_type="zero",

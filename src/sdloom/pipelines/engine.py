@@ -165,9 +165,12 @@ class Engine:
         scheds = [prompt_schedule(p, steps) for p in prompts]
         bounds = sorted({end for s in scheds for end, _ in s})
         conds = []
+        done: dict[tuple[str, ...], Conditioning] = {}  # [a|b] repeats texts every other step
         for end in bounds:
-            texts = [next(t for e, t in s if e >= end) for s in scheds]
-            conds.append(self.encode_prompts(texts, clip_skip))
+            texts = tuple(next(t for e, t in s if e >= end) for s in scheds)
+            if texts not in done:
+                done[texts] = self.encode_prompts(list(texts), clip_skip)
+            conds.append(done[texts])
         return bounds, conds
 
     def cfg_denoiser(self, prompts: list[str], negatives: list[str], steps: int,
