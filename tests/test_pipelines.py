@@ -38,8 +38,9 @@ def test_txt2img_size_determinism_and_infotext(engine):
     assert info["Model hash"] == engine.hash and len(engine.hash) == 10
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Euler a", "DPM++ 2M SDE"])
 def test_batch_equals_single_images_with_consecutive_seeds(engine, sampler):
+    # ancestral and SDE samplers too: each image's sampling noise comes from its own generator
     batch = run(engine, prompt="cat", seed=7, batch_size=2, sampler_name=sampler)
     one = run(engine, prompt="cat", seed=7, sampler_name=sampler)
     two = run(engine, prompt="cat", seed=8, sampler_name=sampler)
@@ -47,6 +48,39 @@ def test_batch_equals_single_images_with_consecutive_seeds(engine, sampler):
     for got, want in zip(batch.images, one.images + two.images):
         diff = (torch.tensor(list(got.getdata())) - torch.tensor(list(want.getdata()))).abs()
         assert diff.max() <= 1  # same noise; batched matmuls may differ in the last bit
+
+
+def test_all_prompts_gives_each_image_its_prompt(engine):
+    batch = run(engine, prompt="ignored", all_prompts=["cat", "red dog"], seed=7, batch_size=2,
+                sampler_name="Euler")
+    one = run(engine, prompt="cat", seed=7, sampler_name="Euler")
+    two = run(engine, prompt="red dog", seed=8, sampler_name="Euler")
+    for got, want in zip(batch.images, one.images + two.images):
+        diff = (torch.tensor(list(got.getdata())) - torch.tensor(list(want.getdata()))).abs()
+        assert diff.max() <= 2
+    assert [parse_infotext(t)["Prompt"] for t in batch.infotexts] == ["cat", "red dog"]
+    with pytest.raises(SdloomError, match="all_prompts"):
+        run(engine, all_prompts=["a"], batch_size=2)
+
+
+def test_and_prompts_combine_guidance(engine):
+    def pixels(**kw):
+        return torch.tensor(list(run(engine, seed=3, sampler_name="Euler", **kw)
+                                 .images[0].getdata()), dtype=torch.float32)
+    cat = pixels(prompt="cat")
+    # u + s·(½(c−u) + ½(c−u)) = u + s·(c−u); a part of weight 0 changes nothing
+    assert (pixels(prompt="cat:0.5 AND cat:0.5") - cat).abs().max() <= 2
+    assert (pixels(prompt="cat AND red dog:0") - cat).abs().max() <= 2
+    both = pixels(prompt="cat AND red dog")
+    assert (both - cat).abs().max() >= 8  # the second part moves the image (here by 10)
+    # a batch mixing AND prompts and plain ones: each image as its single run (up to the last
+    # bits of batched matmuls, which can round a pixel either way)
+    batch = run(engine, all_prompts=["cat AND red dog", "cat"], batch_size=2, seed=3,
+                sampler_name="Euler")
+    second = run(engine, prompt="cat", seed=4, sampler_name="Euler").images[0]
+    got = [torch.tensor(list(im.getdata()), dtype=torch.float32) for im in batch.images]
+    assert (got[0] - both).abs().max() <= 2
+    assert (got[1] - torch.tensor(list(second.getdata()), dtype=torch.float32)).abs().max() <= 2
 
 
 def test_img2img_and_inpaint_keep_size_and_unmasked_pixels(engine):

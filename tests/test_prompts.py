@@ -8,7 +8,8 @@ from sdloom.config import TextEncoderConfig
 from sdloom.errors import SdloomError
 from sdloom.prompts import (Conditioning, EmbeddingDB, PromptEncoder, batch_conditionings,
                             cond_at_step, load_embedding, pad_to_same_length,
-                            parse_prompt_attention, prompt_schedule, tokenize_prompt)
+                            parse_prompt_attention, prompt_schedule, split_and,
+                            tokenize_prompt)
 from sdloom.tokenizer import BOS, EOS, get_tokenizer
 
 CAT, DOG, A, COMMA = 2368, 1929, 320, 267
@@ -352,3 +353,16 @@ def test_embedding_loading_is_safe_and_errors_are_clear(tmp_path):
 def test_conditioning_to_keeps_pooled():
     c = Conditioning(torch.zeros(2, 77, 3), torch.ones(2, 4)).to(dtype=torch.float64)
     assert c.context.dtype == c.pooled.dtype == torch.float64 and c.chunks == 1
+
+
+@pytest.mark.parametrize("prompt, parts", [
+    ("a cat", [("a cat", 1.0)]),
+    ("a cat AND a dog:0.5", [("a cat", 1.0), (" a dog", 0.5)]),
+    ("cat AND dog : -1.5 AND  bird:.25 ", [("cat", 1.0), (" dog", -1.5), ("  bird", 0.25)]),
+    ("cat:1.2", [("cat", 1.2)]),           # A1111: a trailing weight even without AND
+    ("(cat:1.2)", [("(cat:1.2)", 1.0)]),   # emphasis is not a part weight
+    ("ANDROID AND", [("ANDROID", 1.0), ("", 1.0)]),  # AND is a whole word
+    ("cat and dog", [("cat and dog", 1.0)]),         # and in lower case is text
+])
+def test_split_and(prompt, parts):
+    assert split_and(prompt) == parts

@@ -390,6 +390,24 @@ def test_cfg_prompt_editing_and_the_legacy_form():
     assert legacy(torch.zeros(1, 1), torch.tensor([1.0])).item() == pytest.approx(5.0)
 
 
+def test_cfg_composable_and_prompts():
+    rec = _Recorder()
+    # image 0 = part rows 0 (w 1) and 1 (w 0.5); image 1 = row 2 (w 2); one U-Net call
+    cond = {"c": torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1).expand(3, 2, 4)}
+    uncond = {"c": torch.tensor([10.0, 20.0]).view(2, 1, 1).expand(2, 2, 4)}
+    cfg = CFGDenoiser(rec, cond, uncond, 3.0, groups=[[(0, 1.0), (1, 0.5)], [(2, 2.0)]])
+    out = cfg(torch.zeros(2, 1), torch.tensor([1.0, 1.0]))
+    assert out.flatten().tolist() == pytest.approx([10 + 3 * ((1 - 10) + 0.5 * (2 - 10)),
+                                                    20 + 3 * 2 * (3 - 20)])
+    assert rec.batches == [5]
+    # different token lengths: the parts and the unconds in two calls, the same answer
+    long_u = {"c": torch.tensor([10.0, 20.0]).view(2, 1, 1).expand(2, 4, 4)}
+    cfg = CFGDenoiser(rec, cond, long_u, 3.0, groups=[[(0, 1.0), (1, 0.5)], [(2, 2.0)]])
+    assert cfg(torch.zeros(2, 1), torch.tensor(1.0)).flatten().tolist() == pytest.approx(
+        out.flatten().tolist())
+    assert rec.batches[1:] == [3, 2]
+
+
 # ---------------------------------------------------------------------- running a sampler
 def test_sample_convenience_and_callback():
     noise = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdloom.seeds import (MAX_SEED, ImageRNG, all_seeds, fix_seed, image_noise,
-                          sampler_generator, slerp)
+                          sampler_generators, slerp)
 
 
 def randn(seed, shape):
@@ -107,17 +107,15 @@ def test_image_rng_randn_like_checks_shape():
         rng.randn_like(torch.zeros(1, 4, 6, 6))
 
 
-def test_sampler_generator_is_image_zeros_a1111_stream():
+def test_sampler_generators_continue_each_images_a1111_stream():
     shape = (4, 6, 6)
-    rng = ImageRNG(shape, [42])
+    rng = ImageRNG(shape, [42, 43])
     rng.next()
-    g = sampler_generator([42, 43], shape)
-    # what a sampler draws for a batch of one equals A1111's second ImageRNG draw
-    assert torch.equal(torch.randn((1, *shape), generator=g), rng.next())
-    g = sampler_generator([42], shape, ensd=5)
+    gens = sampler_generators([42, 43], shape)
+    # what a sampler draws for the batch equals A1111's second ImageRNG draw, image by image
+    assert torch.equal(torch.stack([torch.randn(shape, generator=g) for g in gens]), rng.next())
+    g, = sampler_generators([42], shape, ensd=5)
     assert torch.equal(torch.randn(shape, generator=g), randn(47, shape))
-    # without a shape it must not replay the starting noise
-    assert not torch.equal(torch.randn(shape, generator=sampler_generator([42])), randn(42, shape))
 
 
 def test_fix_seed():

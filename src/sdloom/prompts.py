@@ -1,7 +1,7 @@
 """A1111 prompt syntax → weighted 77-token chunks → conditioning tensors.
 
-Emphasis `(x)`, `(x:1.3)`, `[x]`, escapes and `BREAK`; prompt editing `[a:b:N]`, `[a:N]`, `[a::N]`
-and alternation `[a|b]`; prompts longer than 75 tokens as several 77-token chunks encoded apart
+Emphasis `(x)`, `(x:1.3)`, `[x]`, escapes and `BREAK`; composable `a AND b:0.5`; prompt editing
+`[a:b:N]`, `[a:N]`, `[a::N]` and alternation `[a|b]`; prompts longer than 75 tokens as several 77-token chunks encoded apart
 and concatenated; textual-inversion embeddings; "Original" emphasis (weights, then the mean
 restored). Semantics follow A1111's prompt_parser.py, sd_hijack_clip.py, sd_emphasis.py and
 textual_inversion.py (reference/a1111.md); the code is our own.
@@ -98,6 +98,22 @@ class _Alt:
 
 class _NoParse(Exception):
     """The text is not a well-formed edit construct (A1111: a lark parse error)."""
+
+
+_AND = re.compile(r"\bAND\b")
+_AND_WEIGHT = re.compile(r"^(.*?)\s*:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$", re.S)
+
+
+def split_and(prompt: str) -> list[tuple[str, float]]:
+    """Composable diffusion (Liu et al. 2022) in A1111's syntax: `a AND b:0.5` → [("a", 1.0),
+    ("b", 0.5)]. Each part is a prompt of its own; guidance sums the parts' directions,
+    u + scale·Σ wᵢ·(cᵢ − u). As in A1111, a trailing `:N` is a part's weight even without AND
+    (`(x:1.2)` is emphasis, not a weight); negative prompts are never split."""
+    out = []
+    for part in _AND.split(prompt):
+        m = _AND_WEIGHT.match(part)
+        out.append((m.group(1), float(m.group(2))) if m else (part.rstrip(), 1.0))
+    return out
 
 
 # lark's SIGNED_NUMBER, with the optional whitespace A1111 allows around it

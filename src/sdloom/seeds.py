@@ -151,22 +151,21 @@ def image_noise(seeds: list[int], shape: tuple[int, int, int],
                     device=device, dtype=dtype).first()
 
 
-def sampler_generator(seeds: list[int], shape: tuple[int, int, int] | None = None,
-                      ensd: int = 0) -> torch.Generator:
-    """One CPU generator for the noise a sampler draws during sampling, for samplers that take
-    `generator` (torch.randn(x.shape, generator=g) per step) rather than an ImageRNG.
+def sampler_generators(seeds: list[int], shape: tuple[int, int, int],
+                       ensd: int = 0) -> list[torch.Generator]:
+    """Per-image CPU generators for the noise a sampler draws during sampling (samplers take a
+    list: image i's noise from generator i), as A1111's ImageRNG after the starting noise.
 
-    It is image 0's A1111 generator: seeded seeds[0] + ensd when ensd is set, else seeded
-    seeds[0] and advanced past the starting noise of one image of `shape`. A batch of one
-    therefore gets exactly A1111's "RNG: CPU" sampling noise; in larger batches the images
-    share one stream, so image i > 0 differs from a single run of seed i (use ImageRNG for
-    that). Without `shape` the generator cannot be advanced, and would repeat image 0's
-    starting noise, so it is seeded seeds[0] + 0x5EED instead (reproducible, not A1111's)."""
-    g = torch.Generator("cpu")
-    if ensd:
-        return g.manual_seed(int(seeds[0]) + int(ensd))
-    if shape is None:
-        return g.manual_seed(int(seeds[0]) + 0x5EED)
-    g.manual_seed(int(seeds[0]))
-    torch.randn(tuple(shape), generator=g)  # skip the starting noise, as image 0's does
-    return g
+    Generator i is seeded seeds[i] and advanced past image i's starting noise of `shape`, or,
+    with ENSD, seeded seeds[i] + ensd. So image i's ancestral/SDE noise does not depend on the
+    batch it is in: a batch of seeds [S, S+1] gives the images of two single runs."""
+    gens = []
+    for s in seeds:
+        g = torch.Generator("cpu")
+        if ensd:
+            g.manual_seed(int(s) + int(ensd))
+        else:
+            g.manual_seed(int(s))
+            torch.randn(tuple(shape), generator=g)  # skip the starting noise, as ImageRNG
+        gens.append(g)
+    return gens

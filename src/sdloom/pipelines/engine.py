@@ -15,7 +15,7 @@ from ..errors import SdloomError
 from ..models.lora import LoraManager, read_lora
 from ..models.sd import LatentDiffusion
 from ..models.unet import sdxl_adm
-from ..prompts import Conditioning, EmbeddingDB, PromptEncoder, prompt_schedule
+from ..prompts import Conditioning, EmbeddingDB, PromptEncoder, prompt_schedule, split_and
 from ..sampling.denoisers import CFGDenoiser, EpsDenoiser, VDenoiser
 from ..sampling.schedules import DiscreteSchedule
 from ..tokenizer import get_tokenizer
@@ -177,10 +177,17 @@ class Engine:
                      cfg_scale: float, clip_skip: int, width: int, height: int,
                      sigmas: torch.Tensor, aesthetic_score: float = 6.0,
                      extra: dict[str, torch.Tensor] | None = None) -> Callable:
-        """The classifier-free-guided denoiser for a batch, with per-step prompt editing."""
-        bounds, conds = self.scheduled_cond(prompts, steps, clip_skip, width, height)
+        """The classifier-free-guided denoiser for a batch, with per-step prompt editing and
+        composable (`AND`) prompts."""
+        groups, parts = [], []  # image i's (row, weight) pairs; the rows' texts
+        for p in prompts:
+            groups.append([(len(parts) + k, w) for k, (_, w) in enumerate(split_and(p))])
+            parts += [t for t, _ in split_and(p)]
+        if all(len(g) == 1 and g[0][1] == 1.0 for g in groups):
+            groups = None  # plain prompts: the ordinary two-row CFG
+        bounds, conds = self.scheduled_cond(parts, steps, clip_skip, width, height)
         n_bounds, unconds = self.scheduled_cond(negatives, steps, clip_skip, width, height)
-        empty = self.encode_prompts([""] * len(prompts), clip_skip)
+        empty = self.encode_prompts([""], clip_skip)
         kw_c = [self.cond_kwargs(c, width, height, aesthetic_score) for c in conds]
         # the refiner is told a low aesthetic score for the negative side, as SGM/A1111 do
         kw_u = [self.cond_kwargs(u, width, height, 2.5) for u in unconds]
@@ -189,10 +196,15 @@ class Engine:
         n_tok = max(k["context"].shape[1] for k in kw_c + kw_u)
         for k in kw_c + kw_u:
             if k["context"].shape[1] < n_tok:
-                pad = empty.context.to(k["context"]).repeat(1, (n_tok - k["context"].shape[1])
-                                                            // empty.context.shape[1], 1)
+                pad = empty.context.to(k["context"]).repeat(
+                    k["context"].shape[0], (n_tok - k["context"].shape[1])
+                    // empty.context.shape[1], 1)
                 k["context"] = torch.cat([k["context"], pad], dim=1)
         extra = extra or {}
+        rows = None if groups is None else [i for i, g in enumerate(groups) for _ in g]
+        extra_c = extra if rows is None else {  # e.g. inpainting's c_concat, one per part
+            k: v[rows] if isinstance(v, torch.Tensor) and v.shape[0] == len(prompts) else v
+            for k, v in extra.items()}
         sig = [float(s) for s in sigmas]
 
         def step_of(sigma: torch.Tensor) -> int:
@@ -208,10 +220,13 @@ class Engine:
 
         def cond_at(sigma):
             step = step_of(sigma) + (steps - (len(sig) - 1))  # img2img starts partway
-            return ({**pick(bounds, kw_c, step), **extra},
+            return ({**pick(bounds, kw_c, step), **extra_c},
                     {**pick(n_bounds, kw_u, step), **extra})
 
-        return CFGDenoiser(self.denoiser, cond_at, cfg_scale)
+        if groups is None:
+            return CFGDenoiser(self.denoiser, cond_at, cfg_scale)
+        return CFGDenoiser(self.denoiser, lambda s: cond_at(s)[0], lambda s: cond_at(s)[1],
+                           cfg_scale, groups=groups)
 
     # ---------------------------------------------------------------- VAE
     @torch.no_grad()

@@ -21,7 +21,7 @@ from ..models.lora import extract_prompt_loras
 from ..sampling.denoisers import sigmas_for_img2img
 from ..sampling.samplers import resolve_sampler
 from ..sampling.schedules import scheduler_label
-from ..seeds import all_seeds, fix_seed, image_noise, sampler_generator
+from ..seeds import all_seeds, fix_seed, image_noise, sampler_generators
 from .engine import Engine
 from .params import FILL_NAMES, GenerationParams
 
@@ -146,8 +146,8 @@ def _run_sampler(engine: Engine, p: GenerationParams, den, x: torch.Tensor,
         if progress is not None:
             progress(step_offset + d["i"] + 1, total, d.get("denoised"))
 
-    # image 0's A1111 generator, moved past the starting noise
-    gen = sampler_generator(seeds, tuple(x.shape[1:]))
+    # each image's A1111 generator, moved past its starting noise
+    gen = sampler_generators(seeds, tuple(x.shape[1:]))
     return spec.fn(den, x, sigmas.to(x.device), extra_args={}, callback=cb, generator=gen, **opts)
 
 
@@ -216,6 +216,9 @@ def generate(engine: Engine, p: GenerationParams, progress: ProgressFn | None = 
         bs = seeds[k * p.batch_size:(k + 1) * p.batch_size]
         bss = subseeds[k * p.batch_size:(k + 1) * p.batch_size]
         prompts, negs = [prompt] * len(bs), [negative] * len(bs)
+        if p.all_prompts is not None:
+            prompts = [extract_prompt_loras(q)[0]
+                       for q in p.all_prompts[k * p.batch_size:(k + 1) * p.batch_size]]
         lat, done = _first_pass(engine, p, prompts, negs, bs, bss, init_img, mask, progress,
                                 done, total)
         if hr:
@@ -227,7 +230,8 @@ def generate(engine: Engine, p: GenerationParams, progress: ProgressFn | None = 
                 im = _overlay(im, init_img, mask)
             images.append(im)
             # A1111 records the first-pass processing size, whatever the final size
-            infotexts.append(_infotext(engine, p, p.prompt, p.negative_prompt, bs[j], bss[j],
+            shown = p.prompt if p.all_prompts is None else p.all_prompts[k * p.batch_size + j]
+            infotexts.append(_infotext(engine, p, shown, p.negative_prompt, bs[j], bss[j],
                                        p.width, p.height, extra))
     return GenerationResult(images, infotexts, seeds, subseeds, p)
 

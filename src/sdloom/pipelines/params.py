@@ -56,6 +56,10 @@ class GenerationParams:
     aesthetic_score: float = 6.0
     # extra networks: (path or name, weight)
     loras: list[tuple[str, float]] = field(default_factory=list)
+    # one prompt per image (batch_size × n_iter of them) instead of `prompt` for all, as in
+    # A1111's processing object (what its prompt-matrix and X/Y scripts use); LoRA tags in
+    # them are not applied (only `prompt`'s and `loras` are)
+    all_prompts: list[str] | None = None
 
     def validate(self, default_size: int) -> None:
         """Raise SdloomError with one clear line for anything a model cannot run."""
@@ -78,6 +82,9 @@ class GenerationParams:
             raise SdloomError(f"clip skip must be ≥ 1, got {self.clip_skip}")
         if self.mask is not None and self.init_image is None:
             raise SdloomError("a mask needs an init image")
+        if self.all_prompts is not None and len(self.all_prompts) != self.batch_size * self.n_iter:
+            raise SdloomError(f"all_prompts holds {len(self.all_prompts)} prompts for "
+                              f"{self.batch_size * self.n_iter} images")
         if self.mask is not None and self.mask.size != self.init_image.size:
             raise SdloomError(f"mask size {self.mask.size[0]}x{self.mask.size[1]} differs from "
                               f"image size {self.init_image.size[0]}x{self.init_image.size[1]}")

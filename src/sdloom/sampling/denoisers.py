@@ -68,11 +68,19 @@ class CFGDenoiser(nn.Module):
     # evaluate between grid points (Heun, DPM2, DPM++ SDE). The older form
     # CFGDenoiser(denoiser, conds, scale), conds(σ) → (cond, uncond), still works.
 
+    # With `groups` (AND prompts), cond holds one row per prompt part and groups[i] lists image
+    # i's (row, weight) pairs: x̂0ᵢ = uᵢ + scale·Σ w·(c_row − uᵢ), all rows in one call.
+
     def __init__(self, denoiser: Callable[..., torch.Tensor],
                  cond: CondSource | Callable[[torch.Tensor], tuple[Cond, Cond]],
-                 uncond: CondSource | float | None = None, cfg_scale: float | None = None):
+                 uncond: CondSource | float | None = None, cfg_scale: float | None = None,
+                 *, groups: list[list[tuple[int, float]]] | None = None):
         super().__init__()
         self.denoiser = denoiser
+        self.groups = groups
+        # the image each cond row belongs to
+        self.rows = None if groups is None else torch.tensor(
+            [i for i, g in enumerate(groups) for _ in g])
         if cfg_scale is None and isinstance(uncond, (int, float)):
             # (denoiser, conds, scale): pipelines/engine.py's form, one callable for both
             pair = cond if callable(cond) else (lambda _s, p=cond: p)
@@ -87,6 +95,8 @@ class CFGDenoiser(nn.Module):
         self.scale = float(cfg_scale)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:
+        if self.groups is not None:
+            return self._composed(x, sigma, extra)
         cond = {**self.cond(sigma), **extra}
         if self.scale == 1.0:  # u + 1·(c − u) = c: the unconditional pass would be wasted
             return self.denoiser(x, sigma, **cond)
@@ -99,6 +109,27 @@ class CFGDenoiser(nn.Module):
                   for k, v in cond.items()}
             c, u = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **kw).chunk(2)
         return u + (c - u) * self.scale
+
+    def _composed(self, x: torch.Tensor, sigma: torch.Tensor, extra: dict) -> torch.Tensor:
+        """AND prompts: every part's row and every image's uncond in one U-Net call."""
+        n, rows = x.shape[0], self.rows.to(x.device)
+        sigma = sigma.reshape(-1).expand(n) if sigma.numel() == 1 else sigma
+        per_row = {k: v[rows] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v
+                   for k, v in extra.items()}
+        cond, uncond = {**self.cond(sigma), **per_row}, {**self.uncond(sigma), **extra}
+        xc, sc = x[rows], sigma[rows]
+        if _batchable(cond, uncond):
+            kw = {k: torch.cat([v, uncond[k].to(v)]) if isinstance(v, torch.Tensor) else v
+                  for k, v in cond.items()}
+            out = self.denoiser(torch.cat([xc, x]), torch.cat([sc, sigma]), **kw)
+            c, u = out[:len(rows)], out[len(rows):]
+        else:
+            c, u = self.denoiser(xc, sc, **cond), self.denoiser(x, sigma, **uncond)
+        res = u.clone()
+        for i, g in enumerate(self.groups):
+            for row, w in g:
+                res[i] += (c[row] - u[i]) * (w * self.scale)
+        return res
 
 
 def img2img_steps(steps: int, strength: float, fix_steps: bool = False) -> tuple[int, int]:
