@@ -122,6 +122,24 @@ def test_resize_crop_flip_and_caption_dropout(tmp_path):
     assert ImageCaptionDataset(folder, 16).augment(7).flip is False  # options off: no change
 
 
+def test_caption_templates(tmp_path, data):
+    plain = ImageCaptionDataset(data, 32, caption_dropout=0.2)
+    ds = ImageCaptionDataset(data, 32, caption_dropout=0.2, caption_templates=("{}", "a {} x"))
+    augs = [ds.augment(s) for s in range(400)]
+    caps = [ds.caption(1, a) for a in augs]
+    text = ds.items[1].text
+    assert set(caps) == {"", text, f"a {text} x"}
+    assert 0.3 < caps.count(f"a {text} x") / 400 < 0.5  # half of the 80% not dropped
+    # templates add a draw after the others: flips, crops and dropout are unchanged
+    assert [plain.caption(1, plain.augment(s)) == "" for s in range(400)] == \
+        [c == "" for c in caps]
+    assert ds.caption(1) == text  # no augmentation: the caption as written
+    cfg = TrainConfig().override({"caption_templates": "{}|a {}"})
+    assert cfg.caption_templates == ("{}", "a {}")
+    with pytest.raises(SdloomError, match="caption template"):
+        TrainConfig().override({"caption_templates": "a photo"}).validate()
+
+
 def test_buckets_batches_shards_and_resume_positions(tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

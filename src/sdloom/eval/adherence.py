@@ -61,6 +61,16 @@ def read_dataset(data: Path) -> list[Entry]:
     return out
 
 
+def reference_features(data: Path, entries: list[Entry]) -> np.ndarray:
+    """Features of the data set's images: from the builder's images.npy (one row per metadata
+    line) when it is fresh, else from the image files."""
+    from ..training.data import npy_cache
+    arr = npy_cache(data)
+    if arr is not None and len(arr) == len(entries):
+        return features([Image.fromarray(np.asarray(arr[i])) for i in range(len(entries))])
+    return features([Image.open(e.file) for e in entries])
+
+
 def evaluate(engine, data: Path, *, limit: int | None = None, steps: int = 20, cfg: float = 7.0,
              sampler: str = "DPM++ 2M", seed: int = 0, batch: int = 16,
              grid_path: Path | None = None, progress: bool = True) -> dict:
@@ -69,7 +79,7 @@ def evaluate(engine, data: Path, *, limit: int | None = None, steps: int = 20, c
     from ..pipelines.generate import generate
     from ..pipelines.params import GenerationParams
     entries = read_dataset(data)
-    bank = features([Image.open(e.file) for e in entries])
+    bank = reference_features(data, entries)
     train_idx = [i for i, e in enumerate(entries) if not e.holdout]
     held_idx = [i for i, e in enumerate(entries) if e.holdout]
     if limit is not None and limit < len(train_idx):  # an evenly spaced, deterministic subset
@@ -80,11 +90,11 @@ def evaluate(engine, data: Path, *, limit: int | None = None, steps: int = 20, c
         hits, t0 = 0, time.perf_counter()
         for start in range(0, len(idx), batch):
             chunk = idx[start:start + batch]
-            imgs = []
-            for i in chunk:  # one prompt per image, all with the same seed
-                p = GenerationParams(prompt=entries[i].text, steps=steps, cfg_scale=cfg,
-                                     sampler_name=sampler, seed=seed)
-                imgs += generate(engine, p).images
+            # one batch, one prompt per image: image j gets seed + j (A1111's batch seeds)
+            imgs = generate(engine, GenerationParams(
+                prompt=entries[chunk[0]].text, all_prompts=[entries[i].text for i in chunk],
+                batch_size=len(chunk), steps=steps, cfg_scale=cfg, sampler_name=sampler,
+                seed=seed)).images
             got = nearest(features(imgs), bank)
             hits += int(sum(int(g) == i for g, i in zip(got, chunk)))
             if len(shown) < 64:
@@ -111,6 +121,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="DPM++ 2M")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default="eval-grid.png", help="where to write a grid of outputs")
+    p.add_argument("--batch", type=int, default=16, help="images generated at once (1..64)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run_eval)
 
@@ -120,7 +131,8 @@ def run_eval(args) -> int:
     torch.set_grad_enabled(False)
     engine = Engine.load(args.model, device=args.device, precision="auto")
     res = evaluate(engine, Path(args.data), limit=args.limit, steps=args.steps, cfg=args.cfg,
-                   sampler=args.sampler, seed=args.seed, grid_path=Path(args.grid))
+                   sampler=args.sampler, seed=args.seed, batch=args.batch,
+                   grid_path=Path(args.grid))
     print(f"{'split':10} {'n':>6} {'top-1':>7} {'seconds':>8}")
     for split, r in res.items():
         print(f"{split:10} {r['n']:6d} {r['top1'] * 100:6.1f}% {r['seconds']:8.1f}")

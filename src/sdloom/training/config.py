@@ -40,6 +40,7 @@ class TrainConfig:
     offset_noise: float = 0.0
     min_snr_gamma: float = 0.0
     caption_dropout: float = 0.1
+    caption_templates: tuple[str, ...] = ()
     flip: bool = False
     random_crop: bool = False
     buckets: bool = False
@@ -105,6 +106,8 @@ class TrainConfig:
             raise SdloomError("caption_dropout must be in [0, 1] and ema_decay in [0, 1)")
         if self.warmup < 0 or self.sample_every < 0 or self.num_workers < 0:
             raise SdloomError("warmup, sample_every and num_workers must be ≥ 0")
+        if any("{}" not in t for t in self.caption_templates):
+            raise SdloomError("every caption template must hold {} (where the caption goes)")
         if len(self.adam_betas) != 2:
             raise SdloomError("adam_betas takes two numbers, e.g. 0.9,0.999")
 
@@ -129,7 +132,7 @@ def _coerce(name: str, v, default):
         except ValueError:
             raise SdloomError(f"{name}: expected a number, got {v!r}") from None
         if isinstance(default, tuple):
-            sep = "|" if name == "sample_prompts" else ","
+            sep = "|" if name in ("sample_prompts", "caption_templates") else ","
             parts = [p.strip() for p in s.split(sep) if p.strip()]
             return tuple(float(p) for p in parts) if name == "adam_betas" else tuple(parts)
         return v
@@ -166,6 +169,8 @@ HELP: dict[str, str] = {
     "offset_noise": "offset-noise strength (per-channel constant added to the noise)",
     "min_snr_gamma": "min-SNR-γ loss weighting (Hang et al. 2023); 0 = off, 5 is usual",
     "caption_dropout": "probability of an empty caption (for classifier-free guidance)",
+    "caption_templates": "templates the caption is put into, one drawn per sample, `{}` = the "
+                         "caption (e.g. '{}|a {}|the {}'); none = captions as written",
     "flip": "random horizontal flips",
     "random_crop": "random instead of centred crops",
     "buckets": "aspect-ratio buckets of about resolution² pixels",
@@ -192,20 +197,23 @@ HELP: dict[str, str] = {
 }
 
 PRESETS: dict[str, dict] = {
-    # the embedded emoji model, stage 1: the VAE
-    "emoji-vae": dict(what="vae", model="embedded", resolution=128, batch_size=8, lr=4e-4,
-                      warmup=50, steps=3000, kl_weight=1e-6, flip=False, save_every=500),
+    # the embedded emoji model on one GPU (docs/embedded-model.md), stage 1: the VAE
+    "emoji-vae": dict(what="vae", model="embedded", resolution=128, batch_size=64, lr=5e-4,
+                      warmup=100, steps=3492, kl_weight=0.05, flip=False, precision="bf16",
+                      num_workers=6, save_every=1000),
     # stage 2: U-Net and text encoder jointly, VAE frozen from stage 1 (set vae_from)
-    "emoji-full": dict(what="full", model="embedded", resolution=128, batch_size=32, lr=6e-4,
-                       warmup=200, steps=20000, ema_decay=0.999, caption_dropout=0.1,
-                       cache_latents=True, save_every=1000, sample_every=2000),
-    # what the shipped embedded model actually ran on a 2-core CPU (docs/embedded-model.md);
-    # kl_weight 0.05 here equals the 1e-6 of the per-image KL sum used in that run
-    "emoji-vae-cpu": dict(what="vae", model="embedded", resolution=128, batch_size=8, lr=6e-4,
-                          warmup=50, steps=1300, kl_weight=0.05, flip=False, save_every=100),
-    "emoji-full-cpu": dict(what="full", model="embedded", resolution=128, batch_size=16,
-                           lr=1e-3, warmup=40, steps=1500, ema_decay=0.995, prediction="v",
-                           caption_dropout=0.1, cache_latents=True, save_every=100),
+    "emoji-full": dict(what="full", model="embedded", resolution=128, batch_size=512, lr=1e-3,
+                       warmup=200, steps=2345, ema_decay=0.999, prediction="v",
+                       min_snr_gamma=5.0, caption_dropout=0.1, cache_latents=True,
+                       precision="bf16", save_every=1000, save_dtype="fp16"),
+    # stage 3: a short fine-tune of stage 2's model with captions in everyday phrasing, so
+    # that "a red apple" means "red apple" (set model to stage 2's model.safetensors)
+    "emoji-phrasing": dict(what="full", resolution=128, batch_size=512, lr=2e-4, warmup=50,
+                           steps=1000, ema_decay=0.999, prediction="v", min_snr_gamma=5.0,
+                           caption_dropout=0.1, cache_latents=True, precision="bf16",
+                           save_every=1000, save_dtype="fp16",
+                           caption_templates=("{}", "{}", "a {}", "an {}", "the {}",
+                                              "{} emoji", "an emoji of {}")),
     # fine-tuning an SD1.x/SD2.x checkpoint (set model=PATH) on one large GPU
     "sd-finetune": dict(what="unet", resolution=512, batch_size=4, lr=1e-5, warmup=500,
                         schedule="constant", steps=10000, precision="bf16",

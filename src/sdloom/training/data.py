@@ -39,6 +39,7 @@ class Augment:
     flip: bool
     crop: tuple[float, float]  # where the crop window sits in the free room, 0…1 each way
     drop_caption: bool
+    template: int = 0  # index into the data set's caption templates
 
 
 def read_items(root: str | Path, include_holdout: bool = False) -> list[Item]:
@@ -140,8 +141,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, resolution: int, *, buckets: bool = False,
                  bucket_step: int = 64, random_crop: bool = False, flip: bool = False,
                  caption_dropout: float = 0.0, include_holdout: bool = False,
-                 keep_in_memory: bool | None = None):
+                 keep_in_memory: bool | None = None, caption_templates: tuple[str, ...] = ()):
         self.root = Path(root)
+        self.templates = tuple(caption_templates)
         self.items = read_items(self.root, include_holdout)
         self.random_crop, self.flip, self.caption_dropout = random_crop, flip, caption_dropout
         self.npy = npy_cache(self.root) if self.items[0].row >= 0 else None
@@ -189,10 +191,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def augment(self, aug_seed: int) -> Augment:
         """The draws always happen in one order, so turning an option on changes nothing else."""
         r = random.Random(aug_seed)
-        flip, cx, cy, drop = r.random(), r.random(), r.random(), r.random()
+        flip, cx, cy, drop, tpl = r.random(), r.random(), r.random(), r.random(), r.random()
         return Augment(self.flip and flip < 0.5,
                        (cx, cy) if self.random_crop else (0.5, 0.5),
-                       drop < self.caption_dropout)
+                       drop < self.caption_dropout,
+                       int(tpl * len(self.templates)) if self.templates else 0)
 
     def image(self, i: int, aug: Augment | None = None) -> torch.Tensor:
         """[3, H, W] float in [-1, 1]."""
@@ -205,7 +208,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return x.float() / 127.5 - 1.0
 
     def caption(self, i: int, aug: Augment | None = None) -> str:
-        return "" if aug is not None and aug.drop_caption else self.items[i].text
+        """The caption, empty when dropped, put into a template (`"a {}"`) when the set has
+        templates (the sample's draw picks one; no augmentation: the plain caption)."""
+        if aug is not None and aug.drop_caption:
+            return ""
+        text = self.items[i].text
+        if aug is None or not self.templates:
+            return text
+        return self.templates[aug.template].replace("{}", text)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         i, seed = (key, None) if isinstance(key, int) else key

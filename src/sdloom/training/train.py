@@ -443,7 +443,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
     ds = ImageCaptionDataset(data, cfg.resolution, buckets=cfg.buckets,
                              bucket_step=cfg.bucket_step, random_crop=cfg.random_crop,
                              flip=cfg.flip, caption_dropout=cfg.caption_dropout,
-                             include_holdout=cfg.include_holdout)
+                             include_holdout=cfg.include_holdout,
+                             caption_templates=cfg.caption_templates)
     sampler = BatchSampler(ds.sizes, cfg.batch_size, cfg.seed, d.rank, d.world)
     model = build_model(cfg, device)
     schedule = DiscreteSchedule.scaled_linear(model.config.num_timesteps,
@@ -673,7 +674,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         elif name == "adam_betas":
             g.add_argument(flag, nargs=2, type=float, metavar=("B1", "B2"), **kw)
         elif isinstance(value, tuple):
-            g.add_argument(flag, nargs="+", metavar="PROMPT", **kw)
+            g.add_argument(flag, nargs="+", metavar="TEXT", **kw)
         elif name in CHOICES:
             g.add_argument(flag, choices=CHOICES[name], **kw)
         else:
