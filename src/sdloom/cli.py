@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as e:  # pragma: no cover - the training module is part of the package
         t.set_defaults(_missing=str(e))
 
+    v = sub.add_parser("serve", help="A1111-compatible HTTP API (/sdapi/v1/txt2img, …)")
+    from .server import add_serve_args, run_serve
+    add_serve_args(v)
+    v.set_defaults(func=run_serve)
+
     e = sub.add_parser("eval", help="prompt adherence of a model on its data set")
     try:
         from .eval.adherence import add_eval_args

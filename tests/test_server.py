@@ -1,0 +1,188 @@
+"""The A1111 HTTP API on a tiny random model: fields, images with infotext, errors, auth,
+progress, interrupt, model switching."""
+import base64
+import io
+import json
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from fastapi.testclient import TestClient
+
+from sdloom.checkpoints.save import save_model
+from sdloom.infotext import encode_image, parse_infotext
+from sdloom.pipelines.generate import generate
+from sdloom.pipelines.params import GenerationParams
+from sdloom.server.app import Server, create_app
+
+from tiny import TINY_SD1, tiny_model
+
+API = "/sdapi/v1"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    save_model(tiny_model(), TINY_SD1, d / "tiny.safetensors")
+    save_model(tiny_model(seed=1), TINY_SD1, d / "other.safetensors")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    return Server(str(models / "tiny.safetensors"), models_dir=str(models), device="cpu",
+                  precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return TestClient(create_app(server))
+
+
+def b64(img: Image.Image) -> str:
+    return base64.b64encode(encode_image(img, "png")).decode()
+
+
+def unb64(s: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(s)))
+
+
+def test_txt2img_returns_the_pipelines_images_with_infotext(client, server):
+    body = {"prompt": "a red apple", "seed": 5, "steps": 3, "width": 64, "height": 64,
+            "sampler_name": "Euler", "batch_size": 2, "unknown_client_field": 1}
+    r = client.post(f"{API}/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    imgs = [unb64(s) for s in out["images"]]
+    assert [im.size for im in imgs] == [(64, 64), (64, 64)]
+    info = json.loads(out["info"])
+    assert info["all_seeds"] == [5, 6] and info["seed"] == 5 and info["steps"] == 3
+    assert info["sd_model_name"] == "tiny" and len(info["infotexts"]) == 2
+    assert parse_infotext(imgs[1].info["parameters"])["Seed"] == "6"
+    assert out["parameters"]["prompt"] == "a red apple"
+    # the same pixels as the library call
+    ref = generate(server.engine, GenerationParams(prompt="a red apple", seed=5, steps=3,
+                                                   width=64, height=64, sampler_name="Euler"))
+    assert imgs[0].convert("RGB").tobytes() == ref.images[0].tobytes()
+
+
+def test_defaults_n_iter_and_jpeg(client):
+    r = client.post(f"{API}/txt2img", json={"prompt": "x", "seed": 1, "steps": 2, "n_iter": 2,
+                                            "override_settings": {"samples_format": "jpg"}})
+    out = r.json()
+    info = json.loads(out["info"])
+    assert info["all_seeds"] == [1, 2] and info["width"] == TINY_SD1.default_size
+    assert info["sampler_name"] == "Euler"  # A1111's API default sampler
+    assert base64.b64decode(out["images"][0])[:3] == b"\xff\xd8\xff"  # JPEG
+
+
+def test_img2img_and_inpaint(client):
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    r = client.post(f"{API}/img2img", json={
+        "init_images": ["data:image/png;base64," + b64(init)], "mask": b64(mask), "seed": 2,
+        "steps": 4, "denoising_strength": 0.6, "mask_blur": 0, "inpainting_fill": 1,
+        "inpaint_full_res": False})
+    assert r.status_code == 200, r.text
+    out = unb64(r.json()["images"][0]).convert("RGB")
+    assert out.size == (64, 64) and out.getpixel((2, 2)) == (200, 30, 30)
+    assert r.json()["parameters"]["init_images"] is None  # not echoed back by default
+    assert client.post(f"{API}/img2img", json={"prompt": "x"}).status_code == 404
+
+
+def test_bad_input_is_a_clear_422(client):
+    r = client.post(f"{API}/txt2img", json={"prompt": "x", "width": 70, "steps": 2})
+    assert r.status_code == 422 and "multiple of 8" in r.json()["detail"]
+    r = client.post(f"{API}/txt2img", json={"sampler_name": "Nope", "steps": 2})
+    assert r.status_code == 422 and "unknown sampler" in r.json()["detail"]
+    r = client.post(f"{API}/txt2img", json={"restore_faces": True})
+    assert r.status_code == 422 and "restore_faces" in r.json()["detail"]
+    r = client.post(f"{API}/img2img", json={"init_images": ["not base64!"]})
+    assert r.status_code == 422 and "init_images[0]" in r.json()["detail"]
+    r = client.post(f"{API}/img2img", json={"init_images": ["https://example.com/a.png"]})
+    assert r.status_code == 422 and "URL" in r.json()["detail"]
+
+
+def test_lists_options_and_png_info(client, models):
+    names = [s["name"] for s in client.get(f"{API}/samplers").json()]
+    assert "Euler a" in names and "DPM++ 2M" in names
+    assert "karras" in [s["name"] for s in client.get(f"{API}/schedulers").json()]
+    titles = [m["title"] for m in client.get(f"{API}/sd-models").json()]
+    assert any(t.startswith("tiny.safetensors [") for t in titles)
+    assert "other.safetensors" in titles and "sdloom-emoji.safetensors" in titles
+    opts = client.get(f"{API}/options").json()
+    assert opts["sd_model_checkpoint"].startswith("tiny.safetensors [")
+    assert client.post(f"{API}/options", json={"CLIP_stop_at_last_layers": 2}).status_code == 200
+    assert client.get(f"{API}/options").json()["CLIP_stop_at_last_layers"] == 2
+    client.post(f"{API}/options", json={"CLIP_stop_at_last_layers": 1})
+    assert client.post(f"{API}/options", json={"CLIP_stop_at_last_layers": "x"}).status_code \
+        == 422
+    assert client.post(f"{API}/options", json={"samples_format": "bmp"}).status_code == 422
+    text = 'a cat\nNegative prompt: dog\nSteps: 3, Sampler: Euler, Seed: 9, Size: 64x64'
+    img = Image.new("RGB", (8, 8))
+    r = client.post(f"{API}/png-info",
+                    json={"image": base64.b64encode(encode_image(img, "png", text)).decode()})
+    assert r.json()["info"] == text and r.json()["parameters"]["Seed"] == "9"
+
+
+def test_switching_models(client, server, models):
+    r = client.post(f"{API}/options", json={"sd_model_checkpoint": "other"})
+    assert r.status_code == 200
+    assert server.engine.path.name == "other.safetensors"
+    assert client.post(f"{API}/options", json={"sd_model_checkpoint": "nope"}).status_code == 422
+    client.post(f"{API}/options", json={"sd_model_checkpoint": "tiny.safetensors"})
+    assert server.engine.path.name == "tiny.safetensors"
+
+
+def start_job(client, server, **body):
+    """A txt2img request in a thread, returned once it is two sampling steps in."""
+    seen = {}
+
+    def job():
+        seen["r"] = client.post(f"{API}/txt2img", json={"prompt": "x", "seed": 3, "width": 64,
+                                                        "height": 64, **body})
+
+    t = threading.Thread(target=job)
+    t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and server.state["sampling_step"] < 2:
+        time.sleep(0.01)
+    return t, seen
+
+
+def test_progress_and_interrupt(client, server):
+    assert client.get(f"{API}/progress").json()["progress"] == 0
+    t, seen = start_job(client, server, steps=400, n_iter=3)
+    p = client.get(f"{API}/progress").json()
+    assert p["state"]["job"] == "txt2img" and p["state"]["job_count"] == 3
+    assert 0 < p["progress"] < 1
+    client.post(f"{API}/interrupt")
+    t.join(60)
+    assert not t.is_alive()
+    assert seen["r"].status_code == 200 and seen["r"].json()["images"] == []
+    assert client.get(f"{API}/progress").json()["state"]["job_count"] == 0
+
+
+def test_skip_drops_the_batch_in_progress(client, server):
+    t, seen = start_job(client, server, steps=60, n_iter=2)
+    assert server.state["job_no"] == 0
+    client.post(f"{API}/skip")
+    t.join(120)
+    info = json.loads(seen["r"].json()["info"])
+    assert info["all_seeds"] == [4]  # the first batch (seed 3) was skipped, the second ran
+
+
+def test_basic_auth(server):
+    c = TestClient(create_app(server, api_auth="me:secret"))
+    assert c.get(f"{API}/samplers").status_code == 401
+    assert c.get(f"{API}/samplers", auth=("me", "wrong")).status_code == 401
+    assert c.get(f"{API}/samplers", auth=("me", "secret")).status_code == 200
+
+
+def test_serve_command_line_defaults_to_localhost():
+    from sdloom.cli import build_parser
+    a = build_parser().parse_args(["serve"])
+    assert a.host == "127.0.0.1" and a.port == 7860
