@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv with sdloom. `--test` adds the test oracles (diffusers, transformers) and the
-# emoji font the data-set tests render with. Works offline against the package registries only.
+# Sets up .venv with sdloom. `--test` adds the test oracles (diffusers, transformers), the
+# emoji font the data-set tests render with, and Chromium + Playwright for the web UI test. Works offline against the package registries only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,10 +13,13 @@ $PIP install -r requirements.txt
 $PIP install --no-deps "clip-anytorch==2.6.0"
 if [ "${1:-}" = "--test" ]; then
   $PIP install -r requirements-test.txt
-  if [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] && command -v apt-get >/dev/null \
-     && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji) >/dev/null 2>&1 || \
-      echo "note: fonts-noto-color-emoji not installed; emoji rendering tests will be skipped"
+  # Debian packages for the data-set tests (the emoji font) and the web UI's browser test
+  need=""
+  [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need=" fonts-noto-color-emoji"
+  command -v chromium >/dev/null || need="$need chromium"
+  if [ -n "$need" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq $need) >/dev/null 2>&1 || \
+      echo "note: could not install$need; the tests that need them will be skipped"
   fi
 fi
 $PIP install --no-deps -e .

@@ -180,6 +180,10 @@ def test_basic_auth(server):
     assert c.get(f"{API}/samplers").status_code == 401
     assert c.get(f"{API}/samplers", auth=("me", "wrong")).status_code == 401
     assert c.get(f"{API}/samplers", auth=("me", "secret")).status_code == 200
+    assert c.get("/").status_code == 401 and c.get("/web/app.js").status_code == 401
+    page = c.get("/", auth=("me", "secret"))
+    assert page.status_code == 200 and "<title>sdloom</title>" in page.text
+    assert c.get("/web/nope.js", auth=("me", "secret")).status_code == 404
 
 
 def test_serve_command_line_defaults_to_localhost():

@@ -1,4 +1,5 @@
-"""`sdloom serve`: A1111's HTTP API (`/sdapi/v1/…`) over one Engine, one job at a time.
+"""`sdloom serve`: A1111's HTTP API (`/sdapi/v1/…`) over one Engine, one job at a time, and a
+small web page over that API at `/`.
 
 Request and response fields are A1111's (reference/a1111.md), so its clients work unchanged.
 Differences, each deliberate: width/height default to the model's own size (A1111: 512 for
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +37,7 @@ from ..sampling.schedules import LABELS
 from ..seeds import all_seeds, fix_seed
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
+WEB = Path(__file__).parent / "web"  # the page: index.html, app.js, style.css
 LATENT_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
                 "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)")
 assert {m.lower() for m in LATENT_MODES} == set(LATENT_UPSCALERS)
@@ -442,6 +444,16 @@ def create_app(server: Server, api_auth: str | None = None) -> FastAPI:
             if d and d.is_dir() else []
         return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
                 for p in files]
+
+    @app.get("/", dependencies=deps, include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(WEB / "index.html")
+
+    @app.get("/web/{name}", dependencies=deps, include_in_schema=False)
+    def web(name: str) -> FileResponse:
+        if name not in {p.name for p in WEB.iterdir()}:
+            raise HTTPException(404, "not found")
+        return FileResponse(WEB / name)
 
     @app.post(f"{api}/refresh-checkpoints", dependencies=deps)
     def refresh_checkpoints() -> dict[str, Any]:
