@@ -33,7 +33,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(models):
     return Server(str(models / "tiny.safetensors"), models_dir=str(models), device="cpu",
-                  precision="fp32")
+                  precision="fp32", outdir=str(models.parent / "out"))
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,15 @@ def test_txt2img_returns_the_pipelines_images_with_infotext(client, server):
     ref = generate(server.engine, GenerationParams(prompt="a red apple", seed=5, steps=3,
                                                    width=64, height=64, sampler_name="Euler"))
     assert imgs[0].convert("RGB").tobytes() == ref.images[0].tobytes()
+
+
+def test_save_images_writes_atomic_pngs_with_infotext(client, server):
+    r = client.post(f"{API}/txt2img", json={"prompt": "x", "seed": 11, "steps": 2,
+                                            "save_images": True, "send_images": False})
+    assert r.json()["images"] == []
+    files = sorted((server.outdir / "txt2img-images").iterdir())
+    assert [f.name for f in files] == ["00000-11.png"]
+    assert parse_infotext(Image.open(files[0]).info["parameters"])["Seed"] == "11"
 
 
 def test_defaults_n_iter_and_jpeg(client):

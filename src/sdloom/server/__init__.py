@@ -15,6 +15,8 @@ def add_serve_args(p) -> None:
     p.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP basic auth")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--outdir", default="outputs",
+                   help="where requests with save_images write (txt2img-images/, img2img-images/)")
     p.add_argument("--lora-dir")
     p.add_argument("--embeddings")
 
@@ -32,7 +34,7 @@ def run_serve(args) -> int:
         raise SdloomError("--api-auth takes USER:PASS")
     server = Server(args.model, models_dir=args.models_dir, device=args.device,
                     precision=args.precision, lora_dir=args.lora_dir,
-                    embeddings_dir=args.embeddings)
+                    embeddings_dir=args.embeddings, outdir=args.outdir)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
         print(f"sdloom: serving on {args.host} without --api-auth: anyone who can reach this "
               "address can use the API", file=sys.stderr)

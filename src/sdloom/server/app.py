@@ -123,11 +123,12 @@ class Server:
 
     def __init__(self, model: str | None = None, *, models_dir: str | None = None,
                  device: str = "auto", precision: str = "auto", lora_dir: str | None = None,
-                 embeddings_dir: str | None = None,
+                 embeddings_dir: str | None = None, outdir: str = "outputs",
                  loader: Callable[..., Engine] = Engine.load):
         self.models_dir = Path(models_dir) if models_dir else None
         self.device, self.precision = device, precision
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
+        self.outdir = Path(outdir)  # where save_images writes, as A1111's outdir_*_samples
         self.loader = loader
         self.lock = threading.Lock()  # one job at a time: the model is not re-entrant
         self.options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png"}
@@ -341,6 +342,13 @@ def create_app(server: Server, api_auth: str | None = None) -> FastAPI:
         params = req.model_dump()
         if img2img and not params.get("include_init_images"):
             params["init_images"], params["mask"] = None, None
+        if req.save_images:
+            from ..images import unique_output_path
+            from ..infotext import save_image
+            folder = server.outdir / ("img2img-images" if img2img else "txt2img-images")
+            ext = ".jpg" if fmt.lower() == "jpeg" else "." + fmt.lower()
+            for im, t, sd in zip(images, infos, seeds):
+                save_image(im, unique_output_path(folder, suffix=f"-{sd}", ext=ext), t)
         out = [base64.b64encode(encode_image(im, fmt, t)).decode("ascii")
                for im, t in zip(images, infos)] if req.send_images else []
         return {"images": out, "parameters": params, "info": json.dumps(info)}
