@@ -442,6 +442,145 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None,
     return x
 
 
+# ---------------------------------------------------------------------- DPM-Solver (ε form)
+# A1111's "DPM fast" and "DPM adaptive" are the original singlestep DPM-Solver (Lu et al. 2022,
+# algorithms 1–3 and its adaptive DPM-Solver-12/23) on the noise prediction ε = (x − x̂0)/σ,
+# with time t = −log σ. They use only the ends of the sigma grid: σ_max = sigmas[0] and
+# σ_min = the last positive sigma (A1111 passes the model's σ range for txt2img, which is what
+# its schedules' ends are, and the grid's ends for img2img). They stop at σ_min, not at 0.
+class _EpsSolver:
+    def __init__(self, denoiser: Denoiser, extra: dict):
+        self.denoiser, self.extra, self.evals = denoiser, extra, 0
+
+    def eps(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        self.evals += 1
+        s = math.exp(-t)
+        return (x - _den(self.denoiser, x, s, self.extra)) / s
+
+    def first(self, x, t, t_next, e0):
+        """DPM-Solver-1 (= DDIM) from t to t_next."""
+        return x - math.exp(-t_next) * math.expm1(t_next - t) * e0
+
+    def second(self, x, t, t_next, e0, r1=0.5, e1=None):
+        """DPM-Solver-2 with its intermediate point at t + r1·h; returns (x, ε at that point)."""
+        h = t_next - t
+        if e1 is None:
+            s1 = t + r1 * h
+            e1 = self.eps(x - math.exp(-s1) * math.expm1(r1 * h) * e0, s1)
+        sig = math.exp(-t_next)
+        return x - sig * math.expm1(h) * e0 - sig / (2 * r1) * math.expm1(h) * (e1 - e0), e1
+
+    def third(self, x, t, t_next, e0, r1=1 / 3, r2=2 / 3, e1=None):
+        """DPM-Solver-3 with intermediate points at t + r1·h and t + r2·h."""
+        h = t_next - t
+        s1, s2 = t + r1 * h, t + r2 * h
+        if e1 is None:
+            e1 = self.eps(x - math.exp(-s1) * math.expm1(r1 * h) * e0, s1)
+        u2 = (x - math.exp(-s2) * math.expm1(r2 * h) * e0
+              - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e1 - e0))
+        e2 = self.eps(u2, s2)
+        sig = math.exp(-t_next)
+        return x - sig * math.expm1(h) * e0 - sig / r2 * (math.expm1(h) / h - 1) * (e2 - e0)
+
+
+def _dpm_range(sigmas: torch.Tensor) -> tuple[float, float, int]:
+    """(σ_max, σ_min, number of steps) of a grid, σ_min being its last positive sigma."""
+    s = [float(v) for v in sigmas]
+    positive = [v for v in s if v > 0]
+    if len(positive) < 2:
+        raise ValueError("DPM fast/adaptive need a grid with two positive sigmas")
+    return s[0], positive[-1], len(s) - 1
+
+
+def _ancestral_target(t: float, t_next: float, t_end: float, eta: float
+                      ) -> tuple[float, float]:
+    """Where a DPM-Solver step with ancestral noise goes, (t of σ_down capped at t_end, σ_up)."""
+    if not eta:
+        return t_next, 0.0
+    down, _ = ancestral_step(math.exp(-t), math.exp(-t_next), eta)
+    t_down = min(t_end, -math.log(down))
+    return t_down, math.sqrt(max(0.0, math.exp(-2 * t_next) - math.exp(-2 * t_down)))
+
+
+def sample_dpm_fast(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                    noise_sampler=None, eta=1.0, s_noise=1.0, **_):
+    """DPM-Solver-fast: as many order-3 steps as the evaluation budget (the step count) allows,
+    evenly spaced in log σ, the last one or two of lower order (Lu et al. 2022, §3.4)."""
+    s_max, s_min, nfe = _dpm_range(sigmas)
+    solver, noise = _EpsSolver(denoiser, extra_args or {}), noise_sampler or NoiseSampler(
+        x, generator)
+    t_start, t_end = -math.log(s_max), -math.log(s_min)
+    m = nfe // 3 + 1
+    ts = [t_start + (t_end - t_start) * k / m for k in range(m + 1)]
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        target, up = _ancestral_target(t, t_next, t_end, eta)
+        at = solver.evals
+        e0 = solver.eps(x, t)
+        _cb(callback, at, x, math.exp(-t), x - math.exp(-t) * e0)
+        if order == 1:
+            x = solver.first(x, t, target, e0)
+        elif order == 2:
+            x = solver.second(x, t, target, e0)[0]
+        else:
+            x = solver.third(x, t, target, e0)
+        if up:
+            x = x + noise(math.exp(-t), math.exp(-t_next)) * (s_noise * up)
+    return x
+
+
+def sample_dpm_adaptive(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                        noise_sampler=None, eta=1.0, s_noise=1.0, order=3, rtol=0.05,
+                        atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0,
+                        accept_safety=0.81, **_):
+    """DPM-Solver-23 (or -12 with order=2) with an adaptive step in log σ: each step's
+    lower-order solution estimates the error, a PID controller (Söderlind 2003; only its
+    integral term by default) sets the next step. The number of evaluations follows from the
+    tolerances, not the step count, which only scales the progress reports."""
+    if order not in (2, 3):
+        raise ValueError("DPM adaptive: order must be 2 or 3")
+    s_max, s_min, n = _dpm_range(sigmas)
+    solver, noise = _EpsSolver(denoiser, extra_args or {}), noise_sampler or NoiseSampler(
+        x, generator)
+    t, t_end, h = -math.log(s_max), -math.log(s_min), abs(h_init)
+    k_order = 1.5 if eta else order
+    b1, b2, b3 = ((pcoeff + icoeff + dcoeff) / k_order, -(pcoeff + 2 * dcoeff) / k_order,
+                  dcoeff / k_order)
+    inv_errs: list[float] = []
+    x_prev, e0, steps = x, None, 0
+    while t < t_end - 1e-5:
+        t_next = min(t_end, t + h)
+        target, up = _ancestral_target(t, t_next, t_end, eta)
+        if e0 is None:  # a rejected step retries from the same point: its ε is still good
+            e0 = solver.eps(x, t)
+        if order == 2:
+            x_low = solver.first(x, t, target, e0)
+            x_high = solver.second(x, t, target, e0)[0]
+        else:
+            x_low, e1 = solver.second(x, t, target, e0, r1=1 / 3)
+            x_high = solver.third(x, t, target, e0, e1=e1)
+        scale = torch.maximum(torch.full_like(x_low, atol),
+                              rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = float(torch.linalg.vector_norm((x_low - x_high) / scale)) / x.numel() ** 0.5
+        inv = 1 / (error + 1e-8)
+        if not inv_errs:
+            inv_errs = [inv, inv, inv]
+        inv_errs[0] = inv
+        factor = 1 + math.atan(inv_errs[0] ** b1 * inv_errs[1] ** b2 * inv_errs[2] ** b3 - 1)
+        _cb(callback, min(steps, n - 1), x, math.exp(-t), x - math.exp(-t) * e0)
+        steps += 1
+        if factor >= accept_safety:
+            inv_errs[1:] = inv_errs[:2]
+            x_prev = x_low
+            x = x_high
+            if up:
+                x = x + noise(math.exp(-t), math.exp(-t_next)) * (s_noise * up)
+            t, e0 = t_next, None
+        h *= factor
+    return x
+
+
 # ---------------------------------------------------------------------- DDIM, PLMS, UniPC, LCM
 @torch.no_grad()
 def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
@@ -656,6 +795,9 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in [
                 discard_penultimate_sigma=True),
     SamplerSpec("DPM2 a", sample_dpm_2_ancestral, "karras", ("k_dpm_2_a", "dpm_2_ancestral"),
                 True, discard_penultimate_sigma=True),
+    SamplerSpec("DPM fast", sample_dpm_fast, "uniform", ("k_dpm_fast", "dpm_fast"), True),
+    SamplerSpec("DPM adaptive", sample_dpm_adaptive, "uniform", ("k_dpm_ad", "dpm_adaptive"),
+                True),
     SamplerSpec("Restart", sample_restart, "karras", ("restart",), True),
     SamplerSpec("DDIM", sample_ddim, "ddim_uniform", ("ddim",)),
     SamplerSpec("PLMS", sample_plms, "ddim_uniform", ("plms",)),
