@@ -113,6 +113,25 @@ def test_hires_fix_and_bad_input(engine):
             mask=Image.new("L", (32, 32)))
 
 
+def test_hires_pass_sampler_and_prompt(engine):
+    base = dict(prompt="cat", seed=2, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                denoising_strength=0.6, sampler_name="DPM++ 2M")
+    plain = run(engine, **base)
+    same = run(engine, **base, hr_sampler_name="DPM++ 2M", hr_prompt="cat")
+    assert same.images[0].tobytes() == plain.images[0].tobytes()  # "the same" changes nothing
+    info = parse_infotext(same.infotexts[0])
+    assert "Hires sampler" not in info and "Hires prompt" not in info
+    other = run(engine, **base, hr_sampler_name="Euler", hr_scheduler="karras",
+                hr_prompt="red dog", hr_negative_prompt="blue")
+    assert other.images[0].size == (96, 96)
+    assert other.images[0].tobytes() != plain.images[0].tobytes()
+    info = parse_infotext(other.infotexts[0])
+    assert info["Hires sampler"] == "Euler" and info["Hires schedule type"] == "Karras"
+    assert info["Hires prompt"] == "red dog" and info["Hires negative prompt"] == "blue"
+    with pytest.raises(SdloomError, match="unknown sampler"):
+        run(engine, **base, hr_sampler_name="Nope")
+
+
 def test_prompt_editing_changes_conditioning_midway(engine):
     a = run(engine, prompt="[cat:dog:2]", seed=5, steps=4)
     cat = run(engine, prompt="cat", seed=5, steps=4)

@@ -87,6 +87,16 @@ def test_defaults_n_iter_and_jpeg(client):
     assert base64.b64decode(out["images"][0])[:3] == b"\xff\xd8\xff"  # JPEG
 
 
+def test_hires_fields(client):
+    r = client.post(f"{API}/txt2img", json={
+        "prompt": "x", "seed": 1, "steps": 2, "width": 64, "height": 64, "enable_hr": True,
+        "hr_scale": 1.5, "hr_sampler_name": "Euler", "hr_prompt": "y", "sampler_name": "Heun"})
+    assert r.status_code == 200, r.text
+    info = parse_infotext(json.loads(r.json()["info"])["infotexts"][0])
+    assert info["Hires sampler"] == "Euler" and info["Hires prompt"] == "y"
+    assert unb64(r.json()["images"][0]).size == (96, 96)
+
+
 def test_img2img_and_inpaint(client):
     init = Image.new("RGB", (64, 64), (200, 30, 30))
     mask = Image.new("L", (64, 64), 0)

@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hires-upscaler", default="Latent",
                    help="Latent, Latent (nearest), Latent (bicubic antialiased), Lanczos, …")
     g.add_argument("--denoise", type=float, default=0.7, help="hires-fix denoising strength")
+    g.add_argument("--hires-sampler", help="second-pass sampler (default: the same)")
+    g.add_argument("--hires-scheduler", help="second-pass schedule type (default: the same)")
+    g.add_argument("--hires-prompt", default="", help="second-pass prompt (default: the same)")
+    g.add_argument("--hires-negative", default="",
+                   help="second-pass negative prompt (default: the same)")
 
     i = sub.add_parser("img2img", help="image to image")
     _add_common(i)
@@ -132,6 +137,8 @@ def _params(args, kind: str):
         p.enable_hr, p.hr_scale = True, args.hires_scale
         p.hr_second_pass_steps, p.hr_upscaler = args.hires_steps, args.hires_upscaler
         p.denoising_strength = args.denoise
+        p.hr_sampler_name, p.hr_scheduler = args.hires_sampler, args.hires_scheduler
+        p.hr_prompt, p.hr_negative_prompt = args.hires_prompt, args.hires_negative
     if kind in ("img2img", "inpaint"):
         p.init_image = load_image(args.init)
         p.denoising_strength = args.strength

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -202,8 +202,20 @@ def generate(engine: Engine, p: GenerationParams, progress: ProgressFn | None = 
         if p.inpaint_full_res:
             extra["Masked area padding"] = p.inpaint_full_res_padding
     if hr:
+        hp = _hires_params(p)
+        resolve_sampler(hp.sampler_name, hp.scheduler)
         extra.update({"Hires upscale": p.hr_scale, "Hires steps": p.hr_second_pass_steps or None,
                       "Hires upscaler": p.hr_upscaler})
+        # as A1111: recorded only where the second pass differs from the first
+        if hp.sampler_name != p.sampler_name:
+            extra["Hires sampler"] = resolve_sampler(hp.sampler_name)[0].name
+        if hp.scheduler != p.scheduler:
+            extra["Hires schedule type"] = scheduler_label(
+                resolve_sampler(hp.sampler_name, hp.scheduler)[1])
+        if hp.prompt != p.prompt:
+            extra["Hires prompt"] = hp.prompt
+        if hp.negative_prompt != p.negative_prompt:
+            extra["Hires negative prompt"] = hp.negative_prompt
     if lora_names:
         extra["Lora weights"] = ", ".join(f"{n_}: {w:g}" for n_, (_, w)
                                          in zip(lora_names, list(p.loras) + tagged))
@@ -222,7 +234,10 @@ def generate(engine: Engine, p: GenerationParams, progress: ProgressFn | None = 
         lat, done = _first_pass(engine, p, prompts, negs, bs, bss, init_img, mask, progress,
                                 done, total)
         if hr:
-            lat, done = _hires_pass(engine, p, prompts, negs, bs, bss, lat, hr_w, hr_h,
+            hr_prompts = prompts if hp.prompt == p.prompt else \
+                [extract_prompt_loras(hp.prompt)[0]] * len(bs)
+            hr_negs = [extract_prompt_loras(hp.negative_prompt)[0]] * len(bs)
+            lat, done = _hires_pass(engine, hp, hr_prompts, hr_negs, bs, bss, lat, hr_w, hr_h,
                                     progress, done, total)
         pix = engine.decode(lat)
         for j, im in enumerate(to_pil(pix)):
@@ -300,6 +315,14 @@ def _blend(den, init_lat: torch.Tensor, keep: torch.Tensor):
     def blended(x, sigma, **kw):
         return init_lat * keep + den(x, sigma, **kw) * (1 - keep)
     return blended
+
+
+def _hires_params(p: GenerationParams) -> GenerationParams:
+    """The job as the hires pass sees it: its own sampler, schedule and prompts where set."""
+    return replace(p, sampler_name=p.hr_sampler_name or p.sampler_name,
+                   scheduler=p.hr_scheduler or p.scheduler,
+                   prompt=p.hr_prompt or p.prompt,
+                   negative_prompt=p.hr_negative_prompt or p.negative_prompt)
 
 
 def _hires_pass(engine, p, prompts, negs, seeds, subseeds, lat, w, h, progress, done, total):

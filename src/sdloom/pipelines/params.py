@@ -52,6 +52,10 @@ class GenerationParams:
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
+    hr_sampler_name: str | None = None  # None: the first pass's sampler (A1111 "Use same")
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""  # "": the first pass's prompt
+    hr_negative_prompt: str = ""
     # SDXL conditioning
     aesthetic_score: float = 6.0
     # extra networks: (path or name, weight)

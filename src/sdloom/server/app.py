@@ -76,6 +76,10 @@ class Txt2ImgRequest(BaseModel):
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] = {}
     send_images: bool = True
@@ -273,6 +277,8 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool) -> GenerationP
         p.hr_scale, p.hr_second_pass_steps = req.hr_scale, req.hr_second_pass_steps
         p.hr_resize_x, p.hr_resize_y = req.hr_resize_x, req.hr_resize_y
         p.hr_upscaler = req.hr_upscaler or "Latent"
+        p.hr_sampler_name, p.hr_scheduler = req.hr_sampler_name or None, req.hr_scheduler or None
+        p.hr_prompt, p.hr_negative_prompt = req.hr_prompt, req.hr_negative_prompt
         p.denoising_strength = 0.75 if req.denoising_strength is None else req.denoising_strength
         return p
     assert isinstance(req, Img2ImgRequest)
