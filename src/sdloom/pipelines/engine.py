@@ -181,8 +181,9 @@ class Engine:
         composable (`AND`) prompts."""
         groups, parts = [], []  # image i's (row, weight) pairs; the rows' texts
         for p in prompts:
-            groups.append([(len(parts) + k, w) for k, (_, w) in enumerate(split_and(p))])
-            parts += [t for t, _ in split_and(p)]
+            split = split_and(p)
+            groups.append([(len(parts) + k, w) for k, (_, w) in enumerate(split)])
+            parts += [t for t, _ in split]
         if all(len(g) == 1 and g[0][1] == 1.0 for g in groups):
             groups = None  # plain prompts: the ordinary two-row CFG
         bounds, conds = self.scheduled_cond(parts, steps, clip_skip, width, height)

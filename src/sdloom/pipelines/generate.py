@@ -203,15 +203,14 @@ def generate(engine: Engine, p: GenerationParams, progress: ProgressFn | None = 
             extra["Masked area padding"] = p.inpaint_full_res_padding
     if hr:
         hp = _hires_params(p)
-        resolve_sampler(hp.sampler_name, hp.scheduler)
+        hr_spec, hr_key = resolve_sampler(hp.sampler_name, hp.scheduler)  # fail fast
         extra.update({"Hires upscale": p.hr_scale, "Hires steps": p.hr_second_pass_steps or None,
                       "Hires upscaler": p.hr_upscaler})
         # as A1111: recorded only where the second pass differs from the first
         if hp.sampler_name != p.sampler_name:
-            extra["Hires sampler"] = resolve_sampler(hp.sampler_name)[0].name
+            extra["Hires sampler"] = hr_spec.name
         if hp.scheduler != p.scheduler:
-            extra["Hires schedule type"] = scheduler_label(
-                resolve_sampler(hp.sampler_name, hp.scheduler)[1])
+            extra["Hires schedule type"] = scheduler_label(hr_key)
         if hp.prompt != p.prompt:
             extra["Hires prompt"] = hp.prompt
         if hp.negative_prompt != p.negative_prompt:
