@@ -174,7 +174,10 @@ EMBEDDED = ModelConfig(
     UNetConfig(model_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1,
                transformer_depth=(0, 1, 1), transformer_depth_middle=1, num_heads=4,
                context_dim=96, num_groups=16),
-    VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, num_groups=16),
+    # the shipped file's VAE scale (1 / latent std, measured by `train --vae-scale-by-std`) and
+    # prediction type, so that detection from shapes alone reproduces its stored config
+    VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, num_groups=16,
+              scale_factor=0.9614258695585899),
     (TextEncoderConfig(layout="hf", width=96, layers=4, heads=2, act="quick_gelu"),),
-    default_size=128, name="embedded")
+    prediction="v", default_size=128, name="embedded")
 PRESETS["embedded"] = EMBEDDED

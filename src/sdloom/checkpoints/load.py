@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +18,9 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, TextEncoderConfig, VAEConfig
-from ..errors import SdloomError
+from ..errors import ModelFileError, NotFoundError, SdloomError
 from ..models.sd import LatentDiffusion
-from .detect import DetectionError, detect
+from .detect import _indices, config_problems, detect
 from .keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
 from .keymaps.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
 from .keymaps.vae import vae_diffusers_to_ldm
@@ -40,6 +42,11 @@ class TensorSource:
     path: Path | None = None
 
 
+def _name(path: str | Path) -> str:
+    """How messages name a file: its name only, never the folders of a server's models dir."""
+    return Path(path).name or str(path)
+
+
 def _open_safetensors(path: Path) -> TensorSource:
     from safetensors import safe_open
     f = safe_open(str(path), framework="pt", device="cpu")
@@ -47,15 +54,71 @@ def _open_safetensors(path: Path) -> TensorSource:
     return TensorSource(shapes, f.get_tensor, f.metadata() or {}, path)
 
 
+# globals whose only use in a pickle is to run code: no advice to convert, the file is hostile
+CODE_GLOBALS = re.compile(r"^(builtins\.(exec|eval|compile|__import__|open|getattr|setattr)"
+                          r"|(os|posix|nt|subprocess|shutil|runpy|importlib|sys|socket)\.)")
+
+
+def _refused_global(path: Path, err: Exception) -> str | None:
+    """The global a weights_only load refused, read without running anything."""
+    try:  # zip checkpoints: torch lists the unsafe globals from the pickle opcodes
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if found:
+            return found[0]
+    except Exception:  # legacy format or an older torch: read torch's own message instead
+        pass
+    m = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+    if not m:
+        return None
+    name = m.group(1)
+    return name if "." in name else "builtins." + name  # torch prints builtins bare
+
+
+def _pickle_refusal(path: Path, err: Exception) -> ModelFileError:
+    """One line: what was refused, that sdloom never runs checkpoint code, what to do."""
+    name = _name(path)
+    glob = _refused_global(path, err)
+    if glob is None:
+        detail = str(err).strip().splitlines()[-1][:200] if str(err).strip() else "bad pickle"
+        return ModelFileError(
+            f"{name}: refused to load: its pickle is not plain tensors ({detail}); sdloom never "
+            "runs code from a checkpoint: ask its source for a .safetensors file")
+    head = f"{name}: refused to load: its pickle asks for `{glob}`, and sdloom never runs code " \
+           "from a checkpoint (.ckpt/.pt files are read with weights only)"
+    if CODE_GLOBALS.match(glob):
+        return ModelFileError(f"{head}; `{glob}` runs code, so this file is not plain weights "
+                              "and may be malicious: delete it, do not load it anywhere")
+    mod, _, attr = glob.rpartition(".")
+    if mod == "__main__":
+        return ModelFileError(f"{head}; `{glob}` is a class of the script that saved it: if you "
+                              "trust the file, save its tensors from that script with "
+                              "safetensors.torch.save_file(state_dict, 'model.safetensors')")
+    out = Path(name).with_suffix(".safetensors").name
+    one_liner = (
+        f"python -c \"import importlib, torch; from safetensors.torch import save_file; "
+        f"torch.serialization.add_safe_globals([getattr(importlib.import_module('{mod}'), "
+        f"'{attr}')]); sd = torch.load('{name}', map_location='cpu'); "
+        f"sd = sd.get('state_dict', sd); save_file({{k: v.contiguous() for k, v in sd.items() "
+        f"if isinstance(v, torch.Tensor)}}, '{out}')\"")
+    return ModelFileError(f"{head}; if you trust the file, convert it to .safetensors in your "
+                          f"own Python environment, allowing only that one name: {one_liner}")
+
+
 def _torch_load(path: Path) -> dict:
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _pickle_refusal(path, e) from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
-        raise SdloomError(f"{path}: not a state dict")
+        raise ModelFileError(f"{_name(path)}: holds a {type(sd).__name__}, not a state dict of "
+                             "tensors")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -69,7 +132,7 @@ def open_file(path: str | Path) -> TensorSource:
     """Open a single-file checkpoint (.safetensors, or .ckpt/.pt/.bin via weights_only)."""
     path = Path(path)
     if not path.exists():
-        raise SdloomError(f"no such model file or folder: {path}")
+        raise NotFoundError(f"no such model file or folder: {_name(path)}")
     try:
         if path.suffix == ".safetensors":
             return _open_safetensors(path)
@@ -78,8 +141,18 @@ def open_file(path: str | Path) -> TensorSource:
     except SdloomError:
         raise
     except Exception as e:  # corrupt or hostile files: one clear line, never a traceback
-        raise SdloomError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    raise SdloomError(f"{path}: unknown checkpoint format (expected .safetensors or .ckpt)")
+        raise ModelFileError(f"cannot read checkpoint {_name(path)}: {_one_line(e, path)}; the file is "
+                             "damaged or not a checkpoint: download or export it again") from None
+    raise ModelFileError(f"{_name(path)}: unknown checkpoint format (expected .safetensors, "
+                         ".ckpt, .pt, .pth or .bin)")
+
+
+def _one_line(e: Exception, path: Path | None = None) -> str:
+    """An exception as one short line, without the folders of `path`."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if path is not None:
+        text = text.replace(str(path), _name(path))
+    return (text[:240] + " …") if len(text) > 240 else text
 
 
 # ---------------------------------------------------------------- diffusers folders
@@ -95,13 +168,19 @@ def _component_weights(folder: Path) -> dict[str, torch.Tensor]:
     if files:
         from safetensors.torch import load_file
         for f in files:
-            sd.update(load_file(str(f)))
+            try:
+                sd.update(load_file(str(f)))
+            except Exception as e:
+                raise ModelFileError(f"cannot read {folder.name}/{f.name}: {_one_line(e, f)}; "
+                                     "the file is damaged: download it again") from None
         return sd
     bins = sorted(folder.glob("*.bin"))
     if not bins:
-        raise SdloomError(f"{folder}: no weights (*.safetensors or *.bin)")
+        raise ModelFileError(f"diffusers folder {folder.parent.name}: {folder.name}/ has no "
+                             "weights (*.safetensors or *.bin)")
     for f in bins:
-        sd.update(_torch_load(f))
+        src = open_file(f)
+        sd.update({k: src.get(k) for k in src.shapes})
     return sd
 
 
@@ -132,27 +211,52 @@ def vae_config_from_diffusers(vc: dict, sdxl: bool) -> VAEConfig:
 
 
 def _json(path: Path) -> dict:
+    where = f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SdloomError(f"diffusers folder incomplete: missing {path}") from None
+        raise ModelFileError(f"diffusers folder incomplete: missing {where}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelFileError(f"cannot read {where}: {_one_line(e, path)}") from None
+    if not isinstance(d, dict):
+        raise ModelFileError(f"{where} holds no JSON object")
+    return d
 
 
 def open_diffusers(folder: str | Path) -> tuple[ModelConfig, TensorSource]:
     """A diffusers pipeline folder, converted into our (single-file) names and config."""
     folder = Path(folder)
+    try:
+        return _open_diffusers(folder)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        # a config.json with a missing or mistyped field
+        raise ModelFileError(f"diffusers folder {folder.name}: a config.json lacks or mistypes "
+                             f"a field ({type(e).__name__}: {_one_line(e, folder)})") from None
+
+
+def _open_diffusers(folder: Path) -> tuple[ModelConfig, TensorSource]:
     uc = _json(folder / "unet" / "config.json")
     unet = unet_config_from_diffusers(uc)
     sdxl = unet.adm_in_channels is not None
     vae = vae_config_from_diffusers(_json(folder / "vae" / "config.json"), sdxl)
+    uw = _component_weights(folder / "unet")
+    # the two counts the key map is built from, checked first so that a config claiming
+    # thousands of blocks costs nothing (everything else is checked against shapes below)
+    for field_, got in (("block_out_channels (levels)", len(_indices(uw, "down_blocks."))),
+                        ("layers_per_block", len(_indices(uw, "down_blocks.0.resnets.")))):
+        want = len(unet.channel_mult) if field_.startswith("block") else unet.num_res_blocks
+        if want != got:
+            raise ModelFileError(f"diffusers folder {folder.name}: unet/config.json "
+                                 f"{field_} says {want}, the weights have {got}")
+    where = f"diffusers folder {folder.name}"
     sd = {"model.diffusion_model." + k: v
-          for k, v in unet_diffusers_to_ldm(_component_weights(folder / "unet"), unet).items()}
-    sd.update({"first_stage_model." + k: v
-               for k, v in vae_diffusers_to_ldm(_component_weights(folder / "vae")).items()})
+          for k, v in _mapped(where + "/unet", unet_diffusers_to_ldm, uw, unet).items()}
+    sd.update({"first_stage_model." + k: v for k, v in _mapped(
+        where + "/vae", vae_diffusers_to_ldm, _component_weights(folder / "vae")).items()})
     encs: list[TextEncoderConfig] = []
     names = [n for n in ("text_encoder", "text_encoder_2") if (folder / n).is_dir()]
     if not names:
-        raise SdloomError(f"diffusers folder {folder} has no text_encoder/")
+        raise ModelFileError(f"diffusers folder {folder.name} has no text_encoder/")
     for n in names:
         te = text_config_from_hf(_json(folder / n / "config.json"))
         w = _component_weights(folder / n)
@@ -166,7 +270,8 @@ def open_diffusers(folder: str | Path) -> tuple[ModelConfig, TensorSource]:
             # here is SD2's "penultimate + ln_final"
             prefix = "cond_stage_model."
         if te.layout == "openclip":
-            w = {prefix + "model." + k: v for k, v in clip_hf_to_openclip(w, te.layers).items()}
+            w = {prefix + "model." + k: v for k, v in _mapped(
+                f"{where}/{n}", clip_hf_to_openclip, w, te.layers).items()}
         else:
             w = {prefix + "transformer." + k: v for k, v in w.items()}
         sd.update(w)
@@ -179,11 +284,22 @@ def open_diffusers(folder: str | Path) -> tuple[ModelConfig, TensorSource]:
         sched = {}
         sp = folder / "scheduler" / "scheduler_config.json"
         if sp.exists():
-            sched = json.loads(sp.read_text())
+            sched = _json(sp)
         pred = "v" if sched.get("prediction_type") == "v_prediction" else "eps"
         cfg = ModelConfig(family, unet, vae, tuple(encs), prediction=pred,
                           default_size=8 * uc.get("sample_size", 64))
+    if problems := config_problems(cfg, {k: tuple(v.shape) for k, v in sd.items()}):
+        raise ModelFileError(f"{where}: its config.json files do not match its weights: "
+                             + "; ".join(problems[:3]))
     return cfg, _open_dict(sd, folder)
+
+
+def _mapped(where: str, keymap, *args):
+    """A key map's result, its errors prefixed with the component they came from."""
+    try:
+        return keymap(*args)
+    except ModelFileError as e:
+        raise ModelFileError(f"{where}: {e}") from None
 
 
 # ---------------------------------------------------------------- building models
@@ -205,7 +321,7 @@ def _check_fit(model_shapes: dict[str, tuple], src: TensorSource, what: str,
             if keys:
                 more = f" … (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:5])}{more}")
-        raise SdloomError(f"checkpoint does not fit {what}: " + "; ".join(parts))
+        raise ModelFileError(f"checkpoint does not fit {what}: " + "; ".join(parts))
 
 
 def _optional_keys(model: LatentDiffusion) -> set[str]:
@@ -237,10 +353,12 @@ def build_from_source(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype
         use_ema = ema and k.startswith("model.diffusion_model.")
         name = _ema_name(k) if use_ema else k
         if use_ema and name not in src.shapes:
-            raise SdloomError(f"--ema asked for, but the checkpoint has no EMA weights ({name})")
+            raise ModelFileError(f"--ema asked for, but the checkpoint has no EMA weights "
+                                 f"({name})")
         if name not in src.shapes:
             continue  # an optional key (checked above)
         state[k] = src.get(name).to(device=device, dtype=dtype)
+    warn_non_finite(state, src, dtype)
     model.load_state_dict(state, strict=False, assign=True)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:  # optional keys absent from the file: zero, never uninitialised
@@ -252,6 +370,27 @@ def build_from_source(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype
             else:
                 setattr(parent, leaf, zeros)
     return model.eval().requires_grad_(False)
+
+
+def warn_non_finite(state: dict[str, torch.Tensor], src: TensorSource,
+                    dtype: torch.dtype) -> int:
+    """Warn (one stderr line) when loaded floating tensors hold NaN or ±inf; returns the count.
+
+    A warning, not a refusal: a non-finite tensor that nothing reads (an unused projection, a
+    training buffer) does no harm, while one in a used weight turns images black, and the user
+    should learn which file and key to blame. One device sync for the whole model.
+    """
+    keys = [k for k, t in state.items() if t.is_floating_point()]
+    if not keys:
+        return 0
+    ok = torch.stack([torch.isfinite(state[k]).all() for k in keys]).cpu()
+    bad = [k for k, good in zip(keys, ok.tolist()) if not good]
+    if bad:
+        where = _name(src.path) if src.path is not None else "checkpoint"
+        print(f"sdloom: warning: {where}: {len(bad)} tensor(s) hold NaN or inf values in "
+              f"{str(dtype).removeprefix('torch.')} (first: {bad[0]}); images will likely be "
+              "black or noise: re-download or re-export the file", file=sys.stderr)
+    return len(bad)
 
 
 @dataclass
@@ -269,8 +408,29 @@ def open_model_source(path: str | Path) -> tuple[ModelConfig, TensorSource]:
         return open_diffusers(path)
     src = open_file(path)
     if CONFIG_KEY in src.metadata:  # our own files carry their exact config
-        return ModelConfig.from_json(src.metadata[CONFIG_KEY]), src
-    return detect(src.shapes), src
+        return metadata_config(src), src
+    try:
+        return detect(src.shapes), src
+    except ModelFileError as e:
+        raise type(e)(f"{_name(path)}: {e}") from None
+
+
+def metadata_config(src: TensorSource) -> ModelConfig:
+    """The config a file's metadata declares, checked against its tensor shapes before anything
+    is built from it: a hostile or stale config (200,000 layers over a few tensors) is refused
+    in milliseconds, naming the field."""
+    where = _name(src.path) if src.path is not None else "checkpoint"
+    try:
+        cfg = ModelConfig.from_json(src.metadata[CONFIG_KEY])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ModelFileError(f"{where}: unreadable {CONFIG_KEY} metadata "
+                             f"({type(e).__name__}: {_one_line(e)})") from None
+    problems = config_problems(cfg, src.shapes)
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelFileError(f"{where}: the config in its metadata does not match its tensors: "
+                             + "; ".join(problems[:3]) + more)
+    return cfg
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -278,10 +438,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
                vae: str | Path | None = None, ema: bool = False) -> LoadedModel:
     """Load any supported checkpoint into a LatentDiffusion model."""
     t0 = time.perf_counter()
-    try:
-        cfg, src = open_model_source(path)
-    except DetectionError as e:
-        raise SdloomError(f"{path}: {e}") from None
+    cfg, src = open_model_source(path)
     if prediction:
         if prediction not in ("eps", "v"):
             raise SdloomError(f"prediction must be eps or v, not {prediction!r}")
@@ -300,7 +457,10 @@ def vae_source(path: str | Path) -> dict[str, torch.Tensor]:
         sd = {k[len("first_stage_model."):]: v for k, v in sd.items()
               if k.startswith("first_stage_model.")}
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
-        sd = vae_diffusers_to_ldm(sd)
+        try:
+            sd = vae_diffusers_to_ldm(sd)
+        except ModelFileError as e:
+            raise ModelFileError(f"VAE file {_name(path)}: {e}") from None
     return sd
 
 
@@ -309,6 +469,6 @@ def load_vae_into(model: LatentDiffusion, path: str | Path) -> None:
     sd = vae_source(path)
     vae = model.first_stage_model
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    _check_fit(expected, _open_dict(sd), f"the model's VAE ({path})", set())
+    _check_fit(expected, _open_dict(sd), f"the model's VAE ({_name(path)})", set())
     ref = next(vae.parameters())
     vae.load_state_dict({k: v.to(ref.device, ref.dtype) for k, v in sd.items()}, strict=True)

@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from ...errors import ModelFileError
+
 # (transformers, open_clip) names inside one layer, then at the top level
 LAYER = [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
          ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
@@ -42,17 +44,21 @@ def clip_hf_to_openclip(sd: dict[str, torch.Tensor], layers: int | None = None
                     out[f"transformer.resblocks.{i}.{oc}{rest[len(hf):]}"] = v
                     break
             else:
-                raise KeyError(f"no open_clip name for {k!r}")
+                raise ModelFileError(f"unexpected CLIP text encoder key {k!r}: not a transformers "
+                                     "CLIPTextModel")
         else:
-            raise KeyError(f"no open_clip name for {k!r}")
+            raise ModelFileError(f"unexpected CLIP text encoder key {k!r}: not a transformers "
+                                     "CLIPTextModel")
     for i, d in sorted(qkv.items()):
         for kind in ("weight", "bias"):
             names = [f"{p}_proj.{kind}" for p in "qkv"]  # nn.MultiheadAttention's order
             if missing := [n for n in names if n not in d]:
-                raise KeyError(f"layer {i} lacks self_attn.{', self_attn.'.join(missing)}")
+                raise ModelFileError(f"CLIP text encoder layer {i} lacks "
+                                     f"self_attn.{', self_attn.'.join(missing)}")
             out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([d[n] for n in names])
     if layers is not None and len(qkv) != layers:
-        raise ValueError(f"expected {layers} layers, found {len(qkv)}")
+        raise ModelFileError(f"CLIP text encoder: config says {layers} layers, the weights "
+                             f"have {len(qkv)}")
     return out
 
 
@@ -82,9 +88,9 @@ def clip_openclip_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                     out[base + hf + rest[len(oc):]] = v
                     break
             else:
-                raise KeyError(f"no transformers name for {k!r}")
+                raise ModelFileError(f"unexpected open_clip text encoder key {k!r}")
         else:
-            raise KeyError(f"no transformers name for {k!r}")
+            raise ModelFileError(f"unexpected open_clip text encoder key {k!r}")
     return out
 
 

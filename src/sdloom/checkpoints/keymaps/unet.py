@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ...config import UNetConfig
+from ...errors import ModelFileError
 
 RESNET = [  # diffusers ResnetBlock2D → LDM ResBlock
     ("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
@@ -73,11 +74,12 @@ def _convert(sd: dict[str, torch.Tensor], table, src: int, dst: int) -> dict[str
                             rest = names[dst] + "." + rest[len(q):]
                             break
                     else:
-                        raise KeyError(f"unknown resnet parameter {key!r}")
+                        raise ModelFileError(f"unexpected U-Net resnet parameter {key!r}")
                 out[row[dst] + "." + rest] = value
                 break
         else:
-            raise KeyError(f"no mapping for U-Net key {key!r}")
+            raise ModelFileError(f"unexpected U-Net key {key!r}: it fits no block of "
+                                 "this config (a different model, or a damaged file?)")
     return out
 
 
@@ -111,7 +113,10 @@ def unet_config_from_diffusers(dc: dict) -> UNetConfig:
     else:
         widths = {c // h for c, h in zip(boc, heads)}
         if len(widths) != 1:
-            raise ValueError(f"unsupported per-level head layout {heads} for channels {boc}")
+            raise ModelFileError(f"unet/config.json: attention_head_dim {heads} gives "
+                                 f"different head widths for block_out_channels {boc}; "
+                                 "sdloom supports one head width (SD2/SDXL) or one head "
+                                 "count (SD1)")
         kw["num_head_channels"] = widths.pop()
     adm = dc.get("projection_class_embeddings_input_dim") if dc.get("addition_embed_type") else None
     return UNetConfig(

@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from ...errors import ModelFileError
+
 # (diffusers, LDM) name of a module inside a block
 LEAF = [("conv_shortcut", "nin_shortcut"), ("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"),
         ("to_v", "v"), ("to_out.0", "proj_out")]
@@ -68,7 +70,8 @@ def vae_diffusers_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if ATTN_1X1.search(nk) and v.ndim == 2:
             v = v[:, :, None, None]
         if nk in out:
-            raise KeyError(f"two diffusers keys map to {nk!r} (current and legacy names?)")
+            raise ModelFileError(f"two VAE keys map to {nk!r} (current and legacy diffusers "
+                                 "names mixed in one file)")
         out[nk] = v
     return out
 
