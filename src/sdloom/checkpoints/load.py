@@ -78,11 +78,11 @@ def _pickle_refusal(path: Path, err: Exception) -> ModelFileError:
     """One line: what was refused, that sdloom never runs checkpoint code, what to do."""
     name = _name(path)
     glob = _refused_global(path, err)
-    if glob is None:
-        detail = str(err).strip().splitlines()[-1][:200] if str(err).strip() else "bad pickle"
-        return ModelFileError(
-            f"{name}: refused to load: its pickle is not plain tensors ({detail}); sdloom never "
-            "runs code from a checkpoint: ask its source for a .safetensors file")
+    if glob is None:  # not a refusal: a damaged or foreign file
+        m = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+        detail = m.group(1) if m else _one_line(err, path)
+        return ModelFileError(f"cannot read checkpoint {name}: {detail[:200]}; the file is "
+                              "damaged or not a checkpoint: download or export it again")
     head = f"{name}: refused to load: its pickle asks for `{glob}`, and sdloom never runs code " \
            "from a checkpoint (.ckpt/.pt files are read with weights only)"
     if CODE_GLOBALS.match(glob):

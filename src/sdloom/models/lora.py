@@ -7,13 +7,14 @@ and an optional `.alpha` (scale = alpha / r). The same names are what `sdloom tr
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import SdloomError
+from ..errors import ModelFileError, SdloomError
 from .sd import LatentDiffusion
 
 LORA_IN_PROMPT = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?(?::[^>]*)?>")
@@ -99,7 +100,8 @@ def read_lora(path: str | Path) -> LoraFile:
         if part in ("lora_down.weight", "lora_up.weight", "alpha"):
             lf.modules.setdefault(mod, {})[part] = src.get(key)
     if not lf.modules:
-        raise SdloomError(f"{path}: no LoRA tensors (expected kohya 'lora_*.lora_down.weight')")
+        raise ModelFileError(f"{Path(path).name}: no LoRA tensors (expected kohya "
+                             "'lora_*.lora_down.weight')")
     return lf
 
 
@@ -119,8 +121,9 @@ class LoraManager:
         params = dict(self.model.named_parameters())
         unknown = [m for m in lora.modules if m not in self._targets]
         if len(unknown) == len(lora.modules):
-            raise SdloomError(f"LoRA {lora.name!r} does not fit this model "
-                              f"(first key {unknown[0]!r})")
+            raise ModelFileError(f"LoRA {lora.name!r} does not fit this model "
+                                 f"(first key {unknown[0]!r})")
+        self._check(lora, params)
         n = 0
         with torch.no_grad():
             for mod, parts in lora.modules.items():
@@ -139,6 +142,32 @@ class LoraManager:
                 n += 1
         self.applied.append((lora.name, weight))
         return n
+
+    def _check(self, lora: LoraFile, params: dict[str, torch.Tensor]) -> None:
+        """Every module's shapes fit its target, checked before any weight changes."""
+        for mod, parts in lora.modules.items():
+            if mod not in self._targets or "lora_down.weight" not in parts:
+                continue
+            down, up = parts["lora_down.weight"], parts.get("lora_up.weight")
+            t = self._targets[mod]
+            p = params[t.param]
+            target = p.shape if t.rows is None else p[t.rows].shape
+            what = f"LoRA {lora.name!r} does not fit this model: {mod}"
+            if up is None:
+                raise ModelFileError(f"{what} has lora_down.weight but no lora_up.weight")
+            if "alpha" in parts and parts["alpha"].numel() != 1:
+                raise ModelFileError(f"{what}.alpha has {parts['alpha'].numel()} values, not 1")
+            # what `lora_delta` needs: up [out, r(,1,1)] @ down [r, in(,k,k)] = the weight
+            ok = (down.ndim >= 2 and up.ndim >= 2 and up.flatten(1).shape[1] == down.shape[0]
+                  and up.shape[0] == target[0])
+            if ok and down.ndim == 4 and down.shape[2:] != (1, 1):
+                ok = tuple(down.shape[1:]) == tuple(target[1:])
+            elif ok:
+                ok = down.flatten(1).shape[1] * target[0] == math.prod(target)
+            if not ok:
+                raise ModelFileError(f"{what} has down {list(down.shape)} and up "
+                                     f"{list(up.shape)}, the weight is {list(target)} "
+                                     "(a LoRA for another model family?)")
 
     def clear(self) -> None:
         """Restore every touched weight to its value before the first `apply`."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import ModelFileError
 from .text_encoders import build_text_encoder
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -41,7 +42,8 @@ class LatentDiffusion(nn.Module):
             self.conditioner = Conditioner(encoders)
         else:
             if len(encoders) != 1:
-                raise ValueError("SD1/SD2-style models have exactly one text encoder")
+                raise ModelFileError(f"an {config.family} model has exactly one text encoder, "
+                                     f"this config has {len(encoders)}")
             self.cond_stage_model = encoders[0]
 
     @property

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextEncoderConfig
+from ..errors import ModelFileError, SdloomError
 from .attention import sdpa_heads
 
 
@@ -30,7 +31,7 @@ def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return quick_gelu
     if name == "gelu":
         return F.gelu
-    raise ValueError(f"unknown activation {name!r}")
+    raise ModelFileError(f"unknown text encoder activation {name!r} (quick_gelu or gelu)")
 
 
 # ------------------------------------------------------------------ transformers layout ("hf")
@@ -250,7 +251,8 @@ class TextEncoder(nn.Module):
         idx = cfg.hidden_layer - (max(1, clip_skip) - 1)
         stop = len(layers) + 1 + idx  # layers to run for that hidden state (0 = embeddings)
         if stop < 0:
-            raise ValueError(f"clip skip {clip_skip} is deeper than the {len(layers)} layers")
+            raise SdloomError(f"clip skip {clip_skip} is deeper than this text encoder's "
+                              f"{len(layers)} layers: use 1..{len(layers) + 2 + cfg.hidden_layer}")
         pool = self.wants_pooled()
         hidden = x
         for i, layer in enumerate(layers):
@@ -301,4 +303,4 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
         return FrozenCLIPEmbedder(cfg)
     if cfg.layout == "openclip":
         return FrozenOpenCLIPEmbedder(cfg)
-    raise ValueError(f"unknown text encoder layout {cfg.layout!r}")
+    raise ModelFileError(f"unknown text encoder layout {cfg.layout!r} (hf or openclip)")
