@@ -160,3 +160,15 @@ def test_atomic_write_and_cleanup(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0600
+
+
+def test_fill_masked_keeps_the_rest_and_paints_the_hole_from_its_surroundings():
+    from sdloom.images import fill_masked
+    img = Image.new("RGB", (64, 64), (20, 40, 200))
+    img.paste((255, 255, 255), (24, 24, 40, 40))  # what the mask hides must not leak
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    out = fill_masked(img, mask)
+    assert out.getpixel((2, 2)) == (20, 40, 200)
+    r, g, b = out.getpixel((32, 32))
+    assert abs(r - 20) <= 3 and abs(g - 40) <= 3 and abs(b - 200) <= 3

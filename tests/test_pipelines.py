@@ -83,34 +83,217 @@ def test_and_prompts_combine_guidance(engine):
     assert (got[1] - torch.tensor(list(second.getdata()), dtype=torch.float32)).abs().max() <= 2
 
 
-def test_img2img_and_inpaint_keep_size_and_unmasked_pixels(engine):
+# ------------------------------------------------------------------ A1111's step rules
+# A recording denoiser sees every U-Net call: its sigma and the context it was given. The
+# expected values are A1111's rules written out here (sd_samplers_kdiffusion.sample_img2img,
+# sd_samplers_common.setup_img2img_steps, prompt_parser, CFGDenoiser.step), not our output.
+
+class Recorder:
+    def __init__(self, inner):
+        self.inner, self.sigmas, self.contexts = inner, [], []
+
+    def __call__(self, x, sigma, **kw):
+        self.sigmas.append(float(sigma.flatten()[0]))
+        self.contexts.append(kw["context"][0].clone())  # row 0: image 0's cond
+        return self.inner(x, sigma, **kw)
+
+
+@pytest.fixture
+def recorder(engine, monkeypatch):
+    rec = Recorder(engine.denoiser)
+    monkeypatch.setattr(engine, "denoiser", rec)
+    return rec
+
+
+def a1111_sigmas(engine, steps, sampler="Euler"):
+    from sdloom.sampling.samplers import resolve_sampler
+    spec, sched = resolve_sampler(sampler, "automatic")
+    return [float(s) for s in spec.sigmas(sched, steps, engine.schedule)]
+
+
+def progress_log():
+    log = []
+    return log, lambda step, total, _x: log.append((step, total))
+
+
+def test_img2img_runs_int_strength_times_steps_plus_one_steps(engine, recorder):
+    log, cb = progress_log()
     init = Image.new("RGB", (64, 64), (200, 30, 30))
-    out = run(engine, prompt="x", seed=1, init_image=init, denoising_strength=0.5)
-    assert out.images[0].size == (64, 64)
+    generate(engine, GenerationParams(prompt="x", seed=1, steps=20, sampler_name="Euler",
+                                      init_image=init, denoising_strength=0.75), cb)
+    t_enc = int(min(0.75, 0.999) * 20)  # A1111: 15, and t_enc + 1 = 16 steps
+    want = a1111_sigmas(engine, 20)[20 - t_enc - 1:-1]
+    assert recorder.sigmas == pytest.approx(want) and len(want) == 16
+    assert log[-1] == (16, 16) and {t for _, t in log} == {16}
+
+
+def test_hires_pass_runs_exactly_the_requested_steps(engine, recorder):
+    log, cb = progress_log()
+    generate(engine, GenerationParams(prompt="x", seed=1, steps=6, sampler_name="Euler",
+                                      width=64, height=64, enable_hr=True, hr_scale=1.5,
+                                      hr_second_pass_steps=10, denoising_strength=0.3), cb)
+    # A1111 (setup_img2img_steps with steps given): total = int(10 / 0.3) = 33 sigmas' schedule,
+    # t_enc = 10 − 1, and sigmas[total − t_enc − 1:] → exactly 10 steps
+    total = int(10 / 0.3)
+    want = a1111_sigmas(engine, 6)[:-1] + a1111_sigmas(engine, total)[total - 10:-1]
+    assert recorder.sigmas == pytest.approx(want)
+    assert log[-1] == (16, 16) and {t for _, t in log} == {16}
+
+
+def which(engine, contexts, words, clip_skip=1):
+    enc = {w: engine.prompt_encoder.encode([w], clip_skip)[0].context[0] for w in words}
+    return [next(w for w, c in enc.items() if torch.allclose(ctx.float(), c.float(), atol=1e-5))
+            for ctx in contexts]
+
+
+def test_prompt_editing_switches_on_a1111s_step_counter(engine, recorder):
+    # txt2img, 10 steps, [cat:dog:4]: A1111 uses "cat" while step <= 4, step counted from 0
+    generate(engine, GenerationParams(prompt="[cat:dog:4]", seed=1, steps=10,
+                                      sampler_name="Euler"))
+    assert which(engine, recorder.contexts, ["cat", "dog"]) == \
+        ["cat" if s <= 4 else "dog" for s in range(10)]
+
+
+def test_prompt_editing_counts_calls_not_steps_for_heun(engine, recorder):
+    # A1111's CFGDenoiser.step counts model calls: Heun calls twice per step but the last
+    generate(engine, GenerationParams(prompt="[cat:dog:3]", seed=1, steps=4,
+                                      sampler_name="Heun"))
+    calls = 2 * 4 - 1
+    assert which(engine, recorder.contexts, ["cat", "dog"]) == \
+        ["cat" if s <= 3 else "dog" for s in range(calls)]
+
+
+def test_prompt_editing_in_img2img_counts_from_the_first_img2img_step(engine, recorder):
+    # A1111 schedules on p.steps (20) and its step counter starts at 0 in the img2img pass:
+    # [cat:dog:10] at strength 0.5 runs 11 steps, 0..10, all "cat"
+    generate(engine, GenerationParams(prompt="[cat:dog:10]", seed=1, steps=20,
+                                      sampler_name="Euler", init_image=Image.new("RGB", (64, 64)),
+                                      denoising_strength=0.5))
+    assert which(engine, recorder.contexts, ["cat", "dog"]) == ["cat"] * 11
+
+
+def test_prompt_editing_in_the_hires_pass_counts_on_from_the_first_pass(engine, recorder):
+    # [cat:dog:25] with 20 + 10 hires steps: the first pass is all "cat"; the hires schedule
+    # counts integers on from 20 (prompt_parser with hires_steps), so it switches after hires
+    # step 25 − 20 = 5
+    generate(engine, GenerationParams(prompt="[cat:dog:25]", seed=1, steps=20,
+                                      sampler_name="Euler", width=64, height=64, enable_hr=True,
+                                      hr_scale=1.5, hr_second_pass_steps=10,
+                                      denoising_strength=0.5))
+    got = which(engine, recorder.contexts, ["cat", "dog"])
+    assert got[:20] == ["cat"] * 20
+    assert got[20:] == ["cat" if s <= 25 - 20 else "dog" for s in range(10)]
+
+
+def test_cond_and_uncond_of_different_lengths_run_unpadded(engine, recorder):
+    # A1111's default (pad_cond_uncond off): a 2-chunk prompt and a 1-chunk negative run as two
+    # U-Net calls, each with its own length
+    long = " ".join(["cat"] * 100)
+    generate(engine, GenerationParams(prompt=long, negative_prompt="dog", seed=1, steps=2,
+                                      sampler_name="Euler"))
+    assert [c.shape[0] for c in recorder.contexts] == [154, 77, 154, 77]
+
+
+# ------------------------------------------------------------------ sizes, masks, seeds
+
+@pytest.mark.parametrize("w,h", [(136, 128), (200, 152), (88, 88)])
+def test_any_multiple_of_8_works_in_every_mode(engine, w, h):
+    t2i = run(engine, prompt="x", seed=1, width=w, height=h, steps=2)
+    assert t2i.images[0].size == (w, h)
+    init = t2i.images[0]
+    i2i = run(engine, prompt="x", seed=1, init_image=init, denoising_strength=0.5, steps=2,
+              width=w, height=h)
+    assert i2i.images[0].size == (w, h)
+    mask = Image.new("L", (w, h), 0)
+    mask.paste(255, (8, 8, w // 2, h // 2))
+    inp = run(engine, prompt="x", seed=1, init_image=init, mask=mask, steps=2, width=w, height=h)
+    only = run(engine, prompt="x", seed=1, init_image=init, mask=mask, steps=2, width=w,
+               height=h, inpaint_full_res=True)
+    assert inp.images[0].size == only.images[0].size == (w, h)
+    canvas, m = outpaint_canvas(init, left=8, bottom=16)
+    out = run(engine, prompt="x", seed=1, init_image=canvas, mask=m, steps=2,
+              width=canvas.width, height=canvas.height, inpainting_fill=0)
+    assert out.images[0].size == (w + 8, h + 16)
+    hr = run(engine, prompt="x", seed=1, width=w, height=h, steps=2, enable_hr=True,
+             hr_scale=1.5, denoising_strength=0.5)
+    assert hr.images[0].size == (int(w * 1.5) // 8 * 8, int(h * 1.5) // 8 * 8)
+
+
+def test_sizes_not_multiple_of_8_are_rounded_down_and_recorded(engine):
+    out = run(engine, prompt="x", seed=1, width=70, height=101, steps=2)
+    assert out.images[0].size == (64, 96)
+    assert parse_infotext(out.infotexts[0])["Size"] == "64x96"
+
+
+def test_inpaint_keeps_unmasked_pixels_and_reads_alpha_masks(engine):
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
     res = run(engine, prompt="x", seed=1, init_image=init, mask=mask, mask_blur=0)
     px = res.images[0].load()
     assert px[2, 2] == (200, 30, 30)  # outside the mask: the original, exactly
     assert px[32, 32] != (200, 30, 30)
+    # the same mask as transparency: A1111 takes the alpha channel (opaque = repaint) when it
+    # is not all opaque, whatever the colours say
+    rgba = Image.new("RGBA", (64, 64), (255, 255, 255, 0))
+    rgba.paste((0, 0, 0, 255), (16, 16, 48, 48))
+    alpha = run(engine, prompt="x", seed=1, init_image=init, mask=rgba, mask_blur=0)
+    assert alpha.images[0].tobytes() == res.images[0].tobytes()
     only = run(engine, prompt="x", seed=1, init_image=init, mask=mask, inpaint_full_res=True,
                inpaint_full_res_padding=4, mask_blur=0)
     assert only.images[0].size == (64, 64) and only.images[0].load()[2, 2] == (200, 30, 30)
+    info = parse_infotext(only.infotexts[0])
+    assert info["Inpaint area"] == "Only masked" and info["Masked area padding"] == "4"
     canvas, m = outpaint_canvas(init, left=16, right=0, top=0, bottom=8)
     assert canvas.size == (80, 72) and m.getpixel((0, 0)) == 255 and m.getpixel((40, 30)) == 0
 
 
-def test_hires_fix_and_bad_input(engine):
-    out = run(engine, prompt="x", seed=3, width=64, height=64, enable_hr=True, hr_scale=1.5,
-              denoising_strength=0.5)
-    assert out.images[0].size == (96, 96)
-    with pytest.raises(SdloomError, match="multiple of 8"):
-        run(engine, prompt="x", width=65)
+def test_only_masked_crops_to_the_a1111_region(engine, recorder):
+    # a 16×8 mask in a 128×64 image, padding 4, processing 64×64: A1111's box is the bbox
+    # grown by the padding, (44, 12, 68, 28), then grown to the 1:1 ratio around its centre:
+    # height 16 → 24, y from 8 to 32; the crop is processed at 64×64 and pasted back
+    init = Image.new("RGB", (128, 64), (10, 200, 10))
+    mask = Image.new("L", (128, 64), 0)
+    mask.paste(255, (48, 16, 64, 24))
+    from sdloom.images import crop_region
+    assert crop_region(mask, 4, 64, 64) == (44, 8, 68, 32)
+    out = run(engine, prompt="x", seed=1, init_image=init, mask=mask, mask_blur=0,
+              inpaint_full_res=True, inpaint_full_res_padding=4, width=64, height=64)
+    assert out.images[0].size == (128, 64)
+    assert out.images[0].getpixel((20, 50)) == (10, 200, 10)
+
+
+def test_ensd_and_seed_resize_reach_the_sampler(engine):
+    base = dict(prompt="x", seed=5, steps=3)
+    plain = run(engine, **base, sampler_name="Euler a")
+    ensd = run(engine, **base, sampler_name="Euler a", eta_noise_seed_delta=31337)
+    assert ensd.images[0].tobytes() != plain.images[0].tobytes()
+    assert parse_infotext(ensd.infotexts[0])["ENSD"] == "31337"
+    # a deterministic sampler draws no noise while sampling: ENSD changes nothing
+    e1 = run(engine, **base, sampler_name="Euler")
+    e2 = run(engine, **base, sampler_name="Euler", eta_noise_seed_delta=31337)
+    assert e1.images[0].tobytes() == e2.images[0].tobytes()
+    same = run(engine, **base, sampler_name="Euler", seed_resize_from_w=64, seed_resize_from_h=64)
+    assert same.images[0].tobytes() == e1.images[0].tobytes()
+    other = run(engine, **base, sampler_name="Euler", seed_resize_from_w=32, seed_resize_from_h=48)
+    assert other.images[0].tobytes() != e1.images[0].tobytes()
+    assert parse_infotext(other.infotexts[0])["Seed resize from"] == "32x48"
+
+
+def test_bad_input(engine):
     with pytest.raises(SdloomError, match="unknown sampler"):
         run(engine, prompt="x", sampler_name="Nope")
     with pytest.raises(SdloomError, match="mask size"):
         run(engine, prompt="x", init_image=Image.new("RGB", (64, 64)),
             mask=Image.new("L", (32, 32)))
+    with pytest.raises(SdloomError, match="at least 64"):
+        run(engine, prompt="x", width=0)
+    with pytest.raises(SdloomError, match="finite"):
+        run(engine, prompt="x", cfg_scale=float("nan"))
+    with pytest.raises(SdloomError, match="lone surrogate"):
+        run(engine, prompt="x\ud800")
+    with pytest.raises(SdloomError, match="max_prompt_chunks"):
+        run(engine, prompt="cat " * 75 * 33)
 
 
 def test_hires_pass_sampler_and_prompt(engine):
@@ -130,10 +313,3 @@ def test_hires_pass_sampler_and_prompt(engine):
     assert info["Hires prompt"] == "red dog" and info["Hires negative prompt"] == "blue"
     with pytest.raises(SdloomError, match="unknown sampler"):
         run(engine, **base, hr_sampler_name="Nope")
-
-
-def test_prompt_editing_changes_conditioning_midway(engine):
-    a = run(engine, prompt="[cat:dog:2]", seed=5, steps=4)
-    cat = run(engine, prompt="cat", seed=5, steps=4)
-    dog = run(engine, prompt="dog", seed=5, steps=4)
-    assert a.images[0].tobytes() not in (cat.images[0].tobytes(), dog.images[0].tobytes())

@@ -6,11 +6,18 @@ from torch import nn
 
 from sdloom.config import TextEncoderConfig
 from sdloom.errors import SdloomError
-from sdloom.prompts import (Conditioning, EmbeddingDB, PromptEncoder, batch_conditionings,
-                            cond_at_step, load_embedding, pad_to_same_length,
+from sdloom.prompts import (Conditioning, EmbeddingDB, PromptEncoder, cond_at_step,
+                            load_embedding, stack_conds,
                             parse_prompt_attention, prompt_schedule, split_and,
                             tokenize_prompt)
 from sdloom.tokenizer import BOS, EOS, get_tokenizer
+
+
+
+def encode(pe, prompts, clip_skip=1):
+    """A batch of prompts → one Conditioning, as the pipeline stacks them."""
+    return stack_conds(pe.encode(prompts, clip_skip))
+
 
 CAT, DOG, A, COMMA = 2368, 1929, 320, 267
 
@@ -190,7 +197,7 @@ def _raw(enc, tokens, pad=EOS):
 def test_emphasis_original_matches_hand_computation(tok):
     enc = FakeEncoder(8)
     pe = PromptEncoder(tok, [enc], [_cfg(8)])
-    cond = pe(["a (cat:1.5) [dog]"])
+    cond = encode(pe, ["a (cat:1.5) [dog]"])
     assert cond.context.shape == (1, 77, 8) and cond.pooled is None
     z, _ = _raw(enc, [BOS, A, CAT, DOG] + [EOS] * 73)
     w = torch.ones(77)
@@ -200,48 +207,39 @@ def test_emphasis_original_matches_hand_computation(tok):
     torch.testing.assert_close(cond.context, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(cond.context, weighted, atol=1e-4)  # the mean was restored
     # "No norm" keeps the raw product; unweighted prompts pass through unchanged
-    nonorm = PromptEncoder(tok, [enc], [_cfg(8)], emphasis="No norm")(["a (cat:1.5) [dog]"])
+    nonorm = encode(PromptEncoder(tok, [enc], [_cfg(8)], emphasis="No norm"), ["a (cat:1.5) [dog]"])
     torch.testing.assert_close(nonorm.context, weighted, rtol=1e-5, atol=1e-6)
-    plain = pe(["a cat dog"]).context
+    plain = encode(pe, ["a cat dog"]).context
     torch.testing.assert_close(plain, _raw(enc, [BOS, A, CAT, DOG] + [EOS] * 73)[0])
     # the mean is restored per prompt: a batch neighbour does not change a prompt's encoding
-    batch = pe(["a (cat:1.5) [dog]", "(((cat))) dog"])
+    batch = encode(pe, ["a (cat:1.5) [dog]", "(((cat))) dog"])
     torch.testing.assert_close(batch.context[:1], want, rtol=1e-5, atol=1e-6)
 
 
 def test_pad_token_follows_config(tok):
     sd1, sd2 = FakeEncoder(8), FakeEncoder(8, seed=1)
-    PromptEncoder(tok, [sd1], [_cfg(8, pad_token=EOS)])(["a cat"])
-    PromptEncoder(tok, [sd2], [_cfg(8, pad_token=0)])(["a cat"])
+    encode(PromptEncoder(tok, [sd1], [_cfg(8, pad_token=EOS)]), ["a cat"])
+    encode(PromptEncoder(tok, [sd2], [_cfg(8, pad_token=0)]), ["a cat"])
     assert sd1.calls[0]["ids"][0].tolist() == [BOS, A, CAT] + [EOS] * 74
     assert sd2.calls[0]["ids"][0].tolist() == [BOS, A, CAT, EOS] + [0] * 73
 
 
-def test_batch_pads_short_prompts_with_empty_chunks(tok):
+def test_schedule_texts_pad_with_empty_chunks_and_batches_repeat_the_last_vector(tok):
+    # A1111 encodes one prompt's editing texts together (shorter ones get empty chunks), and
+    # stacks the prompts of a batch by repeating each shorter one's last token vector
     enc = FakeEncoder(8)
     pe = PromptEncoder(tok, [enc], [_cfg(8)])
     long = " ".join(["cat"] * 80)
-    cond = pe([long, "dog", long])
-    assert cond.context.shape == (3, 154, 8) and cond.chunks == 2
-    empty = pe.empty()
-    torch.testing.assert_close(cond.context[1, 77:], empty.context[0])
-    torch.testing.assert_close(cond.context[1, :77], pe(["dog"]).context[0])
-    assert torch.equal(cond.context[0], cond.context[2])
-    assert len(enc.calls[0]["ids"]) == 4  # duplicates encoded once: 2 prompts × 2 chunks
-
-
-def test_pad_to_same_length_and_batching(tok):
-    pe = PromptEncoder(tok, [FakeEncoder(8)], [_cfg(8)])
-    short, long, empty = pe(["dog"]), pe([" ".join(["cat"] * 160)]), pe.empty()
-    assert long.chunks == 3
-    a, b = pad_to_same_length(short, long, empty)
-    assert a.context.shape == b.context.shape == (1, 231, 8)
-    assert b is long
-    torch.testing.assert_close(a.context[0, 77:154], empty.context[0])
-    torch.testing.assert_close(a.context[0, 154:], empty.context[0])
-    both = batch_conditionings([short, long], empty)
-    assert both.context.shape == (2, 231, 8)
-    torch.testing.assert_close(both.context[0], a.context[0])
+    (_, first), (_, second) = pe.encode_scheduled([f"[{long}:dog:2]"], steps=4)[0]
+    empty, dog = pe.encode([""])[0], pe.encode(["dog"])[0]
+    assert first.chunks == second.chunks == 2
+    torch.testing.assert_close(second.context[0, :77], dog.context[0])
+    torch.testing.assert_close(second.context[0, 77:], empty.context[0])
+    both = stack_conds([dog, first])
+    assert both.context.shape == (2, 154, 8)
+    torch.testing.assert_close(both.context[0, :77], dog.context[0])
+    assert torch.equal(both.context[0, 77:], dog.context[0, -1:].expand(77, -1))
+    assert torch.equal(both.context[1], first.context[0])
 
 
 def test_encode_scheduled_encodes_each_text_once(tok):
@@ -253,7 +251,7 @@ def test_encode_scheduled_encodes_each_text_once(tok):
     (e1, c1), (e2, c2) = out[0]
     assert (e1, e2) == (2, 4) and out[1][0][0] == 4
     assert out[1][0][1] is c1  # the same text shares its encoding
-    torch.testing.assert_close(c2.context, pe(["a dog"], clip_skip=2).context)
+    torch.testing.assert_close(c2.context, pe.encode(["a dog"], clip_skip=2)[0].context)
     assert not torch.allclose(c1.context, c2.context)
 
 
@@ -262,7 +260,7 @@ def test_sdxl_two_encoders_concatenate_and_pool_from_the_pooled_one(tok):
     cfgs = [_cfg(6, layout="hf"), _cfg(10, layout="openclip", pad_token=0, pooled=True)]
     pe = PromptEncoder(tok, [clip_l, big_g], cfgs)
     text = " ".join(["cat"] * 80)  # two chunks: pooled must come from the first
-    cond = pe([text])
+    cond = encode(pe, [text])
     assert cond.context.shape == (1, 154, 16) and cond.pooled.shape == (1, 4)
     first = [BOS] + [CAT] * 75 + [EOS]
     z_l, _ = _raw(clip_l, first)
@@ -271,7 +269,7 @@ def test_sdxl_two_encoders_concatenate_and_pool_from_the_pooled_one(tok):
     torch.testing.assert_close(cond.context[:, :77, 6:], z_g)
     torch.testing.assert_close(cond.pooled, pooled_g)
     # emphasis restores each encoder's own mean, as A1111 wraps each SDXL encoder apart
-    cond = pe(["(cat:1.4) dog"])
+    cond = encode(pe, ["(cat:1.4) dog"])
     ids = [BOS, CAT, DOG] + [EOS] * 74
     w = torch.ones(1, 77, 1)
     w[0, 1] = 1.4
@@ -295,7 +293,7 @@ def test_embeddings_from_pt_and_safetensors_replace_input_embeddings(tok, tmp_pa
     assert sorted(e.name for e in db) == ["mystyle", "otherthing"] and not db.errors
     enc = FakeEncoder(8)
     pe = PromptEncoder(tok, [enc], [_cfg(8)], db)
-    cond = pe(["a (mystyle:1.2) cat otherthing"])
+    cond = encode(pe, ["a (mystyle:1.2) cat otherthing"])
     call = enc.calls[-1]
     ids, embeds = call["ids"][0], call["embeds"][0]
     assert ids[:9].tolist() == [BOS, A, 0, 0, CAT, 0, 0, 0, EOS]  # 2 + 3 vector slots
@@ -306,7 +304,7 @@ def test_embeddings_from_pt_and_safetensors_replace_input_embeddings(tok, tmp_pa
     assert chunk.weights[1:5] == pytest.approx([1.0, 1.2, 1.2, 1.0])
     assert set(pe.last_used_embeddings) == {"mystyle", "otherthing"}
     # without the embeddings the same words are ordinary tokens with another result
-    plain = PromptEncoder(tok, [FakeEncoder(8)], [_cfg(8)])(["a (mystyle:1.2) cat otherthing"])
+    plain = encode(PromptEncoder(tok, [FakeEncoder(8)], [_cfg(8)]), ["a (mystyle:1.2) cat otherthing"])
     assert not torch.allclose(plain.context, cond.context)
 
 
@@ -323,7 +321,7 @@ def test_sdxl_embedding_and_skipped_sd1_embedding(tok, tmp_path):
     cfgs = [_cfg(6, layout="hf"), _cfg(10, layout="openclip", pad_token=0, pooled=True)]
     pe = PromptEncoder(tok, encs, cfgs, db)
     assert pe.skipped_embeddings == ["sdonestyle"]  # one tensor does not fit two encoders
-    pe(["xlstyle sdonestyle"])
+    encode(pe, ["xlstyle sdonestyle"])
     torch.testing.assert_close(encs[0].calls[-1]["embeds"][0, 1:3], vec_l)
     torch.testing.assert_close(encs[1].calls[-1]["embeds"][0, 1:3], vec_g)
     n_text = len(tok.encode("sdonestyle"))

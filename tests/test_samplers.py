@@ -7,7 +7,7 @@ import torch
 
 from sdloom.errors import SdloomError
 from sdloom.sampling.denoisers import (CFGDenoiser, EpsDenoiser, VDenoiser, img2img_steps,
-                                       sample, sigmas_for_img2img)
+                                       sample, sampling_sigmas)
 from sdloom.sampling.samplers import (SAMPLERS, BrownianTreeNoiseSampler, NoiseSampler,
                                       lms_coefficient, resolve_sampler, sample_dpmpp_2m_sde,
                                       sample_dpmpp_3m_sde, sample_unipc)
@@ -406,31 +406,37 @@ class _Recorder:
         return x * 0 + c.mean(dim=tuple(range(1, c.ndim)), keepdim=True).view(-1, 1)
 
 
+def fixed(c):
+    return lambda _step: c
+
+
 def test_cfg_combines_and_batches():
     rec = _Recorder()
     cond, uncond = {"c": torch.full((1, 2, 4), 2.0)}, {"c": torch.full((1, 2, 4), 1.0)}
-    cfg = CFGDenoiser(rec, cond, uncond, 7.0)
+    cfg = CFGDenoiser(rec, fixed(cond), fixed(uncond), 7.0)
     assert cfg(torch.zeros(1, 1), torch.tensor([1.0])).item() == pytest.approx(1 + 7 * (2 - 1))
     assert rec.batches == [2]  # one U-Net call for both
     # different token lengths cannot share a batch: two calls, same answer
     long_uncond = {"c": torch.full((1, 4, 4), 1.0)}
-    assert CFGDenoiser(rec, cond, long_uncond, 7.0)(torch.zeros(1, 1), torch.tensor([1.0])
-                                                    ).item() == pytest.approx(8.0)
+    assert CFGDenoiser(rec, fixed(cond), fixed(long_uncond), 7.0)(
+        torch.zeros(1, 1), torch.tensor([1.0])).item() == pytest.approx(8.0)
     assert rec.batches[1:] == [1, 1]
     # scale 1: the conditional pass alone
-    assert CFGDenoiser(rec, cond, uncond, 1.0)(torch.zeros(1, 1), torch.tensor([1.0])
-                                               ).item() == 2.0
+    assert CFGDenoiser(rec, fixed(cond), fixed(uncond), 1.0)(
+        torch.zeros(1, 1), torch.tensor([1.0])).item() == 2.0
     assert rec.batches[3:] == [1]
 
 
-def test_cfg_prompt_editing_and_the_legacy_form():
+def test_cfg_step_counter_counts_calls_like_a1111():
+    # A1111's CFGDenoiser.step: 0 at the first call of a pass, +1 per call, whatever σ is
     rec = _Recorder()
     a, b, u = ({"c": torch.full((1, 2), v)} for v in (2.0, 3.0, 1.0))
-    cfg = CFGDenoiser(rec, lambda s: a if float(s[0]) > 5 else b, u, 2.0)
-    assert cfg(torch.zeros(1, 1), torch.tensor([10.0])).item() == pytest.approx(3.0)
-    assert cfg(torch.zeros(1, 1), torch.tensor([1.0])).item() == pytest.approx(5.0)
-    legacy = CFGDenoiser(rec, lambda s: (b, u), 2.0)  # conds(σ) → (cond, uncond), scale
-    assert legacy(torch.zeros(1, 1), torch.tensor([1.0])).item() == pytest.approx(5.0)
+    steps = []
+    cfg = CFGDenoiser(rec, lambda step: steps.append(step) or (a if step <= 1 else b),
+                      fixed(u), 2.0)
+    got = [cfg(torch.zeros(1, 1), torch.tensor([s])).item() for s in (10.0, 10.0, 1.0, 1.0)]
+    assert steps == [0, 1, 2, 3]
+    assert got == pytest.approx([1 + 2 * (2 - 1)] * 2 + [1 + 2 * (3 - 1)] * 2)
 
 
 def test_cfg_composable_and_prompts():
@@ -438,47 +444,44 @@ def test_cfg_composable_and_prompts():
     # image 0 = part rows 0 (w 1) and 1 (w 0.5); image 1 = row 2 (w 2); one U-Net call
     cond = {"c": torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1).expand(3, 2, 4)}
     uncond = {"c": torch.tensor([10.0, 20.0]).view(2, 1, 1).expand(2, 2, 4)}
-    cfg = CFGDenoiser(rec, cond, uncond, 3.0, groups=[[(0, 1.0), (1, 0.5)], [(2, 2.0)]])
+    groups = [[(0, 1.0), (1, 0.5)], [(2, 2.0)]]
+    cfg = CFGDenoiser(rec, fixed(cond), fixed(uncond), 3.0, groups=groups)
     out = cfg(torch.zeros(2, 1), torch.tensor([1.0, 1.0]))
     assert out.flatten().tolist() == pytest.approx([10 + 3 * ((1 - 10) + 0.5 * (2 - 10)),
                                                     20 + 3 * 2 * (3 - 20)])
     assert rec.batches == [5]
     # different token lengths: the parts and the unconds in two calls, the same answer
     long_u = {"c": torch.tensor([10.0, 20.0]).view(2, 1, 1).expand(2, 4, 4)}
-    cfg = CFGDenoiser(rec, cond, long_u, 3.0, groups=[[(0, 1.0), (1, 0.5)], [(2, 2.0)]])
+    cfg = CFGDenoiser(rec, fixed(cond), fixed(long_u), 3.0, groups=groups)
     assert cfg(torch.zeros(2, 1), torch.tensor(1.0)).flatten().tolist() == pytest.approx(
         out.flatten().tolist())
     assert rec.batches[1:] == [3, 2]
 
 
 # ---------------------------------------------------------------------- running a sampler
-def test_sample_convenience_and_callback():
+def test_sample_runs_the_named_sampler_with_callback():
     noise = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
     seen = []
-    out = sample("DPM++ 2M Karras", None, analytic, noise, 10, SCHED,
-                 callback=lambda d: seen.append((d["i"], d["sigma"])))
     sig = get_sigmas("karras", 10, SCHED)
+    out = sample("DPM++ 2M Karras", None, analytic, noise * sig[0], sig,
+                 callback=lambda d: seen.append((d["i"], d["sigma"])))
     assert [i for i, _ in seen] == list(range(10))
     assert [s for _, s in seen] == pytest.approx(sig[:-1].tolist())
-    want = SAMPLERS["DPM++ 2M"].fn(analytic, noise * sig[0], sig)
-    torch.testing.assert_close(out, want)
-    # img2img: start partway down with init + noise·σ_start
-    init = torch.full((1, 64), 0.3)
-    part = sample("Euler", "karras", analytic, noise, 10, SCHED, init_latent=init,
-                  denoise_start_sigma_index=6)
-    ref = SAMPLERS["Euler"].fn(analytic, init + noise * sig[6], sig[6:])
-    torch.testing.assert_close(part, ref)
-    assert not torch.allclose(part, out, atol=1e-2)
+    torch.testing.assert_close(out, SAMPLERS["DPM++ 2M"].fn(analytic, noise * sig[0], sig))
 
 
 def test_img2img_sigmas_follow_a1111():
+    # A1111 sample_img2img: t_enc = int(min(strength, 0.999)·steps), sigmas[steps − t_enc − 1:]
     s = get_sigmas("karras", 20, SCHED)
-    assert torch.equal(sigmas_for_img2img(s, 0.75, 20), s[4:])  # t_enc = 15 → 16 steps
-    assert torch.equal(sigmas_for_img2img(s, 0.75), s[4:])
-    assert torch.equal(sigmas_for_img2img(s, 1.0), s)  # strength capped at 0.999: 20 steps
-    assert len(sigmas_for_img2img(s, 0.01)) == 2  # t_enc = 0 still runs one step
+    assert torch.equal(sampling_sigmas("Euler", "karras", 20, SCHED, 0.75), s[4:])  # 16 steps
+    assert torch.equal(sampling_sigmas("Euler", "karras", 20, SCHED, 1.0), s)  # 0.999: 20 steps
+    assert len(sampling_sigmas("Euler", "karras", 20, SCHED, 0.01)) == 2  # t_enc 0: one step
+    assert torch.equal(sampling_sigmas("Euler", "karras", 20, SCHED), s)
     assert img2img_steps(20, 0.75) == (20, 15)
-    assert img2img_steps(20, 0.5, fix_steps=True) == (40, 19)  # exactly 20 steps are run
+    # the hires pass (steps given): exactly the requested steps of an int(steps/strength) schedule
+    assert img2img_steps(20, 0.5, fix_steps=True) == (40, 19)
+    fixed_steps = sampling_sigmas("Euler", "karras", 20, SCHED, 0.5, fix_steps=True)
+    assert torch.equal(fixed_steps, get_sigmas("karras", 40, SCHED)[20:])
 
 
 def test_sigma_reaches_the_denoiser_in_float32_for_half_latents():

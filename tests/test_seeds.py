@@ -5,12 +5,17 @@ import random
 import pytest
 import torch
 
-from sdloom.seeds import (MAX_SEED, ImageRNG, all_seeds, fix_seed, image_noise,
-                          sampler_generators, slerp)
+from sdloom.seeds import MAX_SEED, ImageRNG, all_seeds, fix_seed, slerp
 
 
 def randn(seed, shape):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def image_noise(seeds, shape, subseeds=None, subseed_strength=0.0, seed_resize_from=None,
+                dtype=torch.float32):
+    return ImageRNG(shape, seeds, subseeds, subseed_strength, seed_resize_from,
+                    dtype=dtype).first()
 
 
 def test_noise_is_the_seeded_cpu_generator_and_torch_stream_is_stable():
@@ -77,10 +82,18 @@ def test_seed_resize_pastes_old_size_noise_centred():
         assert torch.equal(image_noise([7], shape, seed_resize_from=off)[0], full)
 
 
-def test_image_rng_continues_each_images_generator():
+def draw(gens, shape):
+    """What a sampler draws from per-image generators (samplers._draw)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+
+def test_image_rng_generators_continue_each_images_stream():
+    # A1111's ImageRNG: first() is the starting noise, then every rng.next() continues each
+    # image's own generator; our samplers draw from `generators`
     shape = (4, 6, 6)
     rng = ImageRNG(shape, [5, 9])
-    first, second, third = rng.next(), rng.next(), rng.next()
+    first = rng.first()
+    second, third = draw(rng.generators, shape), draw(rng.generators, shape)
     for i, s in enumerate([5, 9]):
         g = torch.Generator().manual_seed(s)
         assert torch.equal(first[i], torch.randn(shape, generator=g))
@@ -88,34 +101,15 @@ def test_image_rng_continues_each_images_generator():
         assert torch.equal(third[i], torch.randn(shape, generator=g))
     # image 9's sampling noise is the same alone and in the batch
     alone = ImageRNG(shape, [9])
-    alone.next()
-    assert torch.equal(alone.next()[0], second[1])
+    alone.first()
+    assert torch.equal(draw(alone.generators, shape)[0], second[1])
 
 
 def test_image_rng_ensd_reseeds_after_the_starting_noise():
     shape = (4, 6, 6)
     rng = ImageRNG(shape, [5], ensd=31337)
-    assert torch.equal(rng.next()[0], randn(5, shape))
-    assert torch.equal(rng.next()[0], randn(5 + 31337, shape))
-
-
-def test_image_rng_randn_like_checks_shape():
-    rng = ImageRNG((4, 6, 6), [1, 2])
-    x = torch.zeros(2, 4, 6, 6, dtype=torch.float64)
-    assert rng.randn_like(x).dtype == torch.float64
-    with pytest.raises(ValueError):
-        rng.randn_like(torch.zeros(1, 4, 6, 6))
-
-
-def test_sampler_generators_continue_each_images_a1111_stream():
-    shape = (4, 6, 6)
-    rng = ImageRNG(shape, [42, 43])
-    rng.next()
-    gens = sampler_generators([42, 43], shape)
-    # what a sampler draws for the batch equals A1111's second ImageRNG draw, image by image
-    assert torch.equal(torch.stack([torch.randn(shape, generator=g) for g in gens]), rng.next())
-    g, = sampler_generators([42], shape, ensd=5)
-    assert torch.equal(torch.randn(shape, generator=g), randn(47, shape))
+    assert torch.equal(rng.first()[0], randn(5, shape))
+    assert torch.equal(draw(rng.generators, shape)[0], randn(5 + 31337, shape))
 
 
 def test_fix_seed():

@@ -41,9 +41,9 @@ def make_pair(name: str, seed: int = 0):
     return ref, ours, cfg
 
 
-def inputs(cfg: UNetConfig, batch: int = 2, seed: int = 1):
+def inputs(cfg: UNetConfig, batch: int = 2, seed: int = 1, size: tuple[int, int] = (16, 16)):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_channels, 16, 16, generator=g)
+    x = torch.randn(batch, cfg.in_channels, *size, generator=g)
     t = torch.tensor([999.0, 37.5][:batch])
     ctx = torch.randn(batch, 77, cfg.context_dim, generator=g)
     return x, t, ctx
@@ -57,6 +57,27 @@ def test_unet_matches_diffusers(name):
         want = ref(x, t, encoder_hidden_states=ctx).sample
         got = ours(x, t, ctx)
     assert want.abs().mean() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# latents whose sides do not halve evenly at every level: 136×128 px (17×16), 200×152 px
+# (25×19), 600×600 px (75×75, here 15×15 for two levels); diffusers upsamples to the skip size
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("size", [(17, 16), (19, 25), (15, 15)])
+def test_unet_matches_diffusers_at_any_latent_size(name, size):
+    ref, ours, cfg = make_pair(name)
+    x, t, ctx = inputs(cfg, size=size)
+    kw = {}
+    y = None
+    if cfg.adm_in_channels:
+        pooled = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+        kw["added_cond_kwargs"] = {"text_embeds": pooled,
+                                   "time_ids": torch.tensor([[136.0, 128.0, 0, 0, 136, 128]] * 2)}
+        y = sdxl_adm(pooled, (136, 128), (0, 0), (136, 128))
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=ctx, **kw).sample
+        got = ours(x, t, ctx, y=y)
+    assert got.shape == x.shape[:1] + (4,) + x.shape[2:]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from .errors import SdloomError
 
@@ -162,6 +162,55 @@ def mask_from_image(img: Image.Image, blur: int | tuple[int, int] = 0, invert: b
     if by > 0:
         a = _gaussian_blur_1d(a, float(by), axis=0)
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+def masked_overlay(image: Image.Image, overlay_mask: Image.Image) -> Image.Image:
+    """The original as an RGBA layer that shows where the mask does not (A1111's overlay image:
+    alpha = inverted mask, pasted through premultiplied RGBa as A1111 does)."""
+    out = Image.new("RGBa", image.size)
+    out.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(overlay_mask.convert("L")))
+    return out.convert("RGBA")
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """"fill" masked content (A1111 masking.fill): the masked area painted with ever less
+    blurred colours of what surrounds it, by alpha-compositing blurs of the unmasked pixels."""
+    layer = masked_overlay(image, mask).convert("RGBa")
+    out = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = layer.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            out.alpha_composite(blurred)
+    return out.convert("RGB")
+
+
+def crop_region(mask: Image.Image, pad: int, width: int, height: int
+                ) -> tuple[int, int, int, int] | None:
+    """"Only masked" inpainting: the mask's bounding box plus `pad`, then grown to the
+    processing aspect ratio and slid back inside the image (A1111 masking.get_crop_region_v2
+    and expand_crop_region). None for an empty mask."""
+    box = mask.getbbox()
+    if box is None:
+        return None
+    x1, y1, x2, y2 = box
+    if pad:
+        x1, y1 = max(x1 - pad, 0), max(y1 - pad, 0)
+        x2, y2 = min(x2 + pad, mask.width), min(y2 + pad, mask.height)
+    ratio = width / height
+    if (x2 - x1) / (y2 - y1) > ratio:  # too wide: grow the height
+        y1, y2 = _grow(y1, y2, int((x2 - x1) / ratio - (y2 - y1)), mask.height)
+    else:
+        x1, x2 = _grow(x1, x2, int((y2 - y1) * ratio - (x2 - x1)), mask.width)
+    return x1, y1, x2, y2
+
+
+def _grow(a: int, b: int, by: int, limit: int) -> tuple[int, int]:
+    a, b = a - by // 2, b + by - by // 2
+    if b >= limit:
+        a, b = a - (b - limit), limit
+    if a < 0:
+        a, b = 0, b - a
+    return a, min(b, limit)
 
 
 def unique_output_path(directory: str | Path, prefix: str = "", suffix: str = "",

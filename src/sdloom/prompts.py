@@ -535,21 +535,15 @@ class Conditioning:
                             self.pooled)
 
 
-def pad_to_same_length(a: Conditioning, b: Conditioning, empty: Conditioning
-                       ) -> tuple[Conditioning, Conditioning]:
-    """Pad the shorter of cond/uncond with empty-prompt chunks so they batch (A1111 ≥ 1.6)."""
-    k = max(a.chunks, b.chunks)
-    return a.pad_chunks(k, empty), b.pad_chunks(k, empty)
-
-
-def batch_conditionings(conds: list[Conditioning], empty: Conditioning) -> Conditioning:
-    """Concatenate conditionings on the batch axis, padding to the longest with empty chunks."""
-    k = max(c.chunks for c in conds)
-    padded = [c.pad_chunks(k, empty) for c in conds]
-    pooled = None
-    if all(c.pooled is not None for c in padded):
-        pooled = torch.cat([c.pooled for c in padded])
-    return Conditioning(torch.cat([c.context for c in padded]), pooled)
+def stack_conds(conds: list[Conditioning]) -> Conditioning:
+    """One conditioning per image → a batch; shorter ones are padded by repeating their last
+    token vector, as A1111's prompt_parser.stack_conds does for prompts of different lengths."""
+    n_tok = max(c.context.shape[1] for c in conds)
+    ctx = [c.context if c.context.shape[1] == n_tok else torch.cat(
+        [c.context, c.context[:, -1:].expand(-1, n_tok - c.context.shape[1], -1)], 1)
+        for c in conds]
+    pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
+    return Conditioning(torch.cat(ctx), pooled)
 
 
 def cond_at_step(schedule: list[tuple[int, Conditioning]], step: int) -> Conditioning:
@@ -639,45 +633,37 @@ class PromptEncoder:
             zs = [z.to(zs[0].device) for z in zs]
         return torch.cat(zs, dim=-1), pooled
 
-    def _encode_texts(self, texts: list[str], clip_skip: int, pad: bool
-                      ) -> list[Conditioning]:
-        """One [1, 77·k, D] Conditioning per text, all chunks in one forward per encoder."""
+    def encode(self, texts: list[str], clip_skip: int = 1) -> list[Conditioning]:
+        """One [1, 77·k, D] Conditioning per text (k its own chunk count), all chunks in one
+        forward per encoder."""
         if not texts:
             raise ValueError("no prompts to encode")
         per = [self.tokenize(t) for t in texts]
         self.last_used_embeddings = {e.name: e for cs in per for c in cs for _, e in c.fixes}
-        k = max(len(c) for c in per)
-        counts = [k if pad else len(c) for c in per]
-        flat = [cs[i] if i < len(cs) else empty_chunk(self.tokenizer)
-                for cs, n in zip(per, counts) for i in range(n)]
-        z, pooled = self.encode_chunks(flat, clip_skip)
+        z, pooled = self.encode_chunks([c for cs in per for c in cs], clip_skip)
         out, start = [], 0
-        for n in counts:
+        for cs in per:
+            n = len(cs)
             out.append(Conditioning(z[start:start + n].reshape(1, n * 77, z.shape[-1]),
                                     None if pooled is None else pooled[start:start + 1]))
             start += n
         return out
 
-    def __call__(self, prompts: list[str], clip_skip: int = 1) -> Conditioning:
-        """Encode a batch; prompts with fewer chunks get chunks of the empty prompt."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        unique = list(dict.fromkeys(prompts))
-        conds = dict(zip(unique, self._encode_texts(unique, clip_skip, pad=True)))
-        rows = [conds[p] for p in prompts]
-        pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows])
-        return Conditioning(torch.cat([r.context for r in rows]), pooled)
-
-    def empty(self, clip_skip: int = 1) -> Conditioning:
-        """The empty prompt's encoding: what short conditionings are padded with."""
-        return self([""], clip_skip)
-
     def encode_scheduled(self, prompts: list[str], steps: int, clip_skip: int = 1,
                          hires_steps: int | None = None
                          ) -> list[list[tuple[int, Conditioning]]]:
         """Per prompt, its editing timeline [(end_at_step, Conditioning [1,77·k,D])]."""
-        # each distinct text of all the timelines is encoded once, in one batch
+        # each distinct text of all the timelines is encoded once, in one batch; a timeline's
+        # texts are padded to its longest with empty-prompt chunks, as A1111 encodes them
+        # together (sd_hijack_clip pads a batch's chunk counts with empty chunks)
         scheds = [prompt_schedule(p, steps, hires_steps) for p in prompts]
         texts = list(dict.fromkeys(t for s in scheds for _, t in s))
-        conds = dict(zip(texts, self._encode_texts(texts, clip_skip, pad=False)))
-        return [[(end, conds[t]) for end, t in s] for s in scheds]
+        conds = dict(zip(texts, self.encode(texts, clip_skip)))
+        empty = None
+        out = []
+        for s in scheds:
+            k = max(conds[t].chunks for _, t in s)
+            if empty is None and any(conds[t].chunks < k for _, t in s):
+                empty = self.encode([""], clip_skip)[0]
+            out.append([(end, conds[t].pad_chunks(k, empty)) for end, t in s])
+        return out

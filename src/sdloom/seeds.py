@@ -72,9 +72,10 @@ def _paste_centred(base: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
 class ImageRNG:
     """Per-image CPU generators for one batch: starting noise, then noise during sampling.
 
-    The first call of next() (or first()) gives the starting noise [B, C, H, W]; each later call
-    gives one more [B, C, H, W] draw from the images' own generators, so image i's noise does
-    not depend on the batch it is in, and a batch of seeds [S, S+1] equals two single runs."""
+    first() gives the starting noise [B, C, H, W]; after it, `generators` are what the sampler
+    draws its ancestral/SDE noise from (image i from generator i, as A1111's rng.next()), so
+    image i's noise does not depend on the batch it is in, and a batch of seeds [S, S+1] equals
+    two single runs."""
 
     def __init__(self, shape: tuple[int, int, int], seeds: list[int],
                  subseeds: list[int] | None = None, subseed_strength: float = 0.0,
@@ -88,7 +89,6 @@ class ImageRNG:
         self.ensd = int(ensd or 0)
         self.device, self.dtype = device, dtype
         self.generators = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
-        self._started = False
 
     def _source_shape(self) -> tuple[int, int, int]:
         """The shape the seed's noise is drawn at: the old size when resizing a seed."""
@@ -101,7 +101,6 @@ class ImageRNG:
 
     def first(self) -> torch.Tensor:
         """The starting noise [B, C, H, W] (A1111 ImageRNG.first)."""
-        self._started = True
         src = self._source_shape()
         variation = self.subseeds is not None and self.subseed_strength != 0
         out = []
@@ -120,52 +119,3 @@ class ImageRNG:
             self.generators = [torch.Generator("cpu").manual_seed(s + self.ensd)
                                for s in self.seeds]
         return torch.stack(out).to(self.device, self.dtype)
-
-    def next(self) -> torch.Tensor:
-        """The starting noise on the first call, then fresh per-image noise [B, C, H, W]."""
-        if not self._started:
-            return self.first()
-        out = [torch.randn(self.shape, generator=g) for g in self.generators]
-        return torch.stack(out).to(self.device, self.dtype)
-
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        """next() on x's device and dtype: a drop-in for a sampler's noise(x) callable."""
-        if tuple(x.shape[1:]) != self.shape or x.shape[0] != len(self.seeds):
-            raise ValueError(f"noise for {tuple(x.shape)} requested from an ImageRNG of "
-                             f"{len(self.seeds)} x {self.shape}")
-        return self.next().to(x.device, x.dtype)
-
-    __call__ = randn_like
-
-
-def image_noise(seeds: list[int], shape: tuple[int, int, int],
-                subseeds: list[int] | None = None, subseed_strength: float = 0.0,
-                seed_resize_from: tuple[int, int] | None = None,
-                device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Starting noise [B, C, H, W]: image i from torch.Generator('cpu').manual_seed(seeds[i]).
-
-    shape is one image's latent (C, H, W); seed_resize_from is A1111's (width, height) in
-    pixels, off when None or when either is <= 0. Drawn in fp32 on the CPU, then moved."""
-    return ImageRNG(shape, seeds, subseeds, subseed_strength, seed_resize_from,
-                    device=device, dtype=dtype).first()
-
-
-def sampler_generators(seeds: list[int], shape: tuple[int, int, int],
-                       ensd: int = 0) -> list[torch.Generator]:
-    """Per-image CPU generators for the noise a sampler draws during sampling (samplers take a
-    list: image i's noise from generator i), as A1111's ImageRNG after the starting noise.
-
-    Generator i is seeded seeds[i] and advanced past image i's starting noise of `shape`, or,
-    with ENSD, seeded seeds[i] + ensd. So image i's ancestral/SDE noise does not depend on the
-    batch it is in: a batch of seeds [S, S+1] gives the images of two single runs."""
-    gens = []
-    for s in seeds:
-        g = torch.Generator("cpu")
-        if ensd:
-            g.manual_seed(int(s) + int(ensd))
-        else:
-            g.manual_seed(int(s))
-            torch.randn(tuple(shape), generator=g)  # skip the starting noise, as ImageRNG
-        gens.append(g)
-    return gens

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
+from ..errors import SdloomError
 from .attention import SpatialTransformer
 
 
@@ -61,20 +62,27 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # nearest-neighbour upsampling in fp32 is slow for bf16 on some backends; interpolate as is
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # to the size of the skip connection it meets next, so latents whose sides are not
+        # multiples of 8 (any image size that is a multiple of 8 pixels) come back to their
+        # size, as the original SGM code and ComfyUI do; plain 2x otherwise
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence whose ResBlocks see the timestep embedding and transformers see the context."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                out_size: tuple[int, int] | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, out_size)
             else:
                 x = layer(x)
         return x
@@ -137,10 +145,10 @@ class UNetModel(nn.Module):
                                  nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor,
-             context: torch.Tensor) -> torch.Tensor:
+             context: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+            return checkpoint(block, h, emb, context, out_size, use_reentrant=False)
+        return block(h, emb, context, out_size)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,7 +158,8 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if self.config.adm_in_channels is not None:
             if y is None:
-                raise ValueError("this U-Net needs the ADM vector y (pooled text + size conditioning)")
+                raise SdloomError("this U-Net needs the ADM vector y (pooled text + size "
+                                  "conditioning)")
             emb = emb + self.label_emb(y.to(dtype))
         h = x.to(dtype)
         context = context.to(dtype)
@@ -160,7 +169,8 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h)
 
 

@@ -11,17 +11,19 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.load import LoadedModel, load_model
-from ..errors import SdloomError
+from ..errors import NotFoundError, SdloomError
 from ..models.lora import LoraManager, read_lora
 from ..models.sd import LatentDiffusion
 from ..models.unet import sdxl_adm
-from ..prompts import Conditioning, EmbeddingDB, PromptEncoder, prompt_schedule, split_and
+from ..prompts import (Conditioning, EmbeddingDB, PromptEncoder, cond_at_step, split_and,
+                       stack_conds)
 from ..sampling.denoisers import CFGDenoiser, EpsDenoiser, VDenoiser
 from ..sampling.schedules import DiscreteSchedule
 from ..tokenizer import get_tokenizer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_MODEL = ASSETS / "sdloom-emoji.safetensors"
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -78,6 +80,7 @@ class Engine:
         self.prompt_encoder = PromptEncoder(get_tokenizer(), self.model.text_encoders,
                                             list(cfg.text_encoders), db)
         self.loras = LoraManager(self.model)
+        self._lora_key: list[tuple[str, float]] = []  # the (file, weight) pairs merged now
         wrapper = VDenoiser if cfg.prediction == "v" else EpsDenoiser
         self.denoiser = wrapper(UNetAdapter(self.model.unet), self.schedule)
 
@@ -116,36 +119,52 @@ class Engine:
         return self.model.dtype
 
     # ---------------------------------------------------------------- LoRA
-    def set_loras(self, loras: list[tuple[str, float]]) -> list[str]:
-        """Make exactly these LoRAs active (merging is reversible); returns their names."""
-        if [(str(p), w) for p, w in loras] == [(str(n), w) for n, w in self._active_loras()]:
-            return [Path(p).stem for p, _ in loras]
-        self.loras.clear()
-        for ref, weight in loras:
-            self.loras.apply(read_lora(self._find_lora(ref)), weight)
-        self._lora_refs = [(str(p), w) for p, w in loras]
-        return [Path(p).stem for p, _ in loras]
+    def set_loras(self, loras: list[tuple[str, float]],
+                  prompt_loras: list[tuple[str, float]] = ()) -> list[str]:
+        """Make exactly these LoRAs active and return their names: `loras` are paths or names
+        (library and CLI), `prompt_loras` names from `<lora:name:w>` tags, found only inside
+        lora_dir. All files are read before any is merged; when merging fails, no LoRA stays
+        merged, so a failed job never leaves a LoRA behind for the next one."""
+        refs = [(self._find_lora(r, allow_path=True), w) for r, w in loras]
+        refs += [(self._find_lora(r, allow_path=False), w) for r, w in prompt_loras]
+        key = [(str(p), w) for p, w in refs]
+        if key != self._lora_key:
+            files = [(read_lora(p), w) for p, w in refs]
+            self.loras.clear()
+            self._lora_key = []
+            try:
+                for lora, w in files:
+                    self.loras.apply(lora, w)
+            except BaseException:
+                self.loras.clear()
+                raise
+            self._lora_key = key
+        return [p.stem for p, _ in refs]
 
-    def _active_loras(self) -> list[tuple[str, float]]:
-        return getattr(self, "_lora_refs", [])
+    def _lora_index(self) -> dict[str, Path]:
+        """LoRA files under lora_dir by name (file stem; a name in a subfolder may also be
+        written with its folder, as A1111 shows it)."""
+        out: dict[str, Path] = {}
+        if not self.lora_dir or not Path(self.lora_dir).is_dir():
+            return out
+        root = Path(self.lora_dir).resolve()
+        for f in sorted(root.rglob("*")):
+            if f.suffix.lower() in LORA_EXTENSIONS and f.is_file():
+                rel = f.relative_to(root).with_suffix("")
+                out.setdefault(f.stem, f)
+                out.setdefault(rel.as_posix(), f)
+        return out
 
-    def _find_lora(self, ref: str) -> Path:
-        p = Path(ref)
-        if p.is_file():
-            return p
-        if self.lora_dir:
-            for ext in (".safetensors", ".pt", ".ckpt"):
-                cand = Path(self.lora_dir) / (ref + ext)
-                if cand.is_file():
-                    return cand
-        raise SdloomError(f"LoRA not found: {ref!r}" + (f" (looked in {self.lora_dir})"
-                                                         if self.lora_dir else ""))
+    def _find_lora(self, ref: str, allow_path: bool) -> Path:
+        if allow_path and Path(ref).is_file():
+            return Path(ref)
+        found = self._lora_index().get(str(ref))
+        if found is None:
+            raise NotFoundError(f"LoRA not found: {ref!r}" + ("" if self.lora_dir else
+                                                            " (no LoRA folder is set)"))
+        return found
 
     # ---------------------------------------------------------------- conditioning
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], clip_skip: int = 1) -> Conditioning:
-        return self.prompt_encoder(prompts, clip_skip=clip_skip)
-
     def cond_kwargs(self, c: Conditioning, width: int, height: int,
                     aesthetic_score: float = 6.0) -> dict[str, torch.Tensor]:
         """U-Net keyword arguments for a conditioning (adds SDXL's ADM vector)."""
@@ -158,27 +177,13 @@ class Engine:
                                 (height, width), aesthetic_score if refiner else None)
         return out
 
-    def scheduled_cond(self, prompts: list[str], steps: int, clip_skip: int, width: int,
-                       height: int, aesthetic_score: float = 6.0
-                       ) -> tuple[list[int], list[dict[str, torch.Tensor]]]:
-        """Prompt editing ([a:b:N]): the step boundaries and the conditioning for each span."""
-        scheds = [prompt_schedule(p, steps) for p in prompts]
-        bounds = sorted({end for s in scheds for end, _ in s})
-        conds = []
-        done: dict[tuple[str, ...], Conditioning] = {}  # [a|b] repeats texts every other step
-        for end in bounds:
-            texts = tuple(next(t for e, t in s if e >= end) for s in scheds)
-            if texts not in done:
-                done[texts] = self.encode_prompts(list(texts), clip_skip)
-            conds.append(done[texts])
-        return bounds, conds
-
     def cfg_denoiser(self, prompts: list[str], negatives: list[str], steps: int,
                      cfg_scale: float, clip_skip: int, width: int, height: int,
-                     sigmas: torch.Tensor, aesthetic_score: float = 6.0,
-                     extra: dict[str, torch.Tensor] | None = None) -> Callable:
-        """The classifier-free-guided denoiser for a batch, with per-step prompt editing and
-        composable (`AND`) prompts."""
+                     aesthetic_score: float = 6.0, hires_steps: int | None = None
+                     ) -> CFGDenoiser:
+        """The classifier-free-guided denoiser for a batch: prompt editing on A1111's step
+        counter (`hires_steps` for a hires pass, as prompt_schedule counts it), composable
+        (`AND`) prompts, one row per image."""
         groups, parts = [], []  # image i's (row, weight) pairs; the rows' texts
         for p in prompts:
             split = split_and(p)
@@ -186,47 +191,24 @@ class Engine:
             parts += [t for t, _ in split]
         if all(len(g) == 1 and g[0][1] == 1.0 for g in groups):
             groups = None  # plain prompts: the ordinary two-row CFG
-        bounds, conds = self.scheduled_cond(parts, steps, clip_skip, width, height)
-        n_bounds, unconds = self.scheduled_cond(negatives, steps, clip_skip, width, height)
-        empty = self.encode_prompts([""], clip_skip)
-        kw_c = [self.cond_kwargs(c, width, height, aesthetic_score) for c in conds]
+        enc = self.prompt_encoder
+        with torch.no_grad():
+            c_sched = enc.encode_scheduled(parts, steps, clip_skip, hires_steps)
+            u_sched = enc.encode_scheduled(negatives, steps, clip_skip, hires_steps)
+
+        def at(scheds, score: float) -> Callable[[int], dict]:
+            cache: dict[tuple[int, ...], dict] = {}
+
+            def kwargs(step: int) -> dict:
+                picked = [cond_at_step(s, step) for s in scheds]
+                key = tuple(id(c) for c in picked)
+                if key not in cache:
+                    cache[key] = self.cond_kwargs(stack_conds(picked), width, height, score)
+                return cache[key]
+            return kwargs
+
         # the refiner is told a low aesthetic score for the negative side, as SGM/A1111 do
-        kw_u = [self.cond_kwargs(u, width, height, 2.5) for u in unconds]
-        # cond and uncond must have the same token length to batch them: pad the shorter ones
-        # with chunks of the empty prompt (A1111 ≥ 1.6)
-        n_tok = max(k["context"].shape[1] for k in kw_c + kw_u)
-        for k in kw_c + kw_u:
-            if k["context"].shape[1] < n_tok:
-                pad = empty.context.to(k["context"]).repeat(
-                    k["context"].shape[0], (n_tok - k["context"].shape[1])
-                    // empty.context.shape[1], 1)
-                k["context"] = torch.cat([k["context"], pad], dim=1)
-        extra = extra or {}
-        rows = None if groups is None else [i for i, g in enumerate(groups) for _ in g]
-        extra_c = extra if rows is None else {  # e.g. inpainting's c_concat, one per part
-            k: v[rows] if isinstance(v, torch.Tensor) and v.shape[0] == len(prompts) else v
-            for k, v in extra.items()}
-        sig = [float(s) for s in sigmas]
-
-        def step_of(sigma: torch.Tensor) -> int:
-            s = float(sigma.flatten()[0])
-            # index of the sampling step this sigma belongs to (nearest grid point ≥ sigma)
-            return max([i for i, g in enumerate(sig[:-1]) if g >= s - 1e-6] or [0])
-
-        def pick(table_bounds, table, step):
-            for end, kw in zip(table_bounds, table):
-                if step <= end:  # A1111: 0-based step against 1-based "end at step"
-                    return kw
-            return table[-1]
-
-        def cond_at(sigma):
-            step = step_of(sigma) + (steps - (len(sig) - 1))  # img2img starts partway
-            return ({**pick(bounds, kw_c, step), **extra_c},
-                    {**pick(n_bounds, kw_u, step), **extra})
-
-        if groups is None:
-            return CFGDenoiser(self.denoiser, cond_at, cfg_scale)
-        return CFGDenoiser(self.denoiser, lambda s: cond_at(s)[0], lambda s: cond_at(s)[1],
+        return CFGDenoiser(self.denoiser, at(c_sched, aesthetic_score), at(u_sched, 2.5),
                            cfg_scale, groups=groups)
 
     # ---------------------------------------------------------------- VAE

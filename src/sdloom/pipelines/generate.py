@@ -1,7 +1,11 @@
 """txt2img, img2img, inpainting/outpainting and hires fix as thin compositions over an Engine.
 
-Semantics follow A1111: seeds seed+i per image, noise from per-image CPU generators, img2img
-start step int(strength·steps), inpaint masked content modes, "only masked" crops, hires fix.
+Semantics follow A1111 (processing.py, sd_samplers_kdiffusion.py, reference/a1111.md): seeds
+seed+i per image, each image's noise from its own CPU generator (ImageRNG: variation seeds,
+seed resize, ENSD); img2img runs t_enc + 1 = int(min(strength, 0.999)·steps) + 1 steps of the
+schedule and the hires pass exactly its requested steps (setup_img2img_steps); prompt editing
+counts A1111's denoiser calls from 0 in each pass, the hires pass on the hires schedule; masks
+by A1111's alpha rule, blur, crop, fill, latent blend and overlay.
 """
 from __future__ import annotations
 
@@ -9,29 +13,29 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from .. import __version__
 from ..errors import SdloomError
-from ..images import image_grid, resize_image, to_pil, from_pil
+from ..images import (crop_region, fill_masked, from_pil, image_grid, mask_from_image,
+                      masked_overlay, resize_image, to_pil)
 from ..infotext import format_infotext
+from ..limits import DEFAULT_LIMITS, Limits
 from ..models.lora import extract_prompt_loras
-from ..sampling.denoisers import sigmas_for_img2img
+from ..sampling.denoisers import sample, sampling_sigmas
 from ..sampling.samplers import resolve_sampler
 from ..sampling.schedules import scheduler_label
-from ..seeds import all_seeds, fix_seed, image_noise, sampler_generators
+from ..seeds import LATENT_FACTOR, ImageRNG, all_seeds, fix_seed
 from .engine import Engine
 from .params import FILL_NAMES, GenerationParams
 
 LATENT_UPSCALERS = {"latent": "bilinear", "latent (antialiased)": "bilinear-aa",
                     "latent (bicubic)": "bicubic", "latent (bicubic antialiased)": "bicubic-aa",
                     "latent (nearest)": "nearest", "latent (nearest-exact)": "nearest-exact"}
-
-
-class Interrupted(Exception):
-    """Raised from the progress callback to stop a job (A1111's /interrupt)."""
+PIXEL_UPSCALERS = {"lanczos": Image.LANCZOS, "nearest": Image.NEAREST, "none": Image.LANCZOS}
 
 
 @dataclass
@@ -51,320 +55,55 @@ ProgressFn = Callable[[int, int, torch.Tensor | None], None]  # (step, total, x�
 
 
 @dataclass
-class _Mask:
-    """A prepared inpainting mask: pixel mask for the overlay, latent masks for sampling."""
-    overlay: Image.Image  # L, blurred, at output size: 255 = generated
-    latent: torch.Tensor  # [1,1,h,w] 1 = repaint
-    crop: tuple[int, int, int, int] | None = None  # "only masked": region in the original
-    original: Image.Image | None = None  # the full original, for pasting back
+class _Inpaint:
+    """A prepared inpainting mask (A1111 StableDiffusionProcessingImg2Img.init)."""
+    mask: Image.Image  # L at processing size, blurred: what the latent mask is made from
+    overlay: Image.Image  # RGBA: the original where the mask does not repaint, at output size
+    paste_to: tuple[int, int, int, int] | None = None  # "only masked": (x, y, w, h)
 
 
-def _blur(mask: Image.Image, radius: int) -> Image.Image:
-    return mask.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask
-
-
-def _crop_region(mask: Image.Image, pad: int, w: int, h: int) -> tuple[int, int, int, int]:
-    """Bounding box of the mask plus padding, grown to the output aspect ratio, inside the image."""
-    box = mask.point(lambda v: 255 if v > 0 else 0).getbbox()
-    if box is None:
-        raise SdloomError("the mask is empty: nothing to inpaint")
-    x1, y1, x2, y2 = box
-    x1, y1 = max(0, x1 - pad), max(0, y1 - pad)
-    x2, y2 = min(mask.width, x2 + pad), min(mask.height, y2 + pad)
-    ratio = w / h
-    cw, ch = x2 - x1, y2 - y1
-    if cw / ch < ratio:  # too tall: widen
-        grow = int(ch * ratio) - cw
-        x1, x2 = x1 - grow // 2, x2 + grow - grow // 2
-    else:
-        grow = int(cw / ratio) - ch
-        y1, y2 = y1 - grow // 2, y2 + grow - grow // 2
-    # slide back inside the image, clipping only when the region is larger than the image
-    if x1 < 0:
-        x2, x1 = min(mask.width, x2 - x1), 0
-    if x2 > mask.width:
-        x1, x2 = max(0, x1 - (x2 - mask.width)), mask.width
-    if y1 < 0:
-        y2, y1 = min(mask.height, y2 - y1), 0
-    if y2 > mask.height:
-        y1, y2 = max(0, y1 - (y2 - mask.height)), mask.height
-    return x1, y1, x2, y2
-
-
-def _prepare_init(p: GenerationParams) -> tuple[Image.Image, _Mask | None]:
-    """The init image at output size, and the mask (with the 'only masked' crop) if any."""
+def _prepare_init(p: GenerationParams) -> tuple[Image.Image, _Inpaint | None]:
+    """The init image at processing size (filled where masked, for "fill"), and the mask."""
     init = p.init_image.convert("RGB")
     if p.mask is None:
         return resize_image(init, p.width, p.height, p.resize_mode), None
-    mask = p.mask.convert("L")
-    if p.inpainting_mask_invert:
-        mask = mask.point(lambda v: 255 - v)
-    blurred = _blur(mask, p.mask_blur)
-    if p.inpaint_full_res:
-        box = _crop_region(blurred, p.inpaint_full_res_padding, p.width, p.height)
-        crop_img = init.crop(box).resize((p.width, p.height), Image.LANCZOS)
-        overlay = blurred.crop(box).resize((p.width, p.height), Image.LANCZOS)
-        return crop_img, _Mask(overlay, _latent_mask(overlay), box, init)
-    img = resize_image(init, p.width, p.height, p.resize_mode)
-    overlay = resize_image(blurred, p.width, p.height, p.resize_mode)
-    return img, _Mask(overlay, _latent_mask(overlay))
-
-
-def _latent_mask(overlay: Image.Image) -> torch.Tensor:
-    m = torch.from_numpy(__import__("numpy").asarray(overlay, dtype="float32") / 255.0)
-    m = F.interpolate(m[None, None], size=(overlay.height // 8, overlay.width // 8), mode="area")
-    return m.round()  # A1111 rounds the latent mask (mask_round)
-
-
-def _fill(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """'fill' masked content: the masked area painted with blurred colours of its surroundings."""
-    keep = mask.point(lambda v: 0 if v > 127 else 255)
-    out = image.copy()
-    for radius in (256, 64, 16, 4, 1):  # coarse to fine, like A1111's masking.fill
-        blurred = Image.composite(image, Image.new("RGB", image.size), keep).filter(
-            ImageFilter.GaussianBlur(radius))
-        weight = keep.filter(ImageFilter.GaussianBlur(radius))
-        import numpy as np
-        b = np.asarray(blurred, dtype=np.float32)
-        wgt = np.asarray(weight, dtype=np.float32)[..., None] / 255.0
-        est = np.clip(b / np.maximum(wgt, 1e-3), 0, 255).astype(np.uint8)
-        out = Image.composite(out, Image.fromarray(est), keep)
-    return out
-
-
-def _run_sampler(engine: Engine, p: GenerationParams, den, x: torch.Tensor,
-                 sigmas: torch.Tensor, seeds: list[int], progress: ProgressFn | None,
-                 step_offset: int, total: int) -> torch.Tensor:
-    spec, _ = resolve_sampler(p.sampler_name, p.scheduler)
-    opts = {}
-    if p.eta is not None:
-        opts["eta"] = p.eta
-    if p.s_noise is not None:
-        opts["s_noise"] = p.s_noise
-
-    def cb(d: dict) -> None:
-        if progress is not None:
-            progress(step_offset + d["i"] + 1, total, d.get("denoised"))
-
-    # each image's A1111 generator, moved past its starting noise
-    gen = sampler_generators(seeds, tuple(x.shape[1:]))
-    return spec.fn(den, x, sigmas.to(x.device), extra_args={}, callback=cb, generator=gen, **opts)
-
-
-def _sigmas(engine: Engine, p: GenerationParams, steps: int) -> torch.Tensor:
-    spec, scheduler = resolve_sampler(p.sampler_name, p.scheduler)
-    # A1111 drops the next-to-last sigma for DPM2 / DPM2 a / DPM++ 3M SDE
-    return spec.sigmas(scheduler, steps, engine.schedule)
-
-
-def _infotext(engine: Engine, p: GenerationParams, prompt: str, negative: str, seed: int,
-              subseed: int, width: int, height: int, extra: dict) -> str:
-    spec, scheduler = resolve_sampler(p.sampler_name, p.scheduler)
-    params: dict[str, object] = {
-        "Steps": p.steps, "Sampler": spec.name,
-        "Schedule type": scheduler_label(scheduler) if scheduler else None,
-        "CFG scale": p.cfg_scale, "Seed": seed, "Size": f"{width}x{height}",
-        "Model hash": engine.hash, "Model": engine.name,
-        "Variation seed": subseed if p.subseed_strength else None,
-        "Variation seed strength": p.subseed_strength or None,
-        "Denoising strength": (p.denoising_strength if p.init_image is not None or p.enable_hr
-                               else None),
-        "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
-        "RNG": "CPU",
-    }
-    params.update(extra)
-    params["Version"] = f"sdloom {__version__}"
-    return format_infotext(prompt, negative, params)
-
-
-def generate(engine: Engine, p: GenerationParams, progress: ProgressFn | None = None
-             ) -> GenerationResult:
-    """Run one job (txt2img, img2img or inpaint; hires fix optional) and return the images."""
-    p.validate(engine.config.default_size)
-    resolve_sampler(p.sampler_name, p.scheduler)  # fail fast on an unknown name
-    prompt, tagged = extract_prompt_loras(p.prompt)
-    negative, _ = extract_prompt_loras(p.negative_prompt)
-    lora_names = engine.set_loras(list(p.loras) + tagged)
-    seed = fix_seed(p.seed)
-    subseed = fix_seed(p.subseed) if p.subseed_strength else -1
-    n = p.batch_size * p.n_iter
-    seeds, subseeds = all_seeds(seed, n, subseed, p.subseed_strength)
-    img2img = p.init_image is not None
-    init_img, mask = _prepare_init(p) if img2img else (None, None)
-    if mask is not None and p.inpainting_fill == 0:
-        init_img = _fill(init_img, mask.overlay)
-    hr = p.enable_hr and not img2img
-    hr_w, hr_h = p.hr_size() if hr else (p.width, p.height)
-    extra: dict[str, object] = {}
-    if mask is not None:
-        extra.update({"Mask blur": p.mask_blur, "Masked content": FILL_NAMES[p.inpainting_fill],
-                      "Inpaint area": "Only masked" if p.inpaint_full_res else "Whole picture"})
-        if p.inpaint_full_res:
-            extra["Masked area padding"] = p.inpaint_full_res_padding
-    if hr:
-        hp = _hires_params(p)
-        hr_spec, hr_key = resolve_sampler(hp.sampler_name, hp.scheduler)  # fail fast
-        extra.update({"Hires upscale": p.hr_scale, "Hires steps": p.hr_second_pass_steps or None,
-                      "Hires upscaler": p.hr_upscaler})
-        # as A1111: recorded only where the second pass differs from the first
-        if hp.sampler_name != p.sampler_name:
-            extra["Hires sampler"] = hr_spec.name
-        if hp.scheduler != p.scheduler:
-            extra["Hires schedule type"] = scheduler_label(hr_key)
-        if hp.prompt != p.prompt:
-            extra["Hires prompt"] = hp.prompt
-        if hp.negative_prompt != p.negative_prompt:
-            extra["Hires negative prompt"] = hp.negative_prompt
-    if lora_names:
-        extra["Lora weights"] = ", ".join(f"{n_}: {w:g}" for n_, (_, w)
-                                         in zip(lora_names, list(p.loras) + tagged))
-    images, infotexts = [], []
-    hr_steps = p.hr_second_pass_steps or p.steps
-    total = p.n_iter * ((int(min(p.denoising_strength, 0.999) * p.steps) if img2img else p.steps)
-                        + (int(min(p.denoising_strength, 0.999) * hr_steps) if hr else 0))
-    done = 0
-    for k in range(p.n_iter):
-        bs = seeds[k * p.batch_size:(k + 1) * p.batch_size]
-        bss = subseeds[k * p.batch_size:(k + 1) * p.batch_size]
-        prompts, negs = [prompt] * len(bs), [negative] * len(bs)
-        if p.all_prompts is not None:
-            prompts = [extract_prompt_loras(q)[0]
-                       for q in p.all_prompts[k * p.batch_size:(k + 1) * p.batch_size]]
-        lat, done = _first_pass(engine, p, prompts, negs, bs, bss, init_img, mask, progress,
-                                done, total)
-        if hr:
-            hr_prompts = prompts if hp.prompt == p.prompt else \
-                [extract_prompt_loras(hp.prompt)[0]] * len(bs)
-            hr_negs = [extract_prompt_loras(hp.negative_prompt)[0]] * len(bs)
-            lat, done = _hires_pass(engine, hp, hr_prompts, hr_negs, bs, bss, lat, hr_w, hr_h,
-                                    progress, done, total)
-        pix = engine.decode(lat)
-        for j, im in enumerate(to_pil(pix)):
-            if mask is not None:
-                im = _overlay(im, init_img, mask)
-            images.append(im)
-            # A1111 records the first-pass processing size, whatever the final size
-            shown = p.prompt if p.all_prompts is None else p.all_prompts[k * p.batch_size + j]
-            infotexts.append(_infotext(engine, p, shown, p.negative_prompt, bs[j], bss[j],
-                                       p.width, p.height, extra))
-    return GenerationResult(images, infotexts, seeds, subseeds, p)
-
-
-def _noise(engine: Engine, seeds, subseeds, p: GenerationParams, w: int, h: int) -> torch.Tensor:
-    c = engine.config.vae.embed_dim
-    return image_noise(seeds, (c, h // 8, w // 8), subseeds=subseeds,
-                       subseed_strength=p.subseed_strength).to(engine.device, torch.float32)
-
-
-def _inpaint_concat(engine: Engine, init_img, mask: _Mask | None, seeds, n: int, w: int,
-                    h: int) -> torch.Tensor | None:
-    """9-channel models: [repaint mask, latent of the image with the masked area blanked]."""
-    if not engine.config.is_inpaint:
-        return None
-    if init_img is None:  # txt2img with an inpainting model: everything is to be painted
-        m = torch.ones(n, 1, h // 8, w // 8)
-        masked = torch.zeros(n, 3, h, w)
+    mask = mask_from_image(p.mask, (p.mask_blur_x, p.mask_blur_y), p.inpainting_mask_invert)
+    box = crop_region(mask, p.inpaint_full_res_padding, p.width, p.height) \
+        if p.inpaint_full_res else None  # an empty mask falls back to the whole picture
+    if box is not None:
+        x1, y1, x2, y2 = box
+        inp = _Inpaint(resize_image(mask.crop(box), p.width, p.height, 2),
+                       masked_overlay(init, mask), (x1, y1, x2 - x1, y2 - y1))
+        image = resize_image(init.crop(box), p.width, p.height, 2)
     else:
-        m = mask.latent.expand(n, -1, -1, -1) if mask is not None else torch.zeros(
-            n, 1, h // 8, w // 8)
-        px = from_pil(init_img)
-        if mask is not None:
-            import numpy as np
-            pm = torch.from_numpy((np.asarray(mask.overlay) > 127).astype("float32"))
-            px = px * (1 - pm[None, None])
-        masked = px.expand(n, -1, -1, -1)
-    lat = engine.encode(masked, seeds)
-    return torch.cat([m.to(lat), lat], dim=1).to(engine.device)
+        m = resize_image(mask, p.width, p.height, p.resize_mode)
+        # the overlay lets the generated pixels through at twice the blurred mask's strength
+        doubled = Image.fromarray(np.clip(np.asarray(m, np.float32) * 2, 0, 255).astype(np.uint8))
+        image = resize_image(init, p.width, p.height, p.resize_mode)
+        inp = _Inpaint(m, masked_overlay(image, doubled))
+    if p.inpainting_fill != 1:  # every mode but "original" starts from the filled image
+        image = fill_masked(image, inp.mask)
+    return image, inp
 
 
-def _first_pass(engine, p, prompts, negs, seeds, subseeds, init_img, mask, progress, done,
-                total):
-    w, h = p.width, p.height
-    noise = _noise(engine, seeds, subseeds, p, w, h)
-    sigmas = _sigmas(engine, p, p.steps)
-    extra = {}
-    concat = _inpaint_concat(engine, init_img, mask, seeds, len(seeds), w, h)
-    if concat is not None:
-        extra["c_concat"] = concat
-    if init_img is None:
-        x = noise * sigmas[0]
-        init_lat = None
-    else:
-        sigmas = sigmas_for_img2img(sigmas, p.denoising_strength, p.steps)
-        init_lat = engine.encode(from_pil(init_img).expand(len(seeds), -1, -1, -1), seeds)
-        init_lat = init_lat.to(engine.device)
-        if mask is not None and p.inpainting_fill in (2, 3):
-            keep = 1 - mask.latent.to(init_lat)
-            fill = noise if p.inpainting_fill == 2 else torch.zeros_like(init_lat)
-            init_lat = init_lat * keep + fill * (1 - keep)
-        x = init_lat + noise * sigmas[0]
-    den = engine.cfg_denoiser(prompts, negs, p.steps, p.cfg_scale, p.clip_skip, w, h, sigmas,
-                              p.aesthetic_score, extra)
-    if mask is not None and not engine.config.is_inpaint:
-        den = _blend(den, init_lat, 1 - mask.latent.to(init_lat))
-    out = _run_sampler(engine, p, den, x, sigmas, seeds, progress, done, total)
-    if mask is not None and not engine.config.is_inpaint:
-        keep = 1 - mask.latent.to(out)
-        out = init_lat * keep + out * (1 - keep)
-    return out, done + len(sigmas) - 1
+def _latent_mask(mask: Image.Image, h: int, w: int) -> torch.Tensor:
+    """[1, 1, h, w], 1 = repaint: the mask resized to the latent (Pillow's default bicubic)
+    and rounded (A1111's latmask with mask_round)."""
+    small = np.asarray(mask.convert("RGB").resize((w, h)), dtype=np.float32)[..., 0] / 255
+    return torch.from_numpy(np.around(small))[None, None]
 
 
-def _blend(den, init_lat: torch.Tensor, keep: torch.Tensor):
-    """Latent blending for ordinary models: outside the mask, x̂0 is the original latent."""
-    def blended(x, sigma, **kw):
-        return init_lat * keep + den(x, sigma, **kw) * (1 - keep)
-    return blended
-
-
-def _hires_params(p: GenerationParams) -> GenerationParams:
-    """The job as the hires pass sees it: its own sampler, schedule and prompts where set."""
-    return replace(p, sampler_name=p.hr_sampler_name or p.sampler_name,
-                   scheduler=p.hr_scheduler or p.scheduler,
-                   prompt=p.hr_prompt or p.prompt,
-                   negative_prompt=p.hr_negative_prompt or p.negative_prompt)
-
-
-def _hires_pass(engine, p, prompts, negs, seeds, subseeds, lat, w, h, progress, done, total):
-    """Upscale the first pass (in latent or pixel space) and denoise it again at the new size."""
-    mode = LATENT_UPSCALERS.get(p.hr_upscaler.lower())
-    if mode is not None:
-        aa = mode.endswith("-aa")
-        m = mode.removesuffix("-aa")
-        up = F.interpolate(lat.float(), size=(h // 8, w // 8), mode=m, antialias=aa,
-                           **({} if m.startswith("nearest") else {"align_corners": False}))
-    elif p.hr_upscaler.lower() in ("lanczos", "nearest", "none"):
-        rs = Image.LANCZOS if p.hr_upscaler.lower() != "nearest" else Image.NEAREST
-        imgs = [im.resize((w, h), rs) for im in to_pil(engine.decode(lat))]
-        up = engine.encode(torch.cat([from_pil(im) for im in imgs]), seeds).to(engine.device)
-    else:
-        raise SdloomError(f"unknown hires upscaler {p.hr_upscaler!r}; use one of: "
-                          + ", ".join(["Latent", *[k.title() for k in LATENT_UPSCALERS][1:],
-                                       "Lanczos", "Nearest"]))
-    steps = p.hr_second_pass_steps or p.steps
-    sigmas = sigmas_for_img2img(_sigmas(engine, p, steps), p.denoising_strength, steps)
-    noise = _noise(engine, seeds, subseeds, p, w, h)
-    x = up.to(engine.device) + noise * sigmas[0]
-    extra = {}
-    concat = _inpaint_concat(engine, None, None, seeds, len(seeds), w, h)
-    if concat is not None:
-        extra["c_concat"] = concat
-    den = engine.cfg_denoiser(prompts, negs, steps, p.cfg_scale, p.clip_skip, w, h, sigmas,
-                              p.aesthetic_score, extra)
-    out = _run_sampler(engine, p, den, x, sigmas, seeds, progress, done, total)
-    return out, done + len(sigmas) - 1
-
-
-def _overlay(generated: Image.Image, init_img: Image.Image, mask: _Mask) -> Image.Image:
-    """Paste the generated pixels over the original through the blurred mask (A1111 overlay)."""
-    if mask.crop is None:
-        return Image.composite(generated, init_img, mask.overlay)
-    x1, y1, x2, y2 = mask.crop
-    size = (x2 - x1, y2 - y1)
-    patch = generated.resize(size, Image.LANCZOS)
-    m = mask.overlay.resize(size, Image.LANCZOS)
-    out = mask.original.copy()
-    out.paste(patch, (x1, y1), m)
-    return out
+def _overlay(generated: Image.Image, inp: _Inpaint) -> Image.Image:
+    """The original pasted back over the generated pixels (A1111 apply_overlay; for "only
+    masked", the generated crop is first resized into its place, uncrop)."""
+    if inp.paste_to is not None:
+        x, y, w, h = inp.paste_to
+        base = Image.new("RGBA", inp.overlay.size)
+        base.paste(resize_image(generated, w, h, 1), (x, y))
+        generated = base
+    out = generated.convert("RGBA")
+    out.alpha_composite(inp.overlay)
+    return out.convert("RGB")
 
 
 def outpaint_canvas(image: Image.Image, left: int = 0, right: int = 0, top: int = 0,
@@ -385,3 +124,248 @@ def outpaint_canvas(image: Image.Image, left: int = 0, right: int = 0, top: int 
                    left + image.width - (8 if right else 0),
                    top + image.height - (8 if bottom else 0)))
     return canvas, mask
+
+
+def _hires_params(p: GenerationParams) -> GenerationParams:
+    """The job as the hires pass sees it: its own sampler, schedule and prompts where set."""
+    return replace(p, sampler_name=p.hr_sampler_name or p.sampler_name,
+                   scheduler=p.hr_scheduler or p.scheduler,
+                   prompt=p.hr_prompt or p.prompt,
+                   negative_prompt=p.hr_negative_prompt or p.negative_prompt)
+
+
+def _check_prompt_sizes(engine: Engine, texts: list[str], limits: Limits) -> None:
+    """Refuse prompts over the chunk limit before anything is encoded."""
+    for t in dict.fromkeys(texts):
+        limits.check("prompt length (75-token chunks)", len(engine.prompt_encoder.tokenize(t)),
+                     "max_prompt_chunks")
+
+
+class _Job:
+    """One generate() call: the parameters resolved once, the passes run batch by batch."""
+
+    def __init__(self, engine: Engine, p: GenerationParams, progress: ProgressFn | None):
+        self.engine, self.p, self.progress = engine, p, progress
+        self.prompt, tagged = extract_prompt_loras(p.prompt)
+        self.negative, _ = extract_prompt_loras(p.negative_prompt)
+        self.img2img = p.init_image is not None
+        self.hr = p.enable_hr and not self.img2img
+        self.hp = _hires_params(p) if self.hr else None
+        self.schedule = engine.schedule
+        # the sigmas each pass samples, known up front: they give the progress total
+        if self.img2img:
+            self.sigmas = sampling_sigmas(p.sampler_name, p.scheduler, p.steps, self.schedule,
+                                          p.denoising_strength)
+        else:
+            self.sigmas = sampling_sigmas(p.sampler_name, p.scheduler, p.steps, self.schedule)
+        self.hr_steps = p.hr_second_pass_steps or p.steps
+        self.hr_sigmas = None
+        if self.hr:
+            hp = self.hp
+            if hp.hr_upscaler.lower() not in LATENT_UPSCALERS | PIXEL_UPSCALERS:
+                raise SdloomError(f"unknown hires upscaler {p.hr_upscaler!r}; use one of: "
+                                  + ", ".join(["Latent", *[k.title() for k in LATENT_UPSCALERS][1:],
+                                               "Lanczos", "Nearest", "None"]))
+            # A1111 runs exactly the requested hires steps (setup_img2img_steps with steps set)
+            self.hr_sigmas = sampling_sigmas(hp.sampler_name, hp.scheduler, self.hr_steps,
+                                             self.schedule, p.denoising_strength, fix_steps=True)
+        self.per_batch = len(self.sigmas) - 1 + (len(self.hr_sigmas) - 1 if self.hr else 0)
+        self.total = p.n_iter * self.per_batch
+        self.lora_names = engine.set_loras(list(p.loras), tagged)
+        self.loras = list(p.loras) + tagged
+
+    # ------------------------------------------------------------------ passes
+    def _noise(self, seeds: list[int], subseeds: list[int], w: int, h: int) -> ImageRNG:
+        f = LATENT_FACTOR
+        return ImageRNG((self.engine.config.vae.embed_dim, h // f, w // f), seeds, subseeds,
+                        self.p.subseed_strength,
+                        (self.p.seed_resize_from_w, self.p.seed_resize_from_h),
+                        self.p.eta_noise_seed_delta)
+
+    def _sample(self, p: GenerationParams, den, x: torch.Tensor, sigmas: torch.Tensor,
+                rng: ImageRNG, extra: dict, done: int) -> torch.Tensor:
+        def cb(d: dict) -> None:
+            if self.progress is not None:
+                self.progress(done + d["i"] + 1, self.total, d.get("denoised"))
+
+        return sample(p.sampler_name, p.scheduler, den, x, sigmas, generator=rng.generators,
+                      extra_args=extra, callback=cb, eta=p.eta, s_noise=p.s_noise)
+
+    def _conditioning(self, init_px: torch.Tensor | None, mask: torch.Tensor | None,
+                      seeds: list[int], w: int, h: int) -> dict:
+        """Inpainting models' c_concat: [repaint mask, latent of the image with the masked
+        area blanked] (A1111 inpainting_image_conditioning: without a mask, txt2img, img2img
+        and the hires pass alike, everything counts as masked)."""
+        e = self.engine
+        if not e.config.is_inpaint:
+            return {}
+        f, n = LATENT_FACTOR, len(seeds)
+        if mask is None:
+            m, px = torch.ones(1, 1, h, w), torch.zeros(1, 3, h, w)
+        else:
+            m, px = mask, init_px * (1 - mask)
+        lat = e.encode(px.expand(n, -1, -1, -1), seeds)
+        m = F.interpolate(m, size=(h // f, w // f)).expand(n, -1, -1, -1)
+        return {"c_concat": torch.cat([m.to(lat), lat], dim=1).to(e.device)}
+
+    def first_pass(self, prompts, negs, seeds, subseeds, init_img, inp, done) -> torch.Tensor:
+        e, p = self.engine, self.p
+        w, h = p.width, p.height
+        rng = self._noise(seeds, subseeds, w, h)
+        noise = rng.first().to(e.device)
+        den = e.cfg_denoiser(prompts, negs, p.steps, p.cfg_scale, p.clip_skip, w, h,
+                             p.aesthetic_score)
+        if init_img is None:
+            x = noise * self.sigmas[0]
+            return self._sample(p, den, x, self.sigmas, rng, self._conditioning(None, None, seeds,
+                                                                                 w, h), done)
+        px = from_pil(init_img)
+        init_lat = e.encode(px.expand(len(seeds), -1, -1, -1), seeds).to(e.device)
+        pix_mask = None
+        if inp is not None:
+            nmask = _latent_mask(inp.mask, *init_lat.shape[-2:]).to(init_lat)
+            if p.inpainting_fill == 2:  # latent noise: seeded noise where masked
+                fresh = ImageRNG(tuple(init_lat.shape[1:]), seeds).first().to(init_lat)
+                init_lat = init_lat * (1 - nmask) + fresh * nmask
+            elif p.inpainting_fill == 3:  # latent nothing
+                init_lat = init_lat * (1 - nmask)
+            m = torch.from_numpy(np.asarray(inp.mask.convert("L"), np.float32) / 255)
+            pix_mask = m.round()[None, None]
+            den = _blend(den, init_lat, nmask)
+        extra = self._conditioning(px, pix_mask, seeds, w, h)
+        x = init_lat + noise * self.sigmas[0]
+        out = self._sample(p, den, x, self.sigmas, rng, extra, done)
+        if inp is not None:
+            out = init_lat * (1 - nmask) + out * nmask
+        return out
+
+    def hires_pass(self, prompts, negs, seeds, subseeds, lat, done) -> torch.Tensor:
+        """Upscale the first pass (in latent or pixel space) and denoise it again at the new
+        size with exactly the requested hires steps."""
+        e, hp = self.engine, self.hp
+        w, h = hp.hr_size()
+        f = LATENT_FACTOR
+        mode = LATENT_UPSCALERS.get(hp.hr_upscaler.lower())
+        if mode is not None:
+            aa = mode.endswith("-aa")
+            m = mode.removesuffix("-aa")
+            up = F.interpolate(lat.float(), size=(h // f, w // f), mode=m, antialias=aa,
+                               **({} if m.startswith("nearest") else {"align_corners": False}))
+        else:
+            rs = PIXEL_UPSCALERS[hp.hr_upscaler.lower()]
+            imgs = [im.resize((w, h), rs) for im in to_pil(e.decode(lat))]
+            up = e.encode(torch.cat([from_pil(im) for im in imgs]), seeds)
+        rng = self._noise(seeds, subseeds, w, h)
+        x = up.to(e.device) + rng.first().to(e.device) * self.hr_sigmas[0]
+        den = e.cfg_denoiser(prompts, negs, self.p.steps, hp.cfg_scale, hp.clip_skip, w, h,
+                             hp.aesthetic_score, hires_steps=self.hr_steps)
+        extra = self._conditioning(None, None, seeds, w, h)
+        return self._sample(hp, den, x, self.hr_sigmas, rng, extra, done)
+
+    # ------------------------------------------------------------------ the job
+    def run(self) -> GenerationResult:
+        p, e = self.p, self.engine
+        seed = fix_seed(p.seed)
+        subseed = fix_seed(p.subseed) if p.subseed_strength else -1
+        seeds, subseeds = all_seeds(seed, p.batch_size * p.n_iter, subseed, p.subseed_strength)
+        init_img, inp = _prepare_init(p) if self.img2img else (None, None)
+        extra = self._extra_params(inp)
+        images, infotexts = [], []
+        for k in range(p.n_iter):
+            sl = slice(k * p.batch_size, (k + 1) * p.batch_size)
+            bs, bss = seeds[sl], subseeds[sl]
+            prompts, negs = [self.prompt] * len(bs), [self.negative] * len(bs)
+            if p.all_prompts is not None:
+                prompts = [extract_prompt_loras(q)[0] for q in p.all_prompts[sl]]
+            done = k * self.per_batch
+            lat = self.first_pass(prompts, negs, bs, bss, init_img, inp, done)
+            if self.hr:
+                hp = self.hp
+                hr_prompts = prompts if hp.prompt == p.prompt else \
+                    [extract_prompt_loras(hp.prompt)[0]] * len(bs)
+                hr_negs = [extract_prompt_loras(hp.negative_prompt)[0]] * len(bs)
+                lat = self.hires_pass(hr_prompts, hr_negs, bs, bss, lat,
+                                      done + len(self.sigmas) - 1)
+            for j, im in enumerate(to_pil(e.decode(lat))):
+                images.append(im if inp is None else _overlay(im, inp))
+                shown = p.prompt if p.all_prompts is None else p.all_prompts[sl][j]
+                infotexts.append(self._infotext(shown, bs[j], bss[j], extra))
+        return GenerationResult(images, infotexts, seeds, subseeds, p)
+
+    def _extra_params(self, inp: _Inpaint | None) -> dict[str, object]:
+        """A1111's extra_generation_params for this job, in its order."""
+        p, extra = self.p, {}
+        if inp is not None:
+            if p.mask_blur_x == p.mask_blur_y:
+                extra["Mask blur"] = p.mask_blur_x
+            else:
+                extra.update({"Mask blur x": p.mask_blur_x, "Mask blur y": p.mask_blur_y})
+            if p.inpainting_mask_invert:
+                extra["Mask mode"] = "Inpaint not masked"
+            extra["Masked content"] = FILL_NAMES[p.inpainting_fill]
+            if inp.paste_to is not None:
+                extra.update({"Inpaint area": "Only masked",
+                              "Masked area padding": p.inpaint_full_res_padding})
+        if self.hr:
+            hp, p0 = self.hp, self.p
+            hr_spec, hr_key = resolve_sampler(hp.sampler_name, hp.scheduler)
+            extra.update({"Hires upscale": p.hr_scale if not (p.hr_resize_x or p.hr_resize_y)
+                          else None,
+                          "Hires resize": (f"{p.hr_resize_x}x{p.hr_resize_y}"
+                                           if p.hr_resize_x or p.hr_resize_y else None),
+                          "Hires steps": p.hr_second_pass_steps or None,
+                          "Hires upscaler": p.hr_upscaler})
+            # as A1111: recorded only where the second pass differs from the first
+            if hp.sampler_name != p0.sampler_name:
+                extra["Hires sampler"] = hr_spec.name
+            if hp.scheduler != p0.scheduler:
+                extra["Hires schedule type"] = scheduler_label(hr_key)
+            if hp.prompt != p0.prompt:
+                extra["Hires prompt"] = hp.prompt
+            if hp.negative_prompt != p0.negative_prompt:
+                extra["Hires negative prompt"] = hp.negative_prompt
+        if self.lora_names:
+            extra["Lora weights"] = ", ".join(f"{n}: {w:g}" for n, (_, w)
+                                              in zip(self.lora_names, self.loras))
+        return extra
+
+    def _infotext(self, prompt: str, seed: int, subseed: int, extra: dict) -> str:
+        p, e = self.p, self.engine
+        spec, scheduler = resolve_sampler(p.sampler_name, p.scheduler)
+        resized = p.seed_resize_from_w > 0 and p.seed_resize_from_h > 0
+        params: dict[str, object] = {
+            "Steps": p.steps, "Sampler": spec.name,
+            "Schedule type": scheduler_label(scheduler) if scheduler else None,
+            "CFG scale": p.cfg_scale, "Seed": seed, "Size": f"{p.width}x{p.height}",
+            "Model hash": e.hash, "Model": e.name,
+            "Variation seed": subseed if p.subseed_strength else None,
+            "Variation seed strength": p.subseed_strength or None,
+            "Seed resize from": (f"{p.seed_resize_from_w}x{p.seed_resize_from_h}"
+                                 if resized else None),
+            "Denoising strength": p.denoising_strength if self.img2img or self.hr else None,
+            "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
+            "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and spec.stochastic
+            else None,
+            "RNG": "CPU",
+        }
+        params.update(extra)
+        params["Version"] = f"sdloom {__version__}"
+        return format_infotext(prompt, p.negative_prompt, params)
+
+
+def _blend(den, init_lat: torch.Tensor, nmask: torch.Tensor):
+    """Inpainting's latent blend (A1111 CFGDenoiser with a mask): outside the mask x̂0 is the
+    original latent."""
+    def blended(x, sigma, **kw):
+        return init_lat * (1 - nmask) + den(x, sigma, **kw) * nmask
+    return blended
+
+
+def generate(engine: Engine, p: GenerationParams, progress: ProgressFn | None = None,
+             limits: Limits = DEFAULT_LIMITS) -> GenerationResult:
+    """Run one job (txt2img, img2img or inpaint; hires fix optional) and return the images."""
+    p.validate(engine.config.default_size, limits)
+    texts = [p.prompt, p.negative_prompt, p.hr_prompt, p.hr_negative_prompt,
+             *(p.all_prompts or [])]
+    _check_prompt_sizes(engine, [extract_prompt_loras(t)[0] for t in texts], limits)
+    return _Job(engine, p, progress).run()

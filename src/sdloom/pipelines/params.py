@@ -4,13 +4,15 @@ Field names follow A1111's API (`/sdapi/v1/txt2img`, `img2img`) so the server ma
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from PIL import Image
 
 from ..errors import SdloomError
+from ..limits import DEFAULT_LIMITS, Limits
 
-MAX_SIDE = 4096  # pixels; larger sizes are almost surely a typo and would exhaust memory
+MAX_SEED = 2 ** 63 - 1  # torch generators take 64-bit seeds; seed + i must stay in range
 
 FILL_MODES = {"fill": 0, "original": 1, "latent-noise": 2, "noise": 2, "latent-nothing": 3}
 FILL_NAMES = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
@@ -30,6 +32,9 @@ class GenerationParams:
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
+    seed_resize_from_w: int = -1  # A1111's seed resize: noise drawn at this size, centred
+    seed_resize_from_h: int = -1
+    eta_noise_seed_delta: int = 0  # A1111's ENSD option: sampling noise from seed + ENSD
     batch_size: int = 1
     n_iter: int = 1
     clip_skip: int = 1
@@ -40,7 +45,9 @@ class GenerationParams:
     denoising_strength: float = 0.75
     resize_mode: int = 0
     mask: Image.Image | None = None
-    mask_blur: int = 4
+    mask_blur: int | None = None  # sets mask_blur_x and mask_blur_y (A1111)
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
     inpainting_fill: int = 1
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 32
@@ -65,23 +72,52 @@ class GenerationParams:
     # them are not applied (only `prompt`'s and `loras` are)
     all_prompts: list[str] | None = None
 
-    def validate(self, default_size: int) -> None:
-        """Raise SdloomError with one clear line for anything a model cannot run."""
-        self.width = self.width or default_size
-        self.height = self.height or default_size
+    def validate(self, default_size: int, limits: Limits = DEFAULT_LIMITS) -> None:
+        """Raise SdloomError with one clear line for anything a model cannot run or a limit
+        forbids. Sizes that are not multiples of 8 are rounded down, as A1111's latent size
+        (height // 8) does; the infotext records the size generated."""
         for name in ("width", "height"):
             v = getattr(self, name)
-            if v % 8:
-                raise SdloomError(f"{name} must be a multiple of 8, got {v}")
-            if not 64 <= v <= MAX_SIDE:
-                raise SdloomError(f"{name} must be between 64 and {MAX_SIDE}, got {v}")
-        if not 1 <= self.steps <= 1000:
-            raise SdloomError(f"steps must be between 1 and 1000, got {self.steps}")
-        if not 1 <= self.batch_size <= 64 or not 1 <= self.n_iter <= 1000:
-            raise SdloomError("batch size must be 1..64 and n_iter 1..1000")
+            v = default_size if v is None else v
+            if not isinstance(v, int) or v < 64:
+                raise SdloomError(f"{name} must be at least 64 pixels, got {v}")
+            limits.check(name, v, "max_side")
+            setattr(self, name, v // 8 * 8)
+        limits.check("image size (pixels)", self.width * self.height, "max_pixels")
+        limits.check("batch size × image pixels", self.width * self.height * self.batch_size,
+                     "max_batch_pixels")
+        if not 1 <= self.steps:
+            raise SdloomError(f"steps must be at least 1, got {self.steps}")
+        limits.check("steps", self.steps, "max_steps")
+        if self.batch_size < 1 or self.n_iter < 1:
+            raise SdloomError("batch size and batch count must be at least 1")
+        limits.check("batch size", self.batch_size, "max_batch_size")
+        limits.check("images (batch size × batch count)", self.batch_size * self.n_iter,
+                     "max_images")
+        for name in ("cfg_scale", "denoising_strength", "subseed_strength", "eta", "s_noise",
+                     "hr_scale", "aesthetic_score"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise SdloomError(f"{name} must be a finite number, got {v}")
         if not 0.0 <= self.denoising_strength <= 1.0:
             raise SdloomError(f"denoising strength must be in [0, 1], got "
                               f"{self.denoising_strength}")
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise SdloomError(f"variation strength must be in [0, 1], got {self.subseed_strength}")
+        for name in ("seed", "subseed"):
+            v = getattr(self, name)
+            if not -1 <= v <= MAX_SEED - limits.max_images:
+                raise SdloomError(f"{name} must be -1 (random) or between 0 and "
+                                  f"{MAX_SEED - limits.max_images}, got {v}")
+        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt",
+                     *(["all_prompts"] if self.all_prompts else [])):
+            for text in (getattr(self, name) if name == "all_prompts" else [getattr(self, name)]):
+                try:
+                    size = len(text.encode("utf-8"))
+                except UnicodeEncodeError:
+                    raise SdloomError(f"{name} is not valid text (it holds a lone surrogate)"
+                                      ) from None
+                limits.check(f"{name} length (bytes)", size, "max_prompt_bytes")
         if self.clip_skip < 1:
             raise SdloomError(f"clip skip must be ≥ 1, got {self.clip_skip}")
         if self.mask is not None and self.init_image is None:
@@ -94,10 +130,21 @@ class GenerationParams:
                               f"image size {self.init_image.size[0]}x{self.init_image.size[1]}")
         if self.inpainting_fill not in FILL_NAMES:
             raise SdloomError(f"masked content must be one of {sorted(FILL_MODES)}")
-        if self.enable_hr:
+        if self.mask_blur is not None:
+            self.mask_blur_x = self.mask_blur_y = self.mask_blur
+        if min(self.mask_blur_x, self.mask_blur_y, self.inpaint_full_res_padding) < 0:
+            raise SdloomError("mask blur and padding must be ≥ 0")
+        if self.enable_hr and self.init_image is None:
+            if not self.hr_scale > 0 or min(self.hr_resize_x, self.hr_resize_y) < 0:
+                raise SdloomError("hires scale must be > 0 and hires sizes ≥ 0")
             hw, hh = self.hr_size()
-            if max(hw, hh) > MAX_SIDE:
-                raise SdloomError(f"hires size {hw}x{hh} exceeds {MAX_SIDE}")
+            for name, v in (("hires width", hw), ("hires height", hh)):
+                if v < 64:
+                    raise SdloomError(f"{name} must be at least 64 pixels, got {v}")
+                limits.check(name, v, "max_side")
+            limits.check("hires image size (pixels)", hw * hh, "max_pixels")
+            limits.check("batch size × hires image pixels", hw * hh * self.batch_size,
+                         "max_batch_pixels")
 
     def hr_size(self) -> tuple[int, int]:
         """Target size of the hires pass, rounded to multiples of 8 (A1111: hr_resize or scale)."""

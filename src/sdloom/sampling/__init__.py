@@ -1,12 +1,12 @@
 """Sampling: noise schedules, samplers (pure functions over a denoiser) and denoiser wrappers."""
 from .denoisers import (CFGDenoiser, EpsDenoiser, VDenoiser, img2img_steps, sample,
-                        sigmas_for_img2img)
+                        sampling_sigmas)
 from .samplers import (SAMPLERS, BrownianTreeNoiseSampler, NoiseSampler, SamplerSpec,
                        resolve_sampler)
 from .schedules import (LABELS, SCHEDULERS, DiscreteSchedule, get_sigmas, scheduler_key,
                         scheduler_label)
 
 __all__ = ["CFGDenoiser", "EpsDenoiser", "VDenoiser", "img2img_steps", "sample",
-           "sigmas_for_img2img", "SAMPLERS", "BrownianTreeNoiseSampler", "NoiseSampler",
+           "sampling_sigmas", "SAMPLERS", "BrownianTreeNoiseSampler", "NoiseSampler",
            "SamplerSpec", "resolve_sampler", "LABELS", "SCHEDULERS", "DiscreteSchedule",
            "get_sigmas", "scheduler_key", "scheduler_label"]

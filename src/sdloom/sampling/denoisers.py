@@ -49,7 +49,7 @@ class VDenoiser(EpsDenoiser):
 
 
 Cond = Mapping[str, object]
-CondSource = Cond | Callable[[torch.Tensor], Cond]
+CondAt = Callable[[int], Cond]  # A1111's step counter → U-Net keyword arguments
 
 
 def _batchable(c: Cond, u: Cond) -> bool:
@@ -61,67 +61,61 @@ def _batchable(c: Cond, u: Cond) -> bool:
                for k in c)
 
 
+def _cat(a: Cond, b: Cond) -> dict:
+    return {k: torch.cat([v, b[k].to(v)]) if isinstance(v, torch.Tensor) else v
+            for k, v in a.items()}
+
+
 class CFGDenoiser(nn.Module):
-    """Classifier-free guidance (Ho & Salimans 2022): x̂0 = u + scale·(c − u), one batched call."""
-    # cond and uncond are dicts of U-Net keyword arguments ({"context": …, "y": …}), or
-    # callables σ → dict for prompt editing: σ rather than a step index, because solvers also
-    # evaluate between grid points (Heun, DPM2, DPM++ SDE). The older form
-    # CFGDenoiser(denoiser, conds, scale), conds(σ) → (cond, uncond), still works.
+    """Classifier-free guidance (Ho & Salimans 2022): x̂0 = u + scale·(c − u), one batched call.
 
-    # With `groups` (AND prompts), cond holds one row per prompt part and groups[i] lists image
-    # i's (row, weight) pairs: x̂0ᵢ = uᵢ + scale·Σ w·(c_row − uᵢ), all rows in one call.
+    cond(step) and uncond(step) give the U-Net keyword arguments ({"context": …, "y": …}) in
+    force at A1111's step counter: the number of earlier calls of this denoiser in the current
+    sampling pass (A1111's CFGDenoiser.step), so prompt editing switches where A1111 switches,
+    also for samplers that call the model twice per step (Heun, DPM2, DPM++ SDE). When cond and
+    uncond differ in token length they run as two calls, unpadded (A1111's default,
+    pad_cond_uncond off). With `groups` (AND prompts), cond holds one row per prompt part and
+    groups[i] lists image i's (row, weight) pairs: x̂0ᵢ = uᵢ + scale·Σ w·(c_row − uᵢ)."""
 
-    def __init__(self, denoiser: Callable[..., torch.Tensor],
-                 cond: CondSource | Callable[[torch.Tensor], tuple[Cond, Cond]],
-                 uncond: CondSource | float | None = None, cfg_scale: float | None = None,
-                 *, groups: list[list[tuple[int, float]]] | None = None):
+    def __init__(self, denoiser: Callable[..., torch.Tensor], cond: CondAt, uncond: CondAt,
+                 cfg_scale: float, *, groups: list[list[tuple[int, float]]] | None = None):
         super().__init__()
         self.denoiser = denoiser
+        self.cond, self.uncond = cond, uncond
+        self.scale = float(cfg_scale)
         self.groups = groups
         # the image each cond row belongs to
         self.rows = None if groups is None else torch.tensor(
             [i for i, g in enumerate(groups) for _ in g])
-        if cfg_scale is None and isinstance(uncond, (int, float)):
-            # (denoiser, conds, scale): pipelines/engine.py's form, one callable for both
-            pair = cond if callable(cond) else (lambda _s, p=cond: p)
-            self.cond = lambda s: pair(s)[0]
-            self.uncond = lambda s: pair(s)[1]
-            cfg_scale = float(uncond)
-        else:
-            if uncond is None or cfg_scale is None:
-                raise TypeError("CFGDenoiser(denoiser, cond, uncond, cfg_scale)")
-            self.cond = cond if callable(cond) else (lambda _s, c=cond: c)
-            self.uncond = uncond if callable(uncond) else (lambda _s, u=uncond: u)
-        self.scale = float(cfg_scale)
+        self.step = 0
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:
+        step, self.step = self.step, self.step + 1
         if self.groups is not None:
-            return self._composed(x, sigma, extra)
-        cond = {**self.cond(sigma), **extra}
+            return self._composed(x, sigma, step, extra)
+        cond = {**self.cond(step), **extra}
         if self.scale == 1.0:  # u + 1·(c − u) = c: the unconditional pass would be wasted
             return self.denoiser(x, sigma, **cond)
-        uncond = {**self.uncond(sigma), **extra}
-        if not _batchable(cond, uncond):  # e.g. prompts of different token lengths
+        uncond = {**self.uncond(step), **extra}
+        if not _batchable(cond, uncond):  # prompts of different token lengths
             c = self.denoiser(x, sigma, **cond)
             u = self.denoiser(x, sigma, **uncond)
         else:
-            kw = {k: torch.cat([v, uncond[k].to(v)]) if isinstance(v, torch.Tensor) else v
-                  for k, v in cond.items()}
-            c, u = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **kw).chunk(2)
+            c, u = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                 **_cat(cond, uncond)).chunk(2)
         return u + (c - u) * self.scale
 
-    def _composed(self, x: torch.Tensor, sigma: torch.Tensor, extra: dict) -> torch.Tensor:
+    def _composed(self, x: torch.Tensor, sigma: torch.Tensor, step: int,
+                  extra: dict) -> torch.Tensor:
         """AND prompts: every part's row and every image's uncond in one U-Net call."""
         n, rows = x.shape[0], self.rows.to(x.device)
         sigma = sigma.reshape(-1).expand(n) if sigma.numel() == 1 else sigma
         per_row = {k: v[rows] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v
                    for k, v in extra.items()}
-        cond, uncond = {**self.cond(sigma), **per_row}, {**self.uncond(sigma), **extra}
+        cond, uncond = {**self.cond(step), **per_row}, {**self.uncond(step), **extra}
         xc, sc = x[rows], sigma[rows]
         if _batchable(cond, uncond):
-            kw = {k: torch.cat([v, uncond[k].to(v)]) if isinstance(v, torch.Tensor) else v
-                  for k, v in cond.items()}
-            out = self.denoiser(torch.cat([xc, x]), torch.cat([sc, sigma]), **kw)
+            out = self.denoiser(torch.cat([xc, x]), torch.cat([sc, sigma]), **_cat(cond, uncond))
             c, u = out[:len(rows)], out[len(rows):]
         else:
             c, u = self.denoiser(xc, sc, **cond), self.denoiser(x, sigma, **uncond)
@@ -142,29 +136,26 @@ def img2img_steps(steps: int, strength: float, fix_steps: bool = False) -> tuple
     return steps, int(min(strength, 0.999) * steps)
 
 
-def sigmas_for_img2img(sigmas: torch.Tensor, strength: float,
-                       steps: int | None = None) -> torch.Tensor:
-    """A1111 img2img: sigmas[steps − t_enc − 1:] with t_enc = int(min(strength, 0.999)·steps)."""
-    # t_enc + 1 steps run, so strength 1.0 keeps the whole schedule; steps defaults to
-    # len(sigmas) − 1
-    steps = len(sigmas) - 1 if steps is None else steps
-    t_enc = int(min(strength, 0.999) * steps)
-    return sigmas[steps - t_enc - 1:]
+def sampling_sigmas(sampler_name: str | None, scheduler: str | None, steps: int,
+                    schedule: DiscreteSchedule, strength: float | None = None,
+                    fix_steps: bool = False) -> torch.Tensor:
+    """The sigmas a pass samples, as A1111: the whole schedule for txt2img; for img2img
+    (`strength` given) the tail sigmas[total − t_enc − 1:] of a `total`-step schedule
+    (sd_samplers_kdiffusion.sample_img2img), t_enc + 1 steps."""
+    spec, sched = resolve_sampler(sampler_name, scheduler)
+    if strength is None:
+        return spec.sigmas(sched, steps, schedule)
+    total, t_enc = img2img_steps(steps, strength, fix_steps)
+    return spec.sigmas(sched, total, schedule)[total - t_enc - 1:]
 
 
-def sample(sampler_name: str, scheduler: str | None, denoiser: Callable[..., torch.Tensor],
-           noise: torch.Tensor, steps: int, schedule: DiscreteSchedule, *,
-           generator: Generators = None, denoise_start_sigma_index: int = 0,
-           init_latent: torch.Tensor | None = None, extra_args: dict | None = None,
+def sample(sampler_name: str | None, scheduler: str | None,
+           denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor, *,
+           generator: Generators = None, extra_args: dict | None = None,
            callback: Callback | None = None, eta: float | None = None,
            s_noise: float | None = None) -> torch.Tensor:
-    """Run a named A1111 sampler from x = init_latent + noise·sigmas[start] down to σ = 0."""
-    # txt2img is init_latent None and start 0: x = noise·σ_max, as A1111 (no √(1+σ²) factor)
-    spec, sched = resolve_sampler(sampler_name, scheduler)
-    sigmas = spec.sigmas(sched, steps, schedule)[denoise_start_sigma_index:].to(noise.device)
-    x = noise * sigmas[0]
-    if init_latent is not None:
-        x = init_latent.to(x) + x
+    """Run a named A1111 sampler on x (already noised to sigmas[0]) down to sigmas[-1]."""
+    spec, _ = resolve_sampler(sampler_name, scheduler)
     opts = {k: v for k, v in (("eta", eta), ("s_noise", s_noise)) if v is not None}
-    return spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback,
+    return spec.fn(denoiser, x, sigmas.to(x.device), extra_args=extra_args, callback=callback,
                    generator=generator, **opts)
