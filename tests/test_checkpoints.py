@@ -24,12 +24,137 @@ def preset_shapes(name):
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", [n for n in PRESETS if n != "embedded"])
-def test_detect_every_preset_from_shapes(name):
-    cfg = detect(preset_shapes(name))
-    assert cfg.name == name
-    assert cfg.prediction == PRESETS[name].prediction
-    assert cfg == PRESETS[name]
+# ------------------------------------------------------------------ detection vs published configs
+# The published config.json values of each family (diffusers UNet2DConditionModel and
+# AutoencoderKL, transformers CLIPTextConfig; SD2's encoder as the single file holds it: all 24
+# OpenCLIP-H layers). Full-size models are built on the meta device (shapes, no memory), renamed
+# with our diffusers key maps into the original layout, and detected: a wrong preset, key map or
+# convention fails here, not only on a user's download.
+CROSS3 = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+UP3 = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+SD1_UNET = dict(act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
+                cross_attention_dim=768, down_block_types=CROSS3, up_block_types=UP3,
+                in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+                sample_size=64)
+SD2_UNET = {**SD1_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+            "use_linear_projection": True, "upcast_attention": True, "sample_size": 96}
+SDXL_UNET = dict(attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280],
+                 cross_attention_dim=2048,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 transformer_layers_per_block=[1, 2, 10], addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                 use_linear_projection=True, in_channels=4, out_channels=4, layers_per_block=2,
+                 norm_num_groups=32, sample_size=128)
+REFINER_UNET = dict(attention_head_dim=[6, 12, 24, 24], block_out_channels=[384, 768, 1536, 1536],
+                    cross_attention_dim=1280,
+                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
+                                      "CrossAttnDownBlock2D", "DownBlock2D"],
+                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                    "UpBlock2D"],
+                    transformer_layers_per_block=4, addition_embed_type="text_time",
+                    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560,
+                    use_linear_projection=True, in_channels=4, out_channels=4,
+                    layers_per_block=2, norm_num_groups=32, sample_size=128)
+SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+              up_block_types=["UpDecoderBlock2D"] * 4, in_channels=3, out_channels=3,
+              latent_channels=4, layers_per_block=2, norm_num_groups=32, scaling_factor=0.18215)
+SDXL_VAE = {**SD_VAE, "scaling_factor": 0.13025}
+CLIP_L_HF = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                 num_hidden_layers=12, max_position_embeddings=77, vocab_size=49408,
+                 hidden_act="quick_gelu")
+OPENCLIP_H_HF = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                     num_hidden_layers=24, max_position_embeddings=77, vocab_size=49408,
+                     hidden_act="gelu", projection_dim=1024)
+OPENCLIP_BIGG_HF = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                        num_hidden_layers=32, max_position_embeddings=77, vocab_size=49408,
+                        hidden_act="gelu", projection_dim=1280)
+# preset: (unet config, vae config, [(text config, projection?, layout)], sd prefix style)
+PUBLISHED = {
+    "sd1": (SD1_UNET, SD_VAE, [(CLIP_L_HF, False, "hf")]),
+    "sd1-inpaint": ({**SD1_UNET, "in_channels": 9}, SD_VAE, [(CLIP_L_HF, False, "hf")]),
+    "sd2-v": (SD2_UNET, SD_VAE, [(OPENCLIP_H_HF, True, "openclip")]),
+    "sd2-inpaint": ({**SD2_UNET, "in_channels": 9, "sample_size": 64}, SD_VAE,
+                    [(OPENCLIP_H_HF, True, "openclip")]),
+    "sdxl-base": (SDXL_UNET, SDXL_VAE, [(CLIP_L_HF, False, "hf"),
+                                        (OPENCLIP_BIGG_HF, True, "openclip")]),
+    "sdxl-refiner": (REFINER_UNET, SDXL_VAE, [(OPENCLIP_BIGG_HF, True, "openclip")]),
+}
+
+
+def published_shapes(name):
+    """Original-layout shapes of a full-size published model, built on the meta device."""
+    d = pytest.importorskip("diffusers")
+    t = pytest.importorskip("transformers")
+    from sdloom.checkpoints.keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
+    from sdloom.checkpoints.keymaps.unet import (unet_config_from_diffusers,
+                                                 unet_diffusers_to_ldm)
+    from sdloom.checkpoints.keymaps.vae import vae_diffusers_to_ldm
+    uc, vc, texts = PUBLISHED[name]
+    with torch.device("meta"):
+        unet = d.UNet2DConditionModel(**uc)
+        vae = d.AutoencoderKL(**{k: v for k, v in vc.items() if k != "scaling_factor"})
+    sd = {"model.diffusion_model." + k: v for k, v in unet_diffusers_to_ldm(
+        unet.state_dict(), unet_config_from_diffusers(dict(unet.config))).items()}
+    sd.update({"first_stage_model." + k: v
+               for k, v in vae_diffusers_to_ldm(vae.state_dict()).items()})
+    sdxl = "addition_embed_type" in uc
+    for i, (tc, proj, layout) in enumerate(texts):
+        cls = t.CLIPTextModelWithProjection if proj else t.CLIPTextModel
+        with torch.device("meta"):
+            m = cls(t.CLIPTextConfig(**tc))
+        w = normalize_hf_clip(m.state_dict())
+        prefix = f"conditioner.embedders.{i}." if sdxl else "cond_stage_model."
+        if layout == "openclip":
+            sd.update({prefix + "model." + k: v for k, v in clip_hf_to_openclip(w).items()})
+        else:
+            sd.update({prefix + "transformer." + k: v for k, v in w.items()})
+    return {k: tuple(v.shape) for k, v in sd.items()}, unet, vae
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_detection_of_published_configs_gives_the_preset(name):
+    from sdloom.checkpoints.detect import detect_structure
+    from sdloom.checkpoints.keymaps.unet import unet_config_from_diffusers
+    from sdloom.checkpoints.load import vae_config_from_diffusers
+    shapes, unet, vae = published_shapes(name)
+    preset = PRESETS[name]
+    # the presets say what diffusers' own configs say
+    assert unet_config_from_diffusers(dict(unet.config)) == preset.unet
+    assert vae_config_from_diffusers(PUBLISHED[name][1], preset.is_sdxl) == preset.vae
+    # detection from shapes gives the preset, and so do the conventions alone (before any
+    # preset is matched): heads, groups, prediction, hidden layers as the family defines them
+    got = detect(shapes)
+    assert got.name == name and got.family == preset.family
+    for f in dataclasses.fields(preset):
+        assert getattr(got, f.name) == getattr(preset, f.name), f.name
+    assert detect_structure(shapes) == preset.replace(name="")
+
+
+def test_embedded_model_detects_from_shapes_alone(tmp_path):
+    from safetensors import safe_open
+
+    from sdloom.pipelines.engine import EMBEDDED_MODEL
+    if not EMBEDDED_MODEL.exists():
+        pytest.skip("embedded model not built")
+    with safe_open(str(EMBEDDED_MODEL), "pt") as f:
+        plain = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    bare = tmp_path / "bare.safetensors"
+    save_safetensors(plain, bare)  # no metadata at all
+    with_meta, without = load_model(EMBEDDED_MODEL), load_model(bare)
+    assert CONFIG_KEY in meta and without.config == with_meta.config == PRESETS["embedded"]
+    # the shapes alone would not say 16 groups or 4 heads: the preset match does
+    from sdloom.checkpoints.detect import detect_structure
+    conv = detect_structure({k: tuple(v.shape) for k, v in plain.items()})
+    assert (conv.unet.num_heads, conv.vae.num_groups) != (4, 16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 77, 96, generator=g)
+    t = torch.tensor([999.0, 10.0])
+    with torch.no_grad():
+        a, b = with_meta.model.unet(x, t, ctx), without.model.unet(x, t, ctx)
+    assert a.abs().max() > 0.1 and torch.equal(a, b)
 
 
 def test_presets_are_not_ambiguous():

@@ -224,7 +224,9 @@ def detect_structure(shapes: Shapes) -> ModelConfig:
             # SD2 uses the penultimate layer through ln_final; 768-v models predict v,
             # the inpainting model predicts eps
             pred = "eps" if unet.in_channels != vae.embed_dim else "v"
-            cfg = ModelConfig("sd2", unet, vae, (te,), prediction=pred, default_size=768)
+            # 768-v was trained at 768×768, base and inpainting models at 512×512
+            cfg = ModelConfig("sd2", unet, vae, (te,), prediction=pred,
+                              default_size=768 if pred == "v" else 512)
         else:
             cfg = ModelConfig("sd1", unet, vae, (te,))
     if "v_pred" in shapes:  # some SD2 trainers mark v-prediction with a marker tensor
