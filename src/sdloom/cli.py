@@ -2,12 +2,59 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 from .errors import SdloomError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`sdloom: error: …`, exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"sdloom: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite(text: str) -> float:
+    """A float argument that is a real number (not nan or inf)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def _positive_finite(text: str) -> float:
+    v = _finite(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return v
+
+
+def _int_from(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {v}" if high is None
+                                             else f"must be from {low} to {high}, got {v}")
+        return v
+    parse.__name__ = f"integer ≥ {low}"
+    return parse
+
+
+def _seed(text: str) -> int:
+    v = _int_from(-1)(text)
+    if v >= 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be below 2^64, got {v}")
+    return v
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
@@ -31,17 +78,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="DPM++ 2M", help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras"')
     p.add_argument("--scheduler", default="automatic", help="automatic, karras, exponential, "
                    "uniform, sgm_uniform, simple, normal, ddim_uniform, …")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
-    p.add_argument("--width", type=int, help="default: the model's native size")
-    p.add_argument("--height", type=int)
-    p.add_argument("--seed", type=int, default=-1, help="-1 = random")
-    p.add_argument("--subseed", type=int, default=-1, help="variation seed")
-    p.add_argument("--subseed-strength", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--n-iter", type=int, default=1, help="number of batches")
-    p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--eta", type=float, help="noise multiplier of ancestral/SDE samplers")
+    p.add_argument("--steps", type=_int_from(1), default=20)
+    p.add_argument("--cfg", type=_finite, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--width", type=_int_from(1), help="default: the model's native size")
+    p.add_argument("--height", type=_int_from(1))
+    p.add_argument("--seed", type=_seed, default=-1, help="-1 = random")
+    p.add_argument("--subseed", type=_seed, default=-1, help="variation seed")
+    p.add_argument("--subseed-strength", type=_finite, default=0.0)
+    p.add_argument("--batch-size", type=_int_from(1), default=1)
+    p.add_argument("--n-iter", type=_int_from(1), default=1, help="number of batches")
+    p.add_argument("--clip-skip", type=_int_from(1), default=1)
+    p.add_argument("--eta", type=_finite, help="noise multiplier of ancestral/SDE samplers")
     p.add_argument("--lora", action="append", default=[], metavar="PATH:W",
                    help="apply a LoRA file at weight W (repeatable)")
     p.add_argument("--lora-dir", help="folder where <lora:name:w> names are looked up")
@@ -55,17 +102,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    ap = argparse.ArgumentParser(prog="sdloom", description="Stable Diffusion in plain PyTorch")
+    ap = Parser(prog="sdloom", description="Stable Diffusion in plain PyTorch")
     ap.add_argument("--version", action="version", version=f"sdloom {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="text to image")
     _add_common(g)
-    g.add_argument("--hires-scale", type=float, help="enable hires fix with this upscale factor")
-    g.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (0 = same)")
+    g.add_argument("--hires-scale", type=_positive_finite, help="enable hires fix with this upscale factor")
+    g.add_argument("--hires-steps", type=_int_from(0), default=0, help="second-pass steps (0 = same)")
     g.add_argument("--hires-upscaler", default="Latent",
                    help="Latent, Latent (nearest), Latent (bicubic antialiased), Lanczos, …")
-    g.add_argument("--denoise", type=float, default=0.7, help="hires-fix denoising strength")
+    g.add_argument("--denoise", type=_finite, default=0.7, help="hires-fix denoising strength")
     g.add_argument("--hires-sampler", help="second-pass sampler (default: the same)")
     g.add_argument("--hires-scheduler", help="second-pass schedule type (default: the same)")
     g.add_argument("--hires-prompt", default="", help="second-pass prompt (default: the same)")
@@ -75,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("img2img", help="image to image")
     _add_common(i)
     i.add_argument("--init", required=True, help="the input image")
-    i.add_argument("--strength", "--denoise", type=float, default=0.75, dest="strength")
+    i.add_argument("--strength", "--denoise", type=_finite, default=0.75, dest="strength")
     i.add_argument("--resize-mode", type=int, default=0, choices=[0, 1, 2],
                    help="0 just resize, 1 crop and resize, 2 resize and fill")
 
@@ -85,13 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mask", help="mask image, same size as --init (white = repaint)")
     m.add_argument("--outpaint", metavar="L,R,T,B",
                    help="extend the canvas by these pixels and paint the new area (no --mask)")
-    m.add_argument("--strength", "--denoise", type=float, default=0.75, dest="strength")
-    m.add_argument("--mask-blur", type=int, default=4)
+    m.add_argument("--strength", "--denoise", type=_finite, default=0.75, dest="strength")
+    m.add_argument("--mask-blur", type=_int_from(0, 64), default=4,
+                   help="mask blur σ in pixels, 0..64")
     m.add_argument("--fill", default=None,
                    choices=["original", "fill", "noise", "latent-noise", "latent-nothing"],
                    help="masked content (default: original; fill for outpainting)")
     m.add_argument("--only-masked", action="store_true", help="inpaint area: only masked")
-    m.add_argument("--padding", type=int, default=32, help="only-masked padding, pixels")
+    m.add_argument("--padding", type=_int_from(0), default=32, help="only-masked padding, pixels")
     m.add_argument("--invert-mask", action="store_true")
 
     s = sub.add_parser("info", help="family, components, parameter counts, hash")
@@ -160,7 +208,7 @@ def _params(args, kind: str):
             if args.mask:
                 raise SdloomError("give either --mask or --outpaint, not both")
         elif args.mask:
-            p.mask = load_image(args.mask)
+            p.mask = load_image(args.mask, mode=None)  # alpha kept: A1111's mask rule
         else:
             raise SdloomError("inpaint needs --mask IMAGE (or --outpaint L,R,T,B)")
         p.mask_blur = args.mask_blur
@@ -171,9 +219,24 @@ def _params(args, kind: str):
     return p
 
 
+def _save(name, img, info: str) -> Path:
+    """Write one PNG atomically at the path `name()` picks (reserving it), or raise a one-line
+    SdloomError; a failed write leaves no empty reserved file behind."""
+    from . import infotext
+    path = None
+    try:
+        path = name()
+        infotext.save_png(img, path, info)
+        return path
+    except OSError as e:
+        if path is not None and path.is_file() and path.stat().st_size == 0:
+            path.unlink()
+        where = path or e.filename or "the output folder"
+        raise SdloomError(f"cannot write {where}: {e.strerror or e}") from None
+
+
 def cmd_generate(args, kind: str) -> int:
     from .images import unique_output_path
-    from .infotext import save_png
     from .pipelines.engine import Engine
     from .pipelines.generate import generate
     p = _params(args, kind)
@@ -200,16 +263,15 @@ def cmd_generate(args, kind: str) -> int:
     paths = []
     for img, info, seed in zip(result.images, result.infotexts, result.seeds):
         if out.suffix.lower() == ".png":
-            path = out if len(result.images) == 1 and not out.exists() else unique_output_path(
-                out.parent, prefix=out.stem + "-", ext=".png")
+            paths.append(_save(lambda: out if len(result.images) == 1 and not out.exists()
+                               else unique_output_path(out.parent, prefix=out.stem + "-",
+                                                       ext=".png"), img, info))
         else:
-            path = unique_output_path(out, suffix=f"-{seed}")
-        save_png(img, path, info)
-        paths.append(path)
+            paths.append(_save(lambda: unique_output_path(out, suffix=f"-{seed}"), img, info))
     if args.grid and len(result.images) > 1:
-        gp = unique_output_path(out if out.suffix == "" else out.parent, prefix="grid-")
-        save_png(result.grid(), gp, result.infotexts[0])
-        paths.append(gp)
+        paths.append(_save(lambda: unique_output_path(out if out.suffix == "" else out.parent,
+                                                      prefix="grid-"),
+                           result.grid(), result.infotexts[0]))
     gen_s = time.perf_counter() - t1
     for path in paths:
         print(path)
@@ -260,7 +322,10 @@ def cmd_pnginfo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # a bad argument (one line printed), --help or --version
+        return e.code if isinstance(e.code, int) else 2
     if getattr(args, "_missing", None):
         print(f"sdloom: error: {args.command} is unavailable: {args._missing}", file=sys.stderr)
         return 1
@@ -283,11 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("sdloom: error: out of memory (try a smaller size or batch)", file=sys.stderr)
         return 1
-    except Exception as e:  # an unexpected failure: one line, and the traceback on request
+    except OSError as e:  # a file the user named: its name and the system's reason
         if os.environ.get("SDLOOM_DEBUG"):
             raise
-        print(f"sdloom: error: {type(e).__name__}: {e} (set SDLOOM_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sdloom: error: {where}{e.strerror or type(e).__name__}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one line without the raw text; the traceback on request
+        if os.environ.get("SDLOOM_DEBUG"):
+            raise
+        print(f"sdloom: error: internal error ({type(e).__name__}) in sdloom {args.command}; "
+              "please report it (SDLOOM_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 
 

@@ -12,13 +12,36 @@ def add_serve_args(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP basic auth")
+    p.add_argument("--api-auth", metavar="USER:PASS",
+                   help="require HTTP basic auth on every route; several users as U1:P1,U2:P2")
+    p.add_argument("--allowed-hosts", metavar="H1,H2",
+                   help="Host header values to answer (default when bound to a loopback "
+                        "address: localhost, 127.0.0.1, [::1], which blocks DNS rebinding; "
+                        "* for any)")
+    p.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a request limit, e.g. max_steps=150 (repeatable; "
+                        "sdloom.limits.Limits lists them)")
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="jobs that may run or wait at once; more get a 503")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--outdir", default="outputs",
                    help="where requests with save_images write (txt2img-images/, img2img-images/)")
     p.add_argument("--lora-dir")
     p.add_argument("--embeddings")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def default_allowed_hosts(host: str, allowed: str | None) -> list[str] | None:
+    """The Host header values to answer: --allowed-hosts, else the loopback names when bound to
+    loopback (a DNS-rebinding page then cannot talk to the server), else any (None)."""
+    if allowed:
+        return [h.strip() for h in allowed.split(",") if h.strip()]
+    if host in LOOPBACK or host.startswith("127."):
+        return ["localhost", "127.0.0.1", "[::1]"]
+    return None
 
 
 def run_serve(args) -> int:
@@ -30,14 +53,21 @@ def run_serve(args) -> int:
     except ImportError as e:
         raise SdloomError(f"sdloom serve needs fastapi and uvicorn ({e}); "
                           "pip install fastapi uvicorn") from None
-    if args.api_auth is not None and ":" not in args.api_auth:
-        raise SdloomError("--api-auth takes USER:PASS")
+    from ..limits import DEFAULT_LIMITS
+    from .guard import parse_users
+    if args.api_auth is not None:
+        parse_users(args.api_auth)  # a malformed value fails before the model loads
+    if args.max_queue < 1:
+        raise SdloomError("--max-queue must be ≥ 1")
+    limits = DEFAULT_LIMITS.with_overrides(args.limit)
     server = Server(args.model, models_dir=args.models_dir, device=args.device,
                     precision=args.precision, lora_dir=args.lora_dir,
-                    embeddings_dir=args.embeddings, outdir=args.outdir)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
+                    embeddings_dir=args.embeddings, outdir=args.outdir, limits=limits,
+                    max_queue=args.max_queue)
+    if args.host not in LOOPBACK and not args.api_auth:
         print(f"sdloom: serving on {args.host} without --api-auth: anyone who can reach this "
               "address can use the API", file=sys.stderr)
-    uvicorn.run(create_app(server, args.api_auth), host=args.host, port=args.port,
-                log_level="warning")
+    app = create_app(server, args.api_auth,
+                     allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

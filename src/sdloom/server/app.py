@@ -5,146 +5,190 @@ Request and response fields are A1111's (reference/a1111.md), so its clients wor
 Differences, each deliberate: width/height default to the model's own size (A1111: 512 for
 every model); face restoration, tiling, styles and scripts are refused with a 422 naming the
 field rather than ignored; image URLs are refused (only base64 and data URLs are read);
-/interrupt keeps the batches already finished and drops the one in progress.
+/interrupt keeps the batches already finished and drops the one in progress; every error,
+validation errors included, has A1111's error body (`error`, `detail`, `body`, `errors`).
+
+What one request may do is bounded (SECURITY.md): the body and images are measured before
+they are read, per-request settings last one job, names resolve only inside their folders,
+and /progress, /interrupt and /skip never wait for the job.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import io
 import json
-import secrets
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import SdloomError
+from ..errors import LimitError, NotFoundError, SdloomError
+from ..images import flatten
 from ..infotext import encode_image, parse_infotext
+from ..limits import DEFAULT_LIMITS, Limits
+from ..models.lora import extract_prompt_loras
 from ..pipelines.engine import EMBEDDED_MODEL, Engine
 from ..pipelines.generate import LATENT_UPSCALERS, generate
 from ..pipelines.params import GenerationParams
 from ..sampling.samplers import SAMPLERS
 from ..sampling.schedules import LABELS
 from ..seeds import all_seeds, fix_seed
+from .guard import BodyTooLarge, Guard, error_body, log, parse_users
+from .schema import Body, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 WEB = Path(__file__).parent / "web"  # the page: index.html, app.js, style.css
 LATENT_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
                 "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)")
 assert {m.lower() for m in LATENT_MODES} == set(LATENT_UPSCALERS)
-
-
-class Txt2ImgRequest(BaseModel):
-    """A1111's StableDiffusionProcessingTxt2Img fields (all optional); unknown fields are
-    accepted and ignored, as A1111 clients send many."""
-    model_config = ConfigDict(extra="allow")
-    prompt: str = ""
-    negative_prompt: str = ""
-    styles: list[str] | None = None
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0.0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
-    sampler_name: str | None = None
-    sampler_index: str | None = "Euler"
-    scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int | None = None
-    height: int | None = None
-    eta: float | None = None
-    s_noise: float | None = None
-    restore_faces: bool | None = None
-    tiling: bool | None = None
-    override_settings: dict[str, Any] | None = None
-    enable_hr: bool = False
-    denoising_strength: float | None = None
-    hr_scale: float = 2.0
-    hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
-    hr_sampler_name: str | None = None
-    hr_scheduler: str | None = None
-    hr_prompt: str = ""
-    hr_negative_prompt: str = ""
-    script_name: str | None = None
-    alwayson_scripts: dict[str, Any] = {}
-    send_images: bool = True
-    save_images: bool = False
-
-
-class Img2ImgRequest(Txt2ImgRequest):
-    """A1111's StableDiffusionProcessingImg2Img fields (its API defaults)."""
-    init_images: list[str] | None = None
-    mask: str | None = None
-    include_init_images: bool = False
-    resize_mode: int = 0
-    mask_blur: int | None = None
-    mask_blur_x: int = 4
-    inpainting_fill: int = 0
-    inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
-
-
-class PngInfoRequest(BaseModel):
-    image: str
+SAMPLE_FORMATS = ("png", "jpg", "jpeg", "webp")
+CLIP_SKIP_MAX = 12  # A1111's "Clip skip" slider range is 1..12
 
 
 class Stop(Exception):
     """Raised from the progress callback: the job was interrupted or its batch skipped."""
 
 
-def decode_image(data: str, what: str) -> Image.Image:
-    """A base64 string or data URL → an image; anything else is a 422."""
+class OptionsRequest(Body):
+    """POST /options: any A1111 option names; the ones sdloom has are checked (OPTIONS)."""
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------- images
+def decode_image(data: Any, what: str, limits: Limits) -> Image.Image:
+    """A base64 string or data URL → an image. Its size is read from the header and checked
+    against max_image_pixels before a pixel is decoded; anything unreadable is a 422."""
+    if not isinstance(data, str):
+        raise SdloomError(f"{what}: expected a base64 string")
     if data.startswith(("http://", "https://")):
-        raise HTTPException(422, f"{what}: image URLs are not fetched; send base64")
+        raise SdloomError(f"{what}: image URLs are not fetched; send base64")
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
     try:
-        img = Image.open(io.BytesIO(base64.b64decode(data, validate=False)))
+        raw = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        raise SdloomError(f"{what}: not a base64-encoded image") from None
+    over = f"{what}: image is over the limit max_image_pixels={limits.max_image_pixels}"
+    try:
+        img = Image.open(io.BytesIO(raw))  # reads the header only
+    except Image.DecompressionBombError:
+        raise LimitError(over) from None
+    except Exception as e:  # Pillow raises many types for broken headers
+        raise SdloomError(f"{what}: not a readable image ({type(e).__name__})") from None
+    w, h = img.size
+    if w * h > limits.max_image_pixels:
+        raise LimitError(f"{what}: image of {w}x{h} pixels is over the limit "
+                         f"max_image_pixels={limits.max_image_pixels}")
+    if w < 1 or h < 1:
+        raise SdloomError(f"{what}: image has no pixels")
+    try:
         img.load()
+    except (Image.DecompressionBombError, MemoryError):
+        raise LimitError(over) from None
+    except Exception as e:
+        raise SdloomError(f"{what}: not a readable image ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
+    return img
+
+
+def as_mask(img: Image.Image) -> Image.Image:
+    """The mask as decoded, for the pipeline's A1111 rule (alpha if not all opaque, else
+    luminance): modes with alpha become RGBA, odd modes (16-bit, float, palette) L."""
+    if img.mode in ("RGBA", "RGB", "L"):
         return img
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as e:
-        raise HTTPException(422, f"{what}: not a base64-encoded image ({e})") from None
+    if "A" in img.getbands() or "transparency" in img.info:
+        return img.convert("RGBA")
+    return img.convert("L")
 
 
+# ---------------------------------------------------------------------- options
+def _int_option(name: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise SdloomError(f"{name} must be an integer from {lo} to {hi}, not {v!r}")
+    try:
+        f = float(v)
+        n = int(f)
+    except (ValueError, OverflowError):
+        raise SdloomError(f"{name} must be an integer from {lo} to {hi}, not {v!r}") from None
+    if n != f or not lo <= n <= hi:
+        raise SdloomError(f"{name} must be an integer from {lo} to {hi}, not {v!r}")
+    return n
+
+
+def _samples_format(v: Any) -> str:
+    if not isinstance(v, str) or v.lower() not in SAMPLE_FORMATS:
+        raise SdloomError("samples_format must be png, jpg or webp")
+    return v.lower()
+
+
+def _sd_vae(v: Any) -> str:
+    if v not in ("Automatic", "None", None, ""):
+        raise NotFoundError(f"VAE not found: {v!r}; GET /sdapi/v1/sd-vae lists them")
+    return v or "Automatic"
+
+
+# the options sdloom has: each value is checked (and normalised) before it is used or kept,
+# so one request can never store a value that makes later requests fail
+OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "CLIP_stop_at_last_layers": lambda v: _int_option("CLIP_stop_at_last_layers", v, 1,
+                                                      CLIP_SKIP_MAX),
+    "samples_format": _samples_format,
+    "eta_noise_seed_delta": lambda v: _int_option("eta_noise_seed_delta", v, 0, 2 ** 32),
+    "sd_vae": _sd_vae,
+}
+
+
+def check_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The options sdloom knows, checked; the others are left out (A1111 has hundreds)."""
+    return {k: OPTIONS[k](v) for k, v in values.items() if k in OPTIONS}
+
+
+# ---------------------------------------------------------------------- the server
 class Server:
     """The loaded model, the job lock and the progress state shared by the routes."""
 
     def __init__(self, model: str | None = None, *, models_dir: str | None = None,
                  device: str = "auto", precision: str = "auto", lora_dir: str | None = None,
                  embeddings_dir: str | None = None, outdir: str = "outputs",
+                 limits: Limits = DEFAULT_LIMITS, max_queue: int = 8,
                  loader: Callable[..., Engine] = Engine.load):
         self.models_dir = Path(models_dir) if models_dir else None
         self.device, self.precision = device, precision
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
         self.outdir = Path(outdir)  # where save_images writes, as A1111's outdir_*_samples
+        self.limits, self.max_queue = limits, max_queue
         self.loader = loader
         self.lock = threading.Lock()  # one job at a time: the model is not re-entrant
-        self.options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png"}
+        self.queue_lock = threading.Lock()
+        self.queued = 0  # jobs running or waiting for the lock
+        self.options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png",
+                                        "eta_noise_seed_delta": 0, "sd_vae": "Automatic"}
         self.state: dict[str, Any] = {}
         self.stop: str | None = None  # "interrupt" | "skip", read by the progress callback
         self.reset_state()
         self.engine = self._load(model)
 
     # ------------------------------------------------------------------ models
-    def _load(self, model: str | None) -> Engine:
-        return self.loader(model, device=self.device, precision=self.precision,
-                           lora_dir=self.lora_dir, embeddings_dir=self.embeddings_dir)
+    def _load(self, model: str | Path | None) -> Engine:
+        return self.loader(str(model) if model else None, device=self.device,
+                           precision=self.precision, lora_dir=self.lora_dir,
+                           embeddings_dir=self.embeddings_dir)
 
     def models(self) -> list[Path]:
         """The embedded model, the loaded one, and the files and diffusers folders in
@@ -162,16 +206,48 @@ class Server:
         same = self.engine.path and Path(self.engine.path) == path
         return f"{path.name} [{self.engine.hash}]" if same and self.engine.hash else path.name
 
-    def select_model(self, name: str) -> None:
-        """Switch to the model whose title, file name or stem is `name` (A1111's
-        sd_model_checkpoint)."""
+    def find_model(self, name: Any) -> Path:
+        """The listed model whose title, file name or stem is `name` (A1111's
+        sd_model_checkpoint); only listed models are found, never a path."""
+        if not isinstance(name, str):
+            raise SdloomError("sd_model_checkpoint must be a model name")
         for p in self.models():
             if name in (self.title(p), p.name, p.stem, str(p)) or name.split(" [")[0] == p.name:
-                if not (self.engine.path and Path(self.engine.path) == p):
-                    with self.lock:
-                        self.engine = self._load(str(p))
-                return
-        raise HTTPException(422, f"unknown model {name!r}; GET /sdapi/v1/sd-models lists them")
+                return p
+        raise NotFoundError(f"model not found: {name!r}; GET /sdapi/v1/sd-models lists them")
+
+    def is_loaded(self, path: Path) -> bool:
+        return bool(self.engine.path) and Path(self.engine.path) == path
+
+    def select_model(self, name: Any) -> None:
+        """Switch to a listed model (POST /options sd_model_checkpoint); a model that fails to
+        load leaves the current one in place."""
+        p = self.find_model(name)
+        if not self.is_loaded(p):
+            with self.lock:
+                self.engine = self._load(p)
+
+    def scrub(self, message: str) -> str:
+        """An error message with the server's folders replaced by their role, so clients
+        never learn the server's file layout."""
+        dirs = [(self.models_dir, "models_dir"), (self.lora_dir, "lora_dir"),
+                (self.embeddings_dir, "embeddings"), (self.outdir, "outdir"),
+                (EMBEDDED_MODEL.parent, "assets"), (Path.cwd(), "."), (Path.home(), "~")]
+        if self.engine_path_dir():
+            dirs.append((self.engine_path_dir(), "models"))
+        pairs = []
+        for d, label in dirs:
+            if d:
+                for form in {str(d), str(Path(d).resolve())}:
+                    if len(form) > 1:
+                        pairs.append((form, label))
+        for form, label in sorted(pairs, key=lambda x: -len(x[0])):
+            message = message.replace(form, label)
+        return message
+
+    def engine_path_dir(self) -> Path | None:
+        eng = getattr(self, "engine", None)
+        return Path(eng.path).parent if eng is not None and eng.path else None
 
     # ------------------------------------------------------------------ progress
     def reset_state(self) -> None:
@@ -181,7 +257,7 @@ class Server:
         self.started = 0.0
 
     def progress(self) -> dict[str, Any]:
-        s = dict(self.state)
+        s = dict(self.state)  # one read of the job's state object: no lock needed
         p = 0.0
         if s["job_count"] > 0:
             p = 0.01 + s["job_no"] / s["job_count"]
@@ -194,84 +270,163 @@ class Server:
                 "textinfo": None}
 
     # ------------------------------------------------------------------ generation
-    def run(self, params: GenerationParams, job: str) -> tuple[list, list[str], list[int],
-                                                                 list[int]]:
+    def validate(self, params: GenerationParams, engine: Engine) -> None:
+        if _accepts(params.validate, "limits"):
+            params.validate(engine.config.default_size, self.limits)
+        else:
+            params.validate(engine.config.default_size)
+
+    def run(self, params: GenerationParams, job: str, model: Path | None = None,
+            keep_model: bool = False) -> tuple[Engine, list, list[str], list[int], list[int]]:
         """Run a job batch by batch (n_iter batches of batch_size): /skip drops the batch in
-        progress, /interrupt also the batches still to come."""
-        params.validate(self.engine.config.default_size)  # a bad request fails before the lock
+        progress, /interrupt also the batches still to come. `model` runs the job on another
+        listed model (override_settings), kept afterwards only with keep_model."""
+        self.validate(params, self.engine)  # a bad request fails before it waits
         seed = fix_seed(params.seed)
         subseed = fix_seed(params.subseed) if params.subseed_strength else -1
         bs, n = params.batch_size, params.n_iter
         seeds, subseeds = all_seeds(seed, bs * n, subseed, params.subseed_strength)
-        images, infos, done_seeds, done_subseeds = [], [], [], []
-        with self.lock:
-            self.stop = None
-            self.reset_state()
-            self.started = time.time()
-            self.state.update(job=job, job_count=n,
-                              job_timestamp=time.strftime("%Y%m%d%H%M%S"))
-
-            def callback(step: int, total: int, _x) -> None:
-                self.state.update(sampling_step=step, sampling_steps=total)
-                if self.stop:
-                    raise Stop(self.stop)
-
-            try:
-                for k in range(n):
-                    self.state.update(job_no=k, sampling_step=0)
-                    if self.stop == "interrupt":
-                        break
-                    self.stop = None
-                    one = GenerationParams(**{**params.__dict__, "n_iter": 1,
-                                              "seed": seeds[k * bs],
-                                              "subseed": subseeds[k * bs]})
-                    if params.all_prompts is not None:
-                        one.all_prompts = params.all_prompts[k * bs:(k + 1) * bs]
-                    try:
-                        res = generate(self.engine, one, callback)
-                    except Stop:
-                        if self.stop == "interrupt":
-                            break
-                        continue  # skipped: on to the next batch
-                    images += res.images
-                    infos += res.infotexts
-                    done_seeds += res.seeds
-                    done_subseeds += res.subseeds
-            finally:
+        with self.queue_lock:
+            if self.queued >= self.max_queue:
+                raise HTTPException(503, f"server busy: {self.queued} jobs queued "
+                                         f"(--max-queue {self.max_queue})")
+            self.queued += 1
+        try:
+            with self.lock:
+                engine = self.engine
+                if model is not None and not self.is_loaded(model):
+                    engine = self._load(model)
+                    if keep_model:
+                        self.engine = engine
                 self.stop = None
                 self.reset_state()
+                self.started = time.time()
+                self.state.update(job=job, job_count=n,
+                                  job_timestamp=time.strftime("%Y%m%d%H%M%S"))
+                try:
+                    return (engine, *self._batches(engine, params, seeds, subseeds))
+                finally:
+                    self.stop = None
+                    self.reset_state()
+                    self._restore(engine)
+        finally:
+            with self.queue_lock:
+                self.queued -= 1
+
+    def _batches(self, engine: Engine, params: GenerationParams, seeds: list[int],
+                 subseeds: list[int]) -> tuple[list, list[str], list[int], list[int]]:
+        bs, n = params.batch_size, params.n_iter
+        images, infos, done_seeds, done_subseeds = [], [], [], []
+        state = self.state  # this job's state object; /progress reads it, never waits
+
+        def callback(step: int, total: int, _x) -> None:
+            state.update(sampling_step=step, sampling_steps=total)
+            if self.stop:
+                raise Stop(self.stop)
+
+        kw = {"limits": self.limits} if _accepts(generate, "limits") else {}
+        for k in range(n):
+            state.update(job_no=k, sampling_step=0)
+            if self.stop == "interrupt":
+                break
+            self.stop = None
+            one = GenerationParams(**{**params.__dict__, "n_iter": 1, "seed": seeds[k * bs],
+                                      "subseed": subseeds[k * bs]})
+            if params.all_prompts is not None:
+                one.all_prompts = params.all_prompts[k * bs:(k + 1) * bs]
+            try:
+                res = generate(engine, one, callback, **kw)
+            except Stop:
+                if self.stop == "interrupt":
+                    break
+                continue  # skipped: on to the next batch
+            images += res.images
+            infos += res.infotexts
+            done_seeds += res.seeds
+            done_subseeds += res.subseeds
         return images, infos, done_seeds, done_subseeds
 
+    def _restore(self, engine: Engine) -> None:
+        """Undo the job's per-request state (prompt LoRAs), after success or failure alike,
+        so the next job starts from the model as loaded."""
+        try:
+            engine.set_loras([])
+        except Exception:
+            log.exception("could not unmerge LoRAs; reloading the model")
+            if engine is self.engine:
+                self.engine = self._load(engine.path)
+            return
+        manager = getattr(engine, "loras", None)
+        if manager is not None and getattr(manager, "backup", None):
+            manager.clear()  # a merge that failed half way (older Engine.set_loras)
 
-def _clip_skip(v: Any) -> int:
-    try:
-        n = int(v)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
-        raise HTTPException(422, f"CLIP_stop_at_last_layers must be an integer ≥ 1, not {v!r}")
-    return n
+    # ------------------------------------------------------------------ saving
+    def save(self, images: list, infos: list[str], seeds: list[int], img2img: bool,
+             fmt: str) -> None:
+        """save_images: atomic writes under outdir; a failed write leaves no empty file."""
+        from ..images import unique_output_path
+        from ..infotext import save_image
+        folder = self.outdir / ("img2img-images" if img2img else "txt2img-images")
+        ext = ".jpg" if fmt == "jpeg" else "." + fmt
+        for im, t, sd in zip(images, infos, seeds):
+            path = None
+            try:
+                path = unique_output_path(folder, suffix=f"-{sd}", ext=ext)
+                save_image(im, path, t)
+            except OSError as e:
+                if path is not None and path.exists() and path.stat().st_size == 0:
+                    path.unlink()
+                log.error("save_images failed: %s", e)
+                raise HTTPException(500, f"cannot save the image under outdir: "
+                                         f"{e.strerror or type(e).__name__}") from None
 
 
-def to_params(req: Txt2ImgRequest, server: Server, img2img: bool) -> GenerationParams:
-    """An A1111 request → GenerationParams, refusing what sdloom does not do."""
+# ---------------------------------------------------------------------- requests → params
+def _prompt_loras(texts: list[str]) -> None:
+    """<lora:name:w> tags: a weight that is not a finite number is a 422 here, before the
+    job (the names are resolved by the engine, inside lora_dir only)."""
+    for t in texts:
+        try:
+            _, found = extract_prompt_loras(t)
+        except ValueError:
+            raise SdloomError("a <lora:name:weight> tag has a weight that is not a number") \
+                from None
+        for name, w in found:
+            if not -1e4 < w < 1e4:  # also NaN and ±inf
+                raise SdloomError(f"LoRA weight {w} of {name!r} is not a usable number")
+
+
+def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
+              ) -> tuple[GenerationParams, dict[str, Any], Path | None]:
+    """An A1111 request → GenerationParams, the job's options, and the model it asks for
+    (override_settings.sd_model_checkpoint), refusing what sdloom does not do."""
+    has = set(GenerationParams.__dataclass_fields__)
     unsupported = [name for name, on in (
         ("restore_faces", req.restore_faces), ("tiling", req.tiling), ("styles", req.styles),
         ("script_name", req.script_name), ("alwayson_scripts", req.alwayson_scripts),
-        ("seed_resize_from_w/h", req.seed_resize_from_w > 0 or req.seed_resize_from_h > 0))
+        ("seed_resize_from_w/h", "seed_resize_from_w" not in has
+         and (req.seed_resize_from_w > 0 or req.seed_resize_from_h > 0)))
         if on]
     if unsupported:
-        raise HTTPException(422, f"not supported by sdloom: {', '.join(unsupported)}")
-    opts = {**server.options, **(req.override_settings or {})}
-    clip_skip = _clip_skip(opts.get("CLIP_stop_at_last_layers", 1))
+        raise SdloomError(f"not supported by sdloom: {', '.join(unsupported)}")
+    overrides = req.override_settings or {}
+    opts = {**server.options, **check_options(overrides)}
+    model = None
+    if "sd_model_checkpoint" in overrides:
+        model = server.find_model(overrides["sd_model_checkpoint"])
+    _prompt_loras([req.prompt, req.negative_prompt, req.hr_prompt, req.hr_negative_prompt])
     p = GenerationParams(
         prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
         height=req.height, steps=req.steps, cfg_scale=req.cfg_scale,
         sampler_name=req.sampler_name or req.sampler_index or "Euler",
         scheduler=req.scheduler or "automatic", seed=req.seed, subseed=req.subseed,
         subseed_strength=req.subseed_strength, batch_size=req.batch_size, n_iter=req.n_iter,
-        clip_skip=clip_skip, eta=req.eta,
-        s_noise=req.s_noise)
+        clip_skip=opts["CLIP_stop_at_last_layers"], eta=req.eta, s_noise=req.s_noise)
+    if "seed_resize_from_w" in has:
+        p.seed_resize_from_w, p.seed_resize_from_h = req.seed_resize_from_w, \
+            req.seed_resize_from_h
+    if "eta_noise_seed_delta" in has:
+        p.eta_noise_seed_delta = opts["eta_noise_seed_delta"]
     if not img2img:
         p.enable_hr = req.enable_hr
         p.hr_scale, p.hr_second_pass_steps = req.hr_scale, req.hr_second_pass_steps
@@ -280,53 +435,80 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool) -> GenerationP
         p.hr_sampler_name, p.hr_scheduler = req.hr_sampler_name or None, req.hr_scheduler or None
         p.hr_prompt, p.hr_negative_prompt = req.hr_prompt, req.hr_negative_prompt
         p.denoising_strength = 0.75 if req.denoising_strength is None else req.denoising_strength
-        return p
+        return p, opts, model
     assert isinstance(req, Img2ImgRequest)
     if not req.init_images:
-        raise HTTPException(404, "Init image not found")
-    p.init_image = decode_image(req.init_images[0], "init_images[0]").convert("RGB")
+        raise NotFoundError("Init image not found")
+    init = decode_image(req.init_images[0], "init_images[0]", server.limits)
+    try:
+        p.init_image = flatten(init)  # transparency over white, as A1111's img2img
+    except (ValueError, OSError) as e:
+        raise SdloomError(f"init_images[0]: cannot convert a {init.mode} image ({e})") from None
     p.denoising_strength = 0.75 if req.denoising_strength is None else req.denoising_strength
     p.resize_mode = req.resize_mode
     if p.width is None and p.height is None:  # keep the input's size, rounded down to 8
         p.width, p.height = p.init_image.width // 8 * 8, p.init_image.height // 8 * 8
     if req.mask:
-        p.mask = decode_image(req.mask, "mask")
-        p.mask_blur = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
+        p.mask = as_mask(decode_image(req.mask, "mask", server.limits))
+        if "mask_blur_x" in has:
+            p.mask_blur_x, p.mask_blur_y = req.mask_blur_x, req.mask_blur_y
+            p.mask_blur = req.mask_blur
+        else:
+            p.mask_blur = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
         p.inpainting_fill = req.inpainting_fill
         p.inpaint_full_res = req.inpaint_full_res
         p.inpaint_full_res_padding = req.inpaint_full_res_padding
         p.inpainting_mask_invert = bool(req.inpainting_mask_invert)
-    return p
+    return p, opts, model
 
 
-def create_app(server: Server, api_auth: str | None = None) -> FastAPI:
-    """The FastAPI application; `api_auth` "user:pass" requires HTTP basic auth everywhere."""
+# ---------------------------------------------------------------------- the app
+def create_app(server: Server, api_auth: str | None = None, *,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The FastAPI application. `api_auth` "u1:p1,u2:p2" requires HTTP basic auth on every
+    route (API, web page, /docs, /openapi.json); `allowed_hosts` limits the Host header."""
     app = FastAPI(title="sdloom", version=__version__)
-    basic = HTTPBasic(auto_error=False)
-
-    def check_auth(cred: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        if api_auth is None:
-            return
-        user, _, pw = api_auth.partition(":")
-        ok = cred is not None and secrets.compare_digest(cred.username, user) \
-            and secrets.compare_digest(cred.password, pw)
-        if not ok:
-            raise HTTPException(401, "Incorrect username or password",
-                                headers={"WWW-Authenticate": "Basic"})
+    app.add_middleware(Guard, max_body=server.limits.max_body_bytes,
+                       users=parse_users(api_auth) if api_auth is not None else None,
+                       allowed_hosts=allowed_hosts)
+    # Pillow's own bomb check agrees with the limit (it warns above, refuses at twice)
+    Image.MAX_IMAGE_PIXELS = max(server.limits.max_image_pixels, Image.MAX_IMAGE_PIXELS or 0)
 
     @app.exception_handler(SdloomError)
-    async def sdloom_error(_request: Request, e: SdloomError) -> JSONResponse:
-        return JSONResponse({"error": "SdloomError", "detail": str(e)}, status_code=422)
+    async def sdloom_error(_r: Request, e: SdloomError) -> JSONResponse:
+        return JSONResponse(error_body(type(e).__name__, server.scrub(str(e))),
+                            status_code=e.http_status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_r: Request, e: StarletteHTTPException) -> JSONResponse:
+        name = "LimitError" if isinstance(e, BodyTooLarge) else "HTTPException"
+        return JSONResponse(error_body(name, str(e.detail)), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_r: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors()[:8]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            msg = str(err.get("msg", "invalid"))
+            parts.append(f"{loc}: {msg}" if loc else msg)
+        return JSONResponse(error_body("ValidationError", "; ".join(parts) or "invalid request"),
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_r: Request, e: Exception) -> JSONResponse:  # behind Guard
+        log.error("unexpected error: %r", e)
+        return JSONResponse(error_body("InternalError", "internal server error; the server "
+                                       "log has the details"), status_code=500)
 
     api = "/sdapi/v1"
-    deps = [Depends(check_auth)]
 
     def respond(req: Txt2ImgRequest, img2img: bool) -> dict[str, Any]:
-        p = to_params(req, server, img2img)
-        fmt = str({**server.options, **(req.override_settings or {})}
-                  .get("samples_format", "png"))
-        images, infos, seeds, subseeds = server.run(p, "img2img" if img2img else "txt2img")
-        eng = server.engine
+        p, opts, model = to_params(req, server, img2img)
+        fmt = opts["samples_format"]
+        eng, images, infos, seeds, subseeds = server.run(
+            p, "img2img" if img2img else "txt2img", model,
+            keep_model=not req.override_settings_restore_afterwards)
         info = {
             "prompt": p.prompt, "all_prompts": [p.prompt] * len(images),
             "negative_prompt": p.negative_prompt,
@@ -339,7 +521,9 @@ def create_app(server: Server, api_auth: str | None = None) -> FastAPI:
             "denoising_strength": p.denoising_strength if img2img or p.enable_hr else None,
             "restore_faces": False, "face_restoration_model": None,
             "sd_model_name": eng.name, "sd_model_hash": eng.hash, "sd_vae_name": None,
-            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "sd_vae_hash": None,
+            "seed_resize_from_w": getattr(p, "seed_resize_from_w", -1),
+            "seed_resize_from_h": getattr(p, "seed_resize_from_h", -1),
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infos,
             "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": p.clip_skip,
@@ -349,27 +533,22 @@ def create_app(server: Server, api_auth: str | None = None) -> FastAPI:
         if img2img and not params.get("include_init_images"):
             params["init_images"], params["mask"] = None, None
         if req.save_images:
-            from ..images import unique_output_path
-            from ..infotext import save_image
-            folder = server.outdir / ("img2img-images" if img2img else "txt2img-images")
-            ext = ".jpg" if fmt.lower() == "jpeg" else "." + fmt.lower()
-            for im, t, sd in zip(images, infos, seeds):
-                save_image(im, unique_output_path(folder, suffix=f"-{sd}", ext=ext), t)
+            server.save(images, infos, seeds, img2img, fmt)
         out = [base64.b64encode(encode_image(im, fmt, t)).decode("ascii")
                for im, t in zip(images, infos)] if req.send_images else []
         return {"images": out, "parameters": params, "info": json.dumps(info)}
 
-    @app.post(f"{api}/txt2img", dependencies=deps)
+    @app.post(f"{api}/txt2img")
     def txt2img(req: Txt2ImgRequest) -> dict[str, Any]:
         return respond(req, img2img=False)
 
-    @app.post(f"{api}/img2img", dependencies=deps)
+    @app.post(f"{api}/img2img")
     def img2img(req: Img2ImgRequest) -> dict[str, Any]:
         return respond(req, img2img=True)
 
-    @app.post(f"{api}/png-info", dependencies=deps)
+    @app.post(f"{api}/png-info")
     def png_info(req: PngInfoRequest) -> dict[str, Any]:
-        img = decode_image(req.image, "image")
+        img = decode_image(req.image, "image", server.limits)
         items = {k: v for k, v in img.info.items() if isinstance(v, str)}
         text = items.pop("parameters", None)
         if text is None:
@@ -378,80 +557,78 @@ def create_app(server: Server, api_auth: str | None = None) -> FastAPI:
         return {"info": text or "", "items": items,
                 "parameters": parse_infotext(text) if text else {}}
 
-    @app.get(f"{api}/progress", dependencies=deps)
-    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+    # control routes are coroutines on the event loop: they take neither the job lock nor a
+    # worker thread, so they answer at once however many jobs run or wait
+    @app.get(f"{api}/progress")
+    async def progress(skip_current_image: bool = False) -> dict[str, Any]:
         return server.progress()
 
-    @app.post(f"{api}/interrupt", dependencies=deps)
-    def interrupt() -> dict[str, Any]:
+    @app.post(f"{api}/interrupt")
+    async def interrupt() -> dict[str, Any]:
         if server.state["job_count"]:
             server.stop = "interrupt"
             server.state.update(interrupted=True, stopping_generation=True)
         return {}
 
-    @app.post(f"{api}/skip", dependencies=deps)
-    def skip() -> dict[str, Any]:
+    @app.post(f"{api}/skip")
+    async def skip() -> dict[str, Any]:
         if server.state["job_count"] and server.stop is None:
             server.stop = "skip"
             server.state.update(skipped=True)
         return {}
 
-    @app.get(f"{api}/options", dependencies=deps)
+    @app.get(f"{api}/options")
     def get_options() -> dict[str, Any]:
         path = Path(server.engine.path) if server.engine.path else EMBEDDED_MODEL
         return {**server.options, "sd_model_checkpoint": server.title(path),
                 "sd_checkpoint_hash": server.engine.hash}
 
-    @app.post(f"{api}/options", dependencies=deps)
-    def set_options(body: dict[str, Any]) -> dict[str, Any]:
-        """sd_model_checkpoint switches the model; CLIP_stop_at_last_layers and samples_format
-        are kept; other keys are ignored (options sdloom does not have)."""
-        if "samples_format" in body and str(body["samples_format"]).lower() not in (
-                "png", "jpg", "jpeg", "webp"):
-            raise HTTPException(422, "samples_format must be png, jpg or webp")
-        if "CLIP_stop_at_last_layers" in body:
-            body["CLIP_stop_at_last_layers"] = _clip_skip(body["CLIP_stop_at_last_layers"])
-        if "sd_model_checkpoint" in body:
-            server.select_model(str(body["sd_model_checkpoint"]))
-        for k in ("CLIP_stop_at_last_layers", "samples_format"):
-            if k in body:
-                server.options[k] = body[k]
+    @app.post(f"{api}/options")
+    def set_options(body: OptionsRequest) -> dict[str, Any]:
+        """sd_model_checkpoint switches the model; the options in OPTIONS are checked, then
+        kept; other keys are ignored (options sdloom does not have). Nothing is stored unless
+        every value is valid."""
+        values = dict(body.model_extra or {})
+        checked = check_options(values)
+        if "sd_model_checkpoint" in values:
+            server.select_model(values["sd_model_checkpoint"])
+        server.options.update(checked)
         return {}
 
-    @app.get(f"{api}/samplers", dependencies=deps)
+    @app.get(f"{api}/samplers")
     def samplers() -> list[dict[str, Any]]:
         return [{"name": s.name, "aliases": list(s.aliases), "options": {}}
                 for s in SAMPLERS.values()]
 
-    @app.get(f"{api}/schedulers", dependencies=deps)
+    @app.get(f"{api}/schedulers")
     def schedulers() -> list[dict[str, Any]]:
         return [{"name": k, "label": v, "aliases": None, "default_rho": -1,
                  "need_inner_model": False} for k, v in LABELS.items()]
 
-    @app.get(f"{api}/upscalers", dependencies=deps)
+    @app.get(f"{api}/upscalers")
     def upscalers() -> list[dict[str, Any]]:
         return [{"name": n, "model_name": None, "model_path": None, "model_url": None,
                  "scale": 4} for n in ("None", "Lanczos", "Nearest")]
 
-    @app.get(f"{api}/latent-upscale-modes", dependencies=deps)
+    @app.get(f"{api}/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict[str, str]]:
         return [{"name": n} for n in LATENT_MODES]
 
-    @app.get(f"{api}/sd-models", dependencies=deps)
+    @app.get(f"{api}/sd-models")
     def sd_models() -> list[dict[str, Any]]:
         out = []
         for p in server.models():
-            loaded = server.engine.path and Path(server.engine.path) == p
+            loaded = server.is_loaded(p)
             out.append({"title": server.title(p), "model_name": p.stem,
                         "hash": server.engine.hash if loaded else None, "sha256": None,
                         "filename": str(p), "config": None})
         return out
 
-    @app.get(f"{api}/sd-vae", dependencies=deps)
+    @app.get(f"{api}/sd-vae")
     def sd_vae() -> list:
         return []
 
-    @app.get(f"{api}/loras", dependencies=deps)
+    @app.get(f"{api}/loras")
     def loras() -> list[dict[str, Any]]:
         d = Path(server.lora_dir) if server.lora_dir else None
         files = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".pt", ".ckpt")) \
@@ -459,17 +636,17 @@ def create_app(server: Server, api_auth: str | None = None) -> FastAPI:
         return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
                 for p in files]
 
-    @app.get("/", dependencies=deps, include_in_schema=False)
+    @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(WEB / "index.html")
 
-    @app.get("/web/{name}", dependencies=deps, include_in_schema=False)
+    @app.get("/web/{name}", include_in_schema=False)
     def web(name: str) -> FileResponse:
         if name not in {p.name for p in WEB.iterdir()}:
             raise HTTPException(404, "not found")
         return FileResponse(WEB / name)
 
-    @app.post(f"{api}/refresh-checkpoints", dependencies=deps)
+    @app.post(f"{api}/refresh-checkpoints")
     def refresh_checkpoints() -> dict[str, Any]:
         return {}  # the list is read from models_dir on every request
 
