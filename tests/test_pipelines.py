@@ -313,3 +313,11 @@ def test_hires_pass_sampler_and_prompt(engine):
     assert info["Hires prompt"] == "red dog" and info["Hires negative prompt"] == "blue"
     with pytest.raises(SdloomError, match="unknown sampler"):
         run(engine, **base, hr_sampler_name="Nope")
+
+
+def test_broken_and_empty_embeddings_are_reported(engine, tmp_path, capsys):
+    (tmp_path / "broken.pt").write_bytes(b"not a pickle")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    Engine(engine.model, path=engine.path, embeddings_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert "embedding not loaded: " in err and "broken.pt" in err and "empty.safetensors" in err

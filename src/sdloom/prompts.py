@@ -377,7 +377,10 @@ class EmbeddingDB:
     def load_dir(self, folder: str | Path) -> None:
         """Every embedding file under `folder`; unreadable ones are listed in `errors`."""
         for p in sorted(Path(folder).rglob("*")):
-            if p.suffix.lower() in self.EXTENSIONS and p.is_file() and p.stat().st_size:
+            if p.suffix.lower() in self.EXTENSIONS and p.is_file():
+                if not p.stat().st_size:
+                    self.errors[str(p)] = f"{p.name}: empty file"
+                    continue
                 try:
                     self.load(p)
                 except SdloomError as e:  # one bad download must not stop generation
@@ -404,11 +407,6 @@ class Chunk:
     tokens: list[int]
     weights: list[float]
     fixes: list[tuple[int, Embedding]] = field(default_factory=list)  # (index in tokens, emb)
-
-
-def empty_chunk(tokenizer) -> Chunk:
-    """BOS and 76 EOS: the chunk that pads shorter prompts of a batch."""
-    return Chunk([tokenizer.bos] + [tokenizer.eos] * (CHUNK + 1), [1.0] * (CHUNK + 2))
 
 
 def tokenize_prompt(text: str, tokenizer, embeddings: EmbeddingDB | dict | None = None,

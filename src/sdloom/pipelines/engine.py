@@ -4,6 +4,7 @@ The pipelines (`generate.py`) are thin compositions of these pieces.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,12 @@ class Engine:
             db.load_dir(self.embeddings_dir)
         self.prompt_encoder = PromptEncoder(get_tokenizer(), self.model.text_encoders,
                                             list(cfg.text_encoders), db)
+        # a broken or foreign embedding is reported, never skipped in silence
+        for why in db.errors.values():
+            print(f"sdloom: embedding not loaded: {why}", file=sys.stderr)
+        for name in self.prompt_encoder.skipped_embeddings:
+            print(f"sdloom: embedding {name!r} was made for another model family; skipped",
+                  file=sys.stderr)
         self.loras = LoraManager(self.model)
         self._lora_key: list[tuple[str, float]] = []  # the (file, weight) pairs merged now
         wrapper = VDenoiser if cfg.prediction == "v" else EpsDenoiser
