@@ -35,6 +35,18 @@ def test_features_and_nearest():
     assert np.allclose(features([rgba]), 1.0)
 
 
+def test_bad_metadata_is_one_clear_error(tmp_path):
+    import pytest
+
+    from sdloom.errors import SdloomError
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n{"text": 1}\n')
+    with pytest.raises(SdloomError, match=r"metadata.jsonl line 2: .*KeyError: 'file_name'"):
+        read_dataset(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text("\n")
+    with pytest.raises(SdloomError, match="lists no images"):
+        read_dataset(tmp_path)
+
+
 def test_evaluate_runs_batched_and_reads_images_npy(tmp_path):
     data = tmp_path / "d"
     data.mkdir()
@@ -46,11 +58,21 @@ def test_evaluate_runs_batched_and_reads_images_npy(tmp_path):
     path = tmp_path / "tiny.safetensors"
     save_model(tiny_model(), TINY_SD1, path)
     eng = Engine.load(path, device="cpu", precision="fp32")
-    kw = dict(steps=2, batch=3, progress=False)
-    res = evaluate(eng, data, grid_path=tmp_path / "grid.png", **kw)
+    kw = dict(steps=2, progress=False)
+    res = evaluate(eng, data, grid_path=tmp_path / "grid.png", batch=3, **kw)
     assert res["train"]["n"] == 4 and res["holdout"]["n"] == 1
-    assert 0 <= res["train"]["top1"] <= 1 and (tmp_path / "grid.png").exists()
-    assert evaluate(eng, data, limit=2, **kw)["train"]["n"] == 2
+    # batched and one-at-a-time give the same images, hence the same numbers
+    one = evaluate(eng, data, grid_path=tmp_path / "grid1.png", batch=1, **kw)
+    for split in ("train", "holdout"):
+        assert one[split]["nearest"] == res[split]["nearest"]
+        assert one[split]["top1"] == res[split]["top1"] == sum(
+            g == i for g, i in zip(res[split]["nearest"], ([0, 1, 2, 3], [4])[split == "holdout"])
+        ) / res[split]["n"]
+    a = np.asarray(Image.open(tmp_path / "grid.png"), np.int16)
+    b = np.asarray(Image.open(tmp_path / "grid1.png"), np.int16)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 2, np.abs(a - b).max()
+    assert a.std() > 5  # real images, not a blank grid
+    assert evaluate(eng, data, limit=2, batch=3, **kw)["train"]["n"] == 2
     # a fresh images.npy is the reference bank; a stale one is ignored
     entries = read_dataset(data)
     pngs = reference_features(data, entries)

@@ -54,10 +54,17 @@ def read_dataset(data: Path) -> list[Entry]:
         raise SdloomError(f"{data}: no metadata.jsonl (build one with "
                           "`python -m sdloom.training.emoji_data DIR`)")
     out = []
-    for line in meta.read_text().splitlines():
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
         if line.strip():
-            r = json.loads(line)
-            out.append(Entry(data / r["file_name"], r["text"], bool(r.get("holdout", False))))
+            try:
+                r = json.loads(line)
+                out.append(Entry(data / r["file_name"], str(r["text"]),
+                                 bool(r.get("holdout", False))))
+            except (ValueError, KeyError, TypeError) as e:
+                raise SdloomError(f"{data.name}/metadata.jsonl line {n}: not a JSON object with "
+                                  f"file_name and text ({type(e).__name__}: {e})") from None
+    if not out:
+        raise SdloomError(f"{data.name}/metadata.jsonl lists no images")
     return out
 
 
@@ -84,18 +91,22 @@ def evaluate(engine, data: Path, *, limit: int | None = None, steps: int = 20, c
     held_idx = [i for i, e in enumerate(entries) if e.holdout]
     if limit is not None and limit < len(train_idx):  # an evenly spaced, deterministic subset
         train_idx = [train_idx[int(j * len(train_idx) / limit)] for j in range(limit)]
+    if batch < 1:
+        raise SdloomError(f"batch must be at least 1, not {batch}")
     results: dict = {}
     shown: list[Image.Image] = []
     for split, idx in (("train", train_idx), ("holdout", held_idx)):
-        hits, t0 = 0, time.perf_counter()
+        hits, t0, found = 0, time.perf_counter(), []
         for start in range(0, len(idx), batch):
             chunk = idx[start:start + batch]
-            # one batch, one prompt per image: image j gets seed + j (A1111's batch seeds)
+            # one batch, one prompt per image: caption k of the split gets seed + k (A1111's
+            # batch seeds, continued across batches), so the numbers do not depend on `batch`
             imgs = generate(engine, GenerationParams(
                 prompt=entries[chunk[0]].text, all_prompts=[entries[i].text for i in chunk],
                 batch_size=len(chunk), steps=steps, cfg_scale=cfg, sampler_name=sampler,
-                seed=seed)).images
+                seed=seed + start)).images
             got = nearest(features(imgs), bank)
+            found += [int(g) for g in got]
             hits += int(sum(int(g) == i for g, i in zip(got, chunk)))
             if len(shown) < 64:
                 shown += imgs[:max(0, 64 - len(shown))]
@@ -105,7 +116,7 @@ def evaluate(engine, data: Path, *, limit: int | None = None, steps: int = 20, c
         if progress and idx:
             print()
         results[split] = {"n": len(idx), "top1": hits / len(idx) if idx else float("nan"),
-                          "seconds": time.perf_counter() - t0}
+                          "nearest": found, "seconds": time.perf_counter() - t0}
     if grid_path is not None and shown:
         from ..infotext import save_png
         save_png(image_grid(shown), grid_path, None)
