@@ -4,7 +4,7 @@ Emphasis `(x)`, `(x:1.3)`, `[x]`, escapes and `BREAK`; composable `a AND b:0.5`;
 `[a:b:N]`, `[a:N]`, `[a::N]` and alternation `[a|b]`; prompts longer than 75 tokens as several 77-token chunks encoded apart
 and concatenated; textual-inversion embeddings; "Original" emphasis (weights, then the mean
 restored). Semantics follow A1111's prompt_parser.py, sd_hijack_clip.py, sd_emphasis.py and
-textual_inversion.py (reference/a1111.md); the code is our own.
+textual_inversion.py (docs/a1111.md); the code is our own.
 """
 from __future__ import annotations
 

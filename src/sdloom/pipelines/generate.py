@@ -1,6 +1,6 @@
 """txt2img, img2img, inpainting/outpainting and hires fix as thin compositions over an Engine.
 
-Semantics follow A1111 (processing.py, sd_samplers_kdiffusion.py, reference/a1111.md): seeds
+Semantics follow A1111 (processing.py, sd_samplers_kdiffusion.py, docs/a1111.md): seeds
 seed+i per image, each image's noise from its own CPU generator (ImageRNG: variation seeds,
 seed resize, ENSD); img2img runs t_enc + 1 = int(min(strength, 0.999)·steps) + 1 steps of the
 schedule and the hires pass exactly its requested steps (setup_img2img_steps); prompt editing
