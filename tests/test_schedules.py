@@ -69,9 +69,11 @@ def test_golden_values_of_the_other_schedulers():
     # "normal" is k-diffusion's uniform discretisation by another route
     torch.testing.assert_close(get_sigmas("normal", 10, SCHED), get_sigmas("uniform", 10, SCHED),
                                atol=1e-5, rtol=1e-5)
-    # KL-optimal: evenly spaced in arctan σ
+    # KL-optimal: evenly spaced in arctan σ, from σ_max to σ_min
     kl = get_sigmas("kl_optimal", 10, SCHED)[:-1].double().atan()
     torch.testing.assert_close(kl.diff(), kl.diff().mean().expand(9), rtol=1e-4, atol=0)
+    assert kl[0].item() == pytest.approx(math.atan(SCHED.sigma_max), rel=1e-6)
+    assert kl[-1].item() == pytest.approx(math.atan(SCHED.sigma_min), rel=1e-5)
 
 
 def test_beta_scheduler_matches_scipy_quantiles():
