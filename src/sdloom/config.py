@@ -8,6 +8,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from .errors import SdloomError
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -109,14 +111,22 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        """A config from its `asdict` form; SdloomError naming what is missing or unknown.
+        Values are not checked here: `checkpoints.detect.config_problems` checks them against
+        the tensors they describe."""
         def tup(x):
             return {k: tuple(v) if isinstance(v, list) else v for k, v in x.items()}
-        return cls(
-            **{k: v for k, v in d.items() if k not in ("unet", "vae", "text_encoders")},
-            unet=UNetConfig(**tup(d["unet"])),
-            vae=VAEConfig(**tup(d["vae"])),
-            text_encoders=tuple(TextEncoderConfig(**tup(t)) for t in d["text_encoders"]),
-        )
+        try:
+            return cls(
+                **{k: v for k, v in d.items() if k not in ("unet", "vae", "text_encoders")},
+                unet=UNetConfig(**tup(d["unet"])),
+                vae=VAEConfig(**tup(d["vae"])),
+                text_encoders=tuple(TextEncoderConfig(**tup(t)) for t in d["text_encoders"]),
+            )
+        except KeyError as e:
+            raise SdloomError(f"model config lacks {e}") from None
+        except (TypeError, AttributeError) as e:  # unknown field names, a list for a dict…
+            raise SdloomError(f"invalid model config: {e}") from None
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)

@@ -422,9 +422,9 @@ def metadata_config(src: TensorSource) -> ModelConfig:
     where = _name(src.path) if src.path is not None else "checkpoint"
     try:
         cfg = ModelConfig.from_json(src.metadata[CONFIG_KEY])
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except (ValueError, SdloomError, RecursionError) as e:  # bad JSON, missing/unknown fields
         raise ModelFileError(f"{where}: unreadable {CONFIG_KEY} metadata "
-                             f"({type(e).__name__}: {_one_line(e)})") from None
+                             f"({_one_line(e)})") from None
     problems = config_problems(cfg, src.shapes)
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
