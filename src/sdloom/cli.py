@@ -321,6 +321,10 @@ def cmd_pnginfo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+    # torch's weights_only unpickler warns about the pickle protocol of files it then refuses
+    # or loads anyway; the user gets sdloom's one line, not torch's two
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     ap = build_parser()
     try:
         args = ap.parse_args(argv)
