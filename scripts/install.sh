@@ -11,6 +11,8 @@ $PIP install "torch==2.13.0"
 $PIP install -r requirements.txt
 # the CLIP BPE vocabulary ships in clip-anytorch; --no-deps keeps its torchvision pin away
 $PIP install --no-deps "clip-anytorch==2.6.0"
+# T5's tokenizer.json (SD3/Flux) ships in diffsynth 1.x; --no-deps: only the file is read, never imported
+$PIP install --no-deps "diffsynth==1.1.9"
 if [ "${1:-}" = "--test" ]; then
   $PIP install -r requirements-test.txt
   # Debian packages for the data-set tests (the emoji font) and the web UI's browser test
