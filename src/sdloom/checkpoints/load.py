@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import re
 import sys
 import time
@@ -19,6 +18,8 @@ import torch
 
 from ..config import ModelConfig, TextEncoderConfig, VAEConfig
 from ..errors import ModelFileError, NotFoundError, SdloomError
+from ..io import display_name as _name
+from ..io import load_torch_weights, one_line as _one_line
 from ..models.sd import LatentDiffusion
 from .detect import _indices, config_problems, detect
 from .keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
@@ -42,11 +43,6 @@ class TensorSource:
     path: Path | None = None
 
 
-def _name(path: str | Path) -> str:
-    """How messages name a file: its name only, never the folders of a server's models dir."""
-    return Path(path).name or str(path)
-
-
 def _open_safetensors(path: Path) -> TensorSource:
     from safetensors import safe_open
     f = safe_open(str(path), framework="pt", device="cpu")
@@ -54,66 +50,8 @@ def _open_safetensors(path: Path) -> TensorSource:
     return TensorSource(shapes, f.get_tensor, f.metadata() or {}, path)
 
 
-# globals whose only use in a pickle is to run code: no advice to convert, the file is hostile
-CODE_GLOBALS = re.compile(r"^(builtins\.(exec|eval|compile|__import__|open|getattr|setattr)"
-                          r"|(os|posix|nt|subprocess|shutil|runpy|importlib|sys|socket)\.)")
-
-
-def _refused_global(path: Path, err: Exception) -> str | None:
-    """The global a weights_only load refused, read without running anything."""
-    try:  # zip checkpoints: torch lists the unsafe globals from the pickle opcodes
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        if found:
-            return found[0]
-    except Exception:  # legacy format or an older torch: read torch's own message instead
-        pass
-    m = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
-    if not m:
-        return None
-    name = m.group(1)
-    return name if "." in name else "builtins." + name  # torch prints builtins bare
-
-
-def _pickle_refusal(path: Path, err: Exception) -> ModelFileError:
-    """One line: what was refused, that sdloom never runs checkpoint code, what to do."""
-    name = _name(path)
-    glob = _refused_global(path, err)
-    if glob is None:  # not a refusal: a damaged or foreign file
-        m = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
-        detail = m.group(1) if m else _one_line(err, path)
-        return ModelFileError(f"cannot read checkpoint {name}: {detail[:200]}; the file is "
-                              "damaged or not a checkpoint: download or export it again")
-    head = f"{name}: refused to load: its pickle asks for `{glob}`, and sdloom never runs code " \
-           "from a checkpoint (.ckpt/.pt files are read with weights only)"
-    if CODE_GLOBALS.match(glob):
-        return ModelFileError(f"{head}; `{glob}` runs code, so this file is not plain weights "
-                              "and may be malicious: delete it, do not load it anywhere")
-    mod, _, attr = glob.rpartition(".")
-    if mod == "__main__":
-        return ModelFileError(f"{head}; `{glob}` is a class of the script that saved it: if you "
-                              "trust the file, save its tensors from that script with "
-                              "safetensors.torch.save_file(state_dict, 'model.safetensors')")
-    out = Path(name).with_suffix(".safetensors").name
-    one_liner = (
-        f"python -c \"import importlib, torch; from safetensors.torch import save_file; "
-        f"torch.serialization.add_safe_globals([getattr(importlib.import_module('{mod}'), "
-        f"'{attr}')]); sd = torch.load('{name}', map_location='cpu'); "
-        f"sd = sd.get('state_dict', sd); save_file({{k: v.contiguous() for k, v in sd.items() "
-        f"if isinstance(v, torch.Tensor)}}, '{out}')\"")
-    return ModelFileError(f"{head}; if you trust the file, convert it to .safetensors in your "
-                          f"own Python environment, allowing only that one name: {one_liner}")
-
-
 def _torch_load(path: Path) -> dict:
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _pickle_refusal(path, e) from None
+    sd = load_torch_weights(path)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -145,14 +83,6 @@ def open_file(path: str | Path) -> TensorSource:
                              "damaged or not a checkpoint: download or export it again") from None
     raise ModelFileError(f"{_name(path)}: unknown checkpoint format (expected .safetensors, "
                          ".ckpt, .pt, .pth or .bin)")
-
-
-def _one_line(e: Exception, path: Path | None = None) -> str:
-    """An exception as one short line, without the folders of `path`."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    if path is not None:
-        text = text.replace(str(path), _name(path))
-    return (text[:240] + " …") if len(text) > 240 else text
 
 
 # ---------------------------------------------------------------- diffusers folders
