@@ -315,6 +315,18 @@ def test_post_options_stores_values_in_range(client):
     client.post(f"{API}/options", json={"CLIP_stop_at_last_layers": 1})
 
 
+def test_a_failed_save_leaves_no_empty_file_and_a_json_error(client, server, monkeypatch):
+    import sdloom.infotext as infotext
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(infotext, "save_image", full)
+    b = assert_shape(client.post(f"{API}/txt2img", json=small(save_images=True)), 500)
+    assert "No space left on device" in b["detail"] and str(server.outdir) not in b["detail"]
+    folder = server.outdir / "txt2img-images"
+    assert not folder.exists() or [p for p in folder.iterdir() if p.stat().st_size == 0] == []
+
+
 # ------------------------------------------------------------------ 4. names, not paths
 def test_lora_names_resolve_only_inside_the_lora_folder(client, models):
     # ../tiny and the absolute path name real files outside the LoRA folder
@@ -361,14 +373,15 @@ def test_control_routes_answer_at_once_while_a_job_runs(client, server, monkeypa
         r = getattr(client, method)(f"{API}/{route}")
         assert r.status_code == 200 and time.perf_counter() - t0 < 0.5, route
     assert client.get(f"{API}/progress").json()["state"]["job_count"] == 1
-    for _ in range(3):  # one interrupt per job: each of the three queued jobs stops at once
+    for k in range(3):  # one interrupt per job: each of the three queued jobs stops at once
         deadline = time.time() + 30
         while not server.state["job_count"] and time.time() < deadline:
             time.sleep(0.01)
         t0 = time.perf_counter()
         assert client.post(f"{API}/interrupt").status_code == 200
         assert time.perf_counter() - t0 < 0.5
-        time.sleep(0.05)
+        while len(seen) <= k and time.time() < deadline:  # that job has answered
+            time.sleep(0.01)
     for t in jobs:
         t.join(30)
         assert not t.is_alive()
