@@ -12,9 +12,18 @@ from sdloom.training.emoji_data import (DEFAULT_FONT, MODIFIERS, TONES, TWO_PERS
                                         base_key, build_emoji_dataset, caption, emoji_entries,
                                         load_emoji_arrays, main, select_holdout, tones_of)
 
-needs_font = pytest.mark.skipif(
-    not DEFAULT_FONT.is_file(),
-    reason=f"rendering needs {DEFAULT_FONT} (apt-get install fonts-noto-color-emoji)")
+
+@pytest.fixture
+def noto_font():
+    """Rendering needs the Noto Color Emoji font: without it the test fails saying what to
+    install, never skips."""
+    if not DEFAULT_FONT.is_file():
+        pytest.fail(f"rendering needs {DEFAULT_FONT}: run `sudo apt-get install "
+                    f"fonts-noto-color-emoji` (scripts/install.sh --test does it when run as "
+                    f"root)", pytrace=False)
+
+
+needs_font = pytest.mark.usefixtures("noto_font")
 
 # a few of each kind: plain, toned, flag, two-tone ZWJ, keycap, the base of a toned set
 SAMPLE = ["😀", "👍", "👍🏽", "🇨🇴", "🧑🏽‍🤝‍🧑🏾", "#️⃣", "🐈", "🏂",
