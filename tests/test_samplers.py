@@ -303,7 +303,7 @@ PARITY = {
 
 @pytest.mark.parametrize("kind", PARITY)
 def test_matches_diffusers_schedulers(kind):
-    d = pytest.importorskip("diffusers")
+    import diffusers as d
     cls_name, cfg, ours, kw, sigmas_from_diffusers = PARITY[kind]
     cls = getattr(d, cls_name)
     sch = cls(**BETAS, **cfg)
@@ -358,7 +358,7 @@ STOCHASTIC_PARITY = {
 def test_matches_diffusers_with_shared_noise(kind):
     """Both draw one randn(x.shape) per step from a CPU generator, so the same seed gives the
     same noise; the SDE samplers get plain per-step noise instead of their Brownian path."""
-    d = pytest.importorskip("diffusers")
+    import diffusers as d
     cls_name, cfg, ours, kw = STOCHASTIC_PARITY[kind]
     cls = getattr(d, cls_name)
     sch = cls(**BETAS, **cfg)
