@@ -36,7 +36,7 @@ class MMDiTConfig:
     pooled_dim: int = 2048        # CLIP-L pooled ‖ CLIP-G pooled
     pos_embed_max_size: int = 192
     qk_norm: bool = False         # RMSNorm on q and k per head (SD3.5)
-    dual_attention_layers: tuple[int, ...] = ()  # blocks with a second x self-attention (3.5 medium)
+    dual_attention_layers: tuple[int, ...] = ()  # blocks with a 2nd x self-attention (3.5 medium)
     mlp_ratio: int = 4
 
     @property
@@ -103,7 +103,8 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([one_axis(cols, dim // 2), one_axis(rows, dim // 2)], dim=1).float()
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int = 256,
+                       max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (fractional) timesteps, cos half first (DiT `TimestepEmbedder`)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,

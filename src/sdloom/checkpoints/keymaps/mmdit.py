@@ -107,7 +107,7 @@ def mmdit_diffusers_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def mmdit_original_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an original MMDiT state dict (no prefix) into diffusers SD3Transformer2DModel names."""
+    """Rename an original MMDiT state dict (no prefix) into diffusers names."""
     plain, fused = _tables(_depth(sd, "joint_blocks"))
     back = {o: (d, swap) for d, (o, swap) in plain.items()}
     split = {o: parts for parts, o in fused}
