@@ -17,7 +17,6 @@ from starlette.exceptions import HTTPException
 from ..errors import SdloomError
 
 log = logging.getLogger("sdloom.server")
-LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
 
 
 def error_body(error: str, message: str) -> dict[str, str]:
