@@ -2,16 +2,15 @@
 our key map; key-map round trips; config detection from shapes, tiny and full size."""
 import dataclasses
 
+import diffusers
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+from sdloom.checkpoints.keymaps import mmdit as km
+from sdloom.errors import ModelFileError, SdloomError
+from sdloom.models.mmdit import MMDiT, MMDiTConfig
 
-from sdloom.checkpoints.keymaps import mmdit as km  # noqa: E402
-from sdloom.errors import ModelFileError, SdloomError  # noqa: E402
-from sdloom.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
-
-from conftest import randomize_  # noqa: E402
+from conftest import randomize_
 
 # depth 3: a plain block, then the pre-only last block; dual layers (0, 1) leave block 2 plain.
 # SD3 has no qk-norm, so nothing in its shapes gives the head width: the tiny SD3 keeps the real
