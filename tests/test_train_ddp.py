@@ -11,6 +11,7 @@ import torch
 from sdloom.checkpoints.load import load_model
 from sdloom.checkpoints.save import save_model
 from sdloom.training.distributed import checksum
+from sdloom.training.state import find_state
 
 from test_training import make_shapes
 from tiny import TINY_SD1, tiny_model
@@ -43,6 +44,6 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert checksum(before) != sums[0]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rank 0 alone writes
-    st = torch.load(out / "state" / "trainer.pt", weights_only=True)
+    st = torch.load(find_state(out) / "trainer.pt", weights_only=True)
     assert st["world"] == 2 and len(st["rng"]) == 2
     assert not torch.equal(st["rng"][0]["data"], st["rng"][1]["data"])  # own noise per rank

@@ -17,6 +17,7 @@ from sdloom.training.config import PRESETS, TrainConfig
 from sdloom.training.data import (Augment, BatchSampler, ImageCaptionDataset, bucket_sizes,
                                   collate, read_items)
 from sdloom.training.ema import EMA
+from sdloom.training.state import find_state
 from sdloom.training.train import (add_train_args, config_from_args, diffusion_target,
                                    lr_factor, main, min_snr_weight, train)
 
@@ -71,6 +72,11 @@ def cfg(init, **kw):
                 steps=30, save_every=1000, log_every=1, caption_dropout=0.0, seed=3)
     base.update(kw)
     return TrainConfig().override(base)
+
+
+def trainer_state(out: Path) -> dict:
+    """trainer.pt of the run's newest state."""
+    return torch.load(find_state(Path(out)) / "trainer.pt", weights_only=True)
 
 
 def unet_params(model) -> dict[str, torch.Tensor]:
@@ -288,8 +294,9 @@ def test_unet_loss_decreases_checkpoint_loads_and_generates(data, init_ckpt, tmp
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 40 and {"loss", "lr", "grad_norm"} <= json.loads(lines[-1]).keys()
     assert json.loads((tmp_path / "config.json").read_text())["steps"] == 40
-    st = torch.load(tmp_path / "state" / "trainer.pt", weights_only=True)
+    st = trainer_state(tmp_path)
     assert st["step"] == 40 and st["optimizer"]["state"]
+    assert [p.name for p in (tmp_path / "states").iterdir()] == ["step-0000040"]
     from sdloom.pipelines.engine import Engine
     from sdloom.pipelines.generate import generate
     from sdloom.pipelines.params import GenerationParams
@@ -305,7 +312,7 @@ def test_resume_reproduces_the_uninterrupted_run(data, init_ckpt, tmp_path):
     res = train(c, data, tmp_path / "a", progress=False)
     full = res["losses"]
     part = train(c, data, tmp_path / "b", progress=False, stop_after=5)["losses"]
-    assert torch.load(tmp_path / "b" / "state" / "trainer.pt", weights_only=True)["step"] == 5
+    assert trainer_state(tmp_path / "b")["step"] == 5
     rest = train(c, data, tmp_path / "b", resume=True, progress=False)["losses"]
     assert len(part) == 5 and len(rest) == 3
     torch.testing.assert_close(torch.tensor(part + rest), torch.tensor(full), rtol=0, atol=1e-6)
@@ -315,7 +322,7 @@ def test_resume_reproduces_the_uninterrupted_run(data, init_ckpt, tmp_path):
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
     # the file holds the EMA weights (of U-Net and text encoder), not the raw ones
-    shadow = torch.load(tmp_path / "a" / "state" / "trainer.pt", weights_only=True)["ema"]["shadow"]
+    shadow = trainer_state(tmp_path / "a")["ema"]["shadow"]
     raw = dict(res["model"].named_parameters())
     assert {k.split(".")[0] for k in shadow} == {"model", "cond_stage_model"}
     assert all(torch.equal(sa[k], v) for k, v in shadow.items())
@@ -329,7 +336,7 @@ def test_vae_loss_decreases_with_discriminator_and_scale(data, init_ckpt, tmp_pa
     assert sum(res["losses"][-4:]) < 0.8 * sum(res["losses"][:4])
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "disc_loss" not in rows[0] and "disc_loss" in rows[-1]
-    assert "disc" in torch.load(tmp_path / "state" / "trainer.pt", weights_only=True)
+    assert "disc" in trainer_state(tmp_path)
     m = load_model(tmp_path / "model.safetensors").model
     ds = ImageCaptionDataset(data, 32)
     with torch.no_grad():
@@ -393,7 +400,7 @@ def test_command_line_stop_and_resume_bf16(data, init_ckpt, tmp_path, capsys):
             "--precision", "bf16", "--no-progress", "--set", "log_every=1",
             "--sample-every", "4", "--sample-steps", "2", "--sample-prompts", "a cat", "a dog"]
     assert main(args + ["--stop-after", "2"]) == 0
-    assert torch.load(tmp_path / "state" / "trainer.pt", weights_only=True)["step"] == 2
+    assert trainer_state(tmp_path)["step"] == 2
     with open(tmp_path / "metrics.jsonl", "a") as f:  # as if it had run on past its last save
         f.write('{"step": 3, "loss": -1.0}\n')
     assert main(["--data", str(data), "--output", str(tmp_path), "--resume",

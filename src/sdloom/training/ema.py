@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import SdloomError
+
 
 class EMA:
     """fp32 shadow copies of a module's trainable parameters.
@@ -55,7 +57,7 @@ class EMA:
     def load_state_dict(self, sd: dict) -> None:
         missing = set(self.names) - set(sd["shadow"])
         if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {min(missing)}")
+            raise SdloomError(f"EMA state lacks {len(missing)} parameters, e.g. {min(missing)}")
         for n in self.names:
             self.shadow[n].copy_(sd["shadow"][n])
         self.updates = int(sd["updates"])

@@ -103,11 +103,3 @@ def lora_metadata(model, rank: int, alpha: float) -> dict[str, str]:
             "ss_network_alpha": str(alpha), "ss_base_model_version": base,
             "ss_v2": str(family == "sd2"), "sdloom_key_layout": "sgm"}
 
-
-def remove_lora(model, adapters: dict[str, LoRAModule]) -> None:
-    """Put the original layers back (the adapters stay with the caller)."""
-    for root in (model.unet, *model.text_encoders):
-        for name, mod in list(root.named_modules()):
-            if isinstance(mod, LoRAModule):
-                parent, _, leaf = name.rpartition(".")
-                setattr(root.get_submodule(parent), leaf, mod.base)

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from .data import BatchSampler, ImageCaptionDataset, encode_latents, micro_batch
 from .distributed import Dist, checksum, init_distributed, shutdown, wrap_ddp
 from .ema import EMA
 from .lora_train import inject_lora, lora_metadata, lora_parameters, lora_state_dict
+from .state import claim_output, clean_leftovers, load_state, publish_state, trim_log
 
 SampleFn = Callable[[LatentDiffusion, list[str], int], list[Image.Image]]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -215,28 +215,19 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 class Logger:
     """Scalars to metrics.jsonl, and to TensorBoard when the `tensorboard` package is installed."""
 
-    def __init__(self, out: Path, enabled: bool, resumed_at: int | None = None):
-        """A fresh run starts a new metrics.jsonl; a resumed one keeps the rows up to the step
-        it resumes from (rows after it belong to steps that will be run again)."""
+    def __init__(self, out: Path, enabled: bool, start: int):
+        """Rows of steps after `start` (run again from there) are dropped atomically, then
+        rows are appended: a kill never costs the log more than its unfinished last row."""
         self.file, self.tb = None, None
         if not enabled:
             return
         path = out / "metrics.jsonl"
-        keep = []
-        if resumed_at is not None and path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line)["step"] <= resumed_at:
-                        keep.append(line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass
-        self.file = open(path, "w", encoding="utf-8")
-        self.file.writelines(keep)
+        trim_log(path, start)
+        self.file = open(path, "a", encoding="utf-8")
         try:
             import tensorboard  # noqa: F401  (optional dependency)
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out / "tensorboard"),
-                                    purge_step=None if resumed_at is None else resumed_at + 1)
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
         except ImportError:
             pass
 
@@ -302,25 +293,11 @@ def save_samples(out: Path, cfg: TrainConfig, model: LatentDiffusion, ema: EMA |
 
 # ------------------------------------------------------------------ checkpoints
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a temporary file beside `path`, then rename it over `path`."""
-    atomic_write_text(path, text)
-
-
-def find_state(out: Path) -> Path | None:
-    """The newest complete training state: state/, or one left mid-swap by a crash."""
-    if (out / "state" / "trainer.pt").exists():
-        return out / "state"
-    old = sorted(out.glob("state.old-*"), key=lambda p: p.stat().st_mtime)
-    return old[-1] if old and (old[-1] / "trainer.pt").exists() else None
-
-
 def save_checkpoint(out: Path, cfg: TrainConfig, model: LatentDiffusion, adapters: dict,
                     opt, ema: EMA | None, scaler, disc, disc_opt, gen: torch.Generator,
                     step: int, d: Dist, calib: list[torch.Tensor] | None = None) -> None:
-    """model.safetensors (or lora.safetensors; EMA weights when EMA is on), then state/ for an
-    exact resume, built in a temporary folder and swapped in whole so a crash never leaves a
-    state of two different steps."""
+    """model.safetensors (or lora.safetensors; EMA weights when EMA is on), written atomically,
+    then a training state for an exact resume, published whole (see state.py)."""
     rng = {"data": gen.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -343,67 +320,46 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model: LatentDiffusion, adapter
     finally:
         if backup is not None:
             ema.restore(model, backup)
-    tmp = out / f"state.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     raw = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    save_safetensors(raw, tmp / "raw.safetensors", {"sdloom_step": str(step)})
-    st = {"step": step, "world": d.world, "optimizer": opt.state_dict(), "rng": rngs,
-          "scheduler": {"schedule": cfg.schedule, "warmup": cfg.warmup, "steps": cfg.steps,
-                        "last_step": step}}
+    st = {"step": step, "world": d.world, "optimizer": opt.state_dict(), "rng": rngs}
     if ema is not None:
         st["ema"] = ema.state_dict()
     if scaler is not None:
         st["scaler"] = scaler.state_dict()
     if disc is not None:
         st["disc"], st["disc_optimizer"] = disc.state_dict(), disc_opt.state_dict()
-    torch.save(st, tmp / "trainer.pt")
-    (tmp / "config.json").write_text(cfg.to_json())
-    final, old = out / "state", out / f"state.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_state(out, step, raw, st, cfg)
 
 
 def load_checkpoint(state: Path, cfg: TrainConfig, model: LatentDiffusion, opt, ema, scaler,
                     disc, disc_opt, gen: torch.Generator, d: Dist) -> int:
     """Restore weights, optimizer, EMA, scaler and RNGs; returns the step to continue from."""
-    from safetensors.torch import load_file
-    conf = state / "config.json"
-    if not conf.exists():  # states written before the config was kept inside them
-        conf = state.parent / "config.json"
-    saved = json.loads(conf.read_text()) if conf.exists() else {"what": cfg.what}
-    if saved.get("what") != cfg.what:
-        raise SdloomError(f"--resume: {state} is a what={saved.get('what')} run, not {cfg.what}")
-    st = torch.load(state / "trainer.pt", map_location="cpu", weights_only=True)
-    raw = load_file(str(state / "raw.safetensors"))
+    raw, st = load_state(state, cfg)
     own = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if raw.keys() != own.keys():
         diff = sorted(raw.keys() ^ own.keys())
         raise SdloomError(f"--resume: saved weights do not match this run ({len(diff)} names "
                           f"differ, e.g. {diff[0]})")
+    if (ema is not None) != ("ema" in st):
+        raise SdloomError(f"--resume: {state} was saved {'with' if 'ema' in st else 'without'} "
+                          "EMA; ema_decay cannot be turned on or off in a resumed run")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(raw[k])
     opt.load_state_dict(st["optimizer"])
-    if ema is not None and "ema" in st:
+    if ema is not None:
         ema.load_state_dict(st["ema"])
-    if scaler is not None and "scaler" in st:
+    if scaler is not None and "scaler" in st:  # fp16 ↔ bf16: a new scaler is a fresh start
         scaler.load_state_dict(st["scaler"])
-    if disc is not None and "disc" in st:
+    if disc is not None and "disc" in st:  # adv_weight turned on: the discriminator starts
         disc.load_state_dict(st["disc"])
         disc_opt.load_state_dict(st["disc_optimizer"])
-    world = st.get("world", len(st["rng"]))
-    if world != d.world:
-        print(f"sdloom: resuming a {world}-process run on {d.world}: data order and noise "
-              "differ from the uninterrupted run", file=sys.stderr)
+    if st["world"] != d.world:
+        print(f"sdloom: resuming a {st['world']}-process run on {d.world}: data order and "
+              "noise differ from the uninterrupted run", file=sys.stderr)
     rng = st["rng"][d.rank % len(st["rng"])]
-    if isinstance(rng, torch.Tensor):  # older states kept only the data generator
-        rng = {"data": rng}
     gen.set_state(rng["data"])
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"])
+    torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return int(st["step"])
@@ -429,14 +385,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, output_dir: str | Path, resume
 def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, progress: bool,
            stop_after: int | None, d: Dist, device: torch.device) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    state = find_state(out) if resume else None
-    if resume and state is None:
-        raise SdloomError(f"--resume: no training state in {out / 'state'}")
-    if not resume and find_state(out) is not None and d.main:
-        print(f"sdloom: {out} holds a training state; starting over (--resume continues it)",
-              file=sys.stderr)
-    if d.main:
-        write_text_atomic(out / "config.json", cfg.to_json())
+    state = claim_output(out, cfg, resume)
+    if d.main:  # before anything is written: killed saves may have filled the disk
+        clean_leftovers(out)
     if device.type == "cuda":  # TF32 matmuls: fp32 training at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -495,7 +446,9 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
     params = [p for g in opt.param_groups for p in g["params"]]
     batches = micro_batches(ds, sampler, step * cfg.grad_accum, cache, cfg.num_workers,
                             pin=device.type == "cuda")
-    logger = Logger(out, d.main, step if state is not None else None)
+    if d.main:  # the run is set up: from here on the folder is this run's
+        atomic_write_text(out / "config.json", cfg.to_json())
+    logger = Logger(out, d.main, step)
     bar = None
     if progress and d.main:
         from tqdm import tqdm
@@ -654,10 +607,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     """`sdloom train` flags: data/output/config/preset/resume, and one flag per TrainConfig
     field (also settable as --set KEY=VALUE)."""
     p.add_argument("--data", required=True, help="images + .txt captions, or a metadata.jsonl")
-    p.add_argument("--output", required=True, help="output folder (model, state/, samples/)")
+    p.add_argument("--output", required=True, help="output folder (model, states/, metrics.jsonl, samples/)")
     p.add_argument("--config", help="a JSON file of TrainConfig fields")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe")
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT/state")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the newest state in OUTPUT/states")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any TrainConfig field")
     p.add_argument("--stop-after", type=int, metavar="N",
