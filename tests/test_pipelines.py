@@ -321,3 +321,13 @@ def test_broken_and_empty_embeddings_are_reported(engine, tmp_path, capsys):
     Engine(engine.model, path=engine.path, embeddings_dir=tmp_path)
     err = capsys.readouterr().err
     assert "embedding not loaded: " in err and "broken.pt" in err and "empty.safetensors" in err
+
+
+def test_seeds_up_to_2_64_work_and_beyond_are_refused(engine):
+    out = run(engine, prompt="x", seed=2 ** 64 - 2, batch_size=2, steps=1)
+    assert out.seeds == [2 ** 64 - 2, 2 ** 64 - 1]
+    with pytest.raises(SdloomError, match="seed must be"):
+        run(engine, prompt="x", seed=2 ** 64 - 1, batch_size=2, steps=1)
+    with pytest.raises(SdloomError, match="mask blur"):
+        run(engine, prompt="x", init_image=Image.new("RGB", (64, 64)),
+            mask=Image.new("L", (64, 64)), mask_blur=10 ** 9)

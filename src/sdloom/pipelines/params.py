@@ -12,7 +12,8 @@ from PIL import Image
 from ..errors import SdloomError
 from ..limits import DEFAULT_LIMITS, Limits
 
-MAX_SEED = 2 ** 63 - 1  # torch generators take 64-bit seeds; seed + i must stay in range
+MAX_MASK_BLUR = 64  # pixels (σ); A1111's slider goes to 64
+SEED_END = 2 ** 64  # torch generators take seeds below 2^64; seed + i must stay below it
 
 FILL_MODES = {"fill": 0, "original": 1, "latent-noise": 2, "noise": 2, "latent-nothing": 3}
 FILL_NAMES = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
@@ -104,11 +105,12 @@ class GenerationParams:
                               f"{self.denoising_strength}")
         if not 0.0 <= self.subseed_strength <= 1.0:
             raise SdloomError(f"variation strength must be in [0, 1], got {self.subseed_strength}")
+        last = SEED_END - self.batch_size * self.n_iter
         for name in ("seed", "subseed"):
             v = getattr(self, name)
-            if not -1 <= v <= MAX_SEED - limits.max_images:
-                raise SdloomError(f"{name} must be -1 (random) or between 0 and "
-                                  f"{MAX_SEED - limits.max_images}, got {v}")
+            if not -1 <= v <= last:
+                raise SdloomError(f"{name} must be -1 (random) or between 0 and {last} for "
+                                  f"{self.batch_size * self.n_iter} images, got {v}")
         for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt",
                      *(["all_prompts"] if self.all_prompts else [])):
             for text in (getattr(self, name) if name == "all_prompts" else [getattr(self, name)]):
@@ -134,6 +136,10 @@ class GenerationParams:
             self.mask_blur_x = self.mask_blur_y = self.mask_blur
         if min(self.mask_blur_x, self.mask_blur_y, self.inpaint_full_res_padding) < 0:
             raise SdloomError("mask blur and padding must be ≥ 0")
+        if max(self.mask_blur_x, self.mask_blur_y) > MAX_MASK_BLUR:
+            raise SdloomError(f"mask blur must be at most {MAX_MASK_BLUR}")
+        if self.inpaint_full_res_padding > limits.max_side:
+            raise SdloomError(f"inpaint padding must be at most {limits.max_side}")
         if self.enable_hr and self.init_image is None:
             if not self.hr_scale > 0 or min(self.hr_resize_x, self.hr_resize_y) < 0:
                 raise SdloomError("hires scale must be > 0 and hires sizes ≥ 0")
