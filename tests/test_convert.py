@@ -34,6 +34,18 @@ TINY_SDXL = ModelConfig(
                        pad_token=0, pooled=True)),
     default_size=64)
 
+# SD2's wiring: OpenCLIP-style encoder read at the penultimate layer through ln_final, 64-wide
+# heads with linear projections, v-prediction
+TINY_SD2 = ModelConfig(
+    "sd2",
+    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
+               transformer_depth_middle=1, num_head_channels=16, context_dim=64,
+               use_linear_in_transformer=True, num_groups=8),
+    TINY_SD1.vae,
+    (TextEncoderConfig(layout="openclip", width=64, layers=3, heads=4, act="gelu",
+                       projection_dim=64, hidden_layer=-2, pad_token=0),),
+    prediction="v", default_size=64)
+
 PROMPTS = ["a red apple", "A Photo of an ASTRONAUT, riding a horse", "emoji: 😀 smiling face",
            "3.14159 numbers 2024", "don't stop, it's   spaced\tout\n", "ünïcödé café naïve",
            "[bracket] (paren:1.2) <lora:x:1>", "word " * 100]
@@ -54,7 +66,7 @@ def _our_model(kind, tmp_path):
     if kind == "embedded":
         return load_model(ASSET).model, ASSET
     path = tmp_path / f"{kind}.safetensors"
-    cfg = TINY_SD1 if kind == "sd1" else TINY_SDXL
+    cfg = {"sd1": TINY_SD1, "sd2": TINY_SD2, "sdxl": TINY_SDXL}[kind]
     save_model(tiny_model(cfg, seed=3), cfg, path)
     return load_model(path).model, path
 
@@ -64,7 +76,7 @@ def _close(got, want):
     assert err <= 1e-4 * max(1.0, want.abs().max().item()), err
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sdxl", "embedded"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "embedded"])
 def test_diffusers_folder_loads_offline_in_diffusers_and_matches(tmp_path, offline, kind):
     import diffusers as d
     model, path = _our_model(kind, tmp_path)
@@ -90,8 +102,9 @@ def test_diffusers_folder_loads_offline_in_diffusers_and_matches(tmp_path, offli
     # so with OpenCLIP's pad "!" it reads "wow!!" as two pads — as with the published SD2 and
     # SDXL folders, whose tokenizers declare the same pad token
     bang = ["wow!! it's great!", "!!!"]
-    assert get_tokenizer()(bang).tolist() == pipe.tokenizer(
-        bang, padding="max_length", max_length=77).input_ids
+    if cfg.text_encoders[0].pad_token != 0:
+        assert get_tokenizer()(bang).tolist() == pipe.tokenizer(
+            bang, padding="max_length", max_length=77).input_ids
 
     # text encoders: the conditioning diffusers' pipeline builds from the prompts is ours
     with torch.no_grad():
@@ -142,6 +155,10 @@ def test_diffusers_folder_loads_offline_in_diffusers_and_matches(tmp_path, offli
 
     # and our own loader reads the folder back as the same model
     back, _ = open_model_source(folder)
+    if cfg.family == "sd2":  # diffusers' SD2 encoder: the unused last layer cut, read at its end
+        te = cfg.text_encoders[0]
+        assert back.text_encoders[0].layers == te.layers - 1
+        back = back.replace(text_encoders=cfg.text_encoders)
     # (load.py reads every SDXL folder as 1024 px, whatever the U-Net's sample_size says)
     assert back == cfg.replace(name="", default_size=1024 if cfg.is_sdxl else cfg.default_size)
 
