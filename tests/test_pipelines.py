@@ -331,3 +331,16 @@ def test_seeds_up_to_2_64_work_and_beyond_are_refused(engine):
     with pytest.raises(SdloomError, match="mask blur"):
         run(engine, prompt="x", init_image=Image.new("RGB", (64, 64)),
             mask=Image.new("L", (64, 64)), mask_blur=10 ** 9)
+
+
+def test_used_embeddings_are_recorded_with_their_hash(engine, tmp_path):
+    import hashlib
+
+    from safetensors.torch import save_file
+    save_file({"emb_params": torch.randn(2, 32)}, str(tmp_path / "shinystyle.safetensors"))
+    e = Engine(engine.model, path=engine.path, embeddings_dir=tmp_path)
+    want = hashlib.sha256((tmp_path / "shinystyle.safetensors").read_bytes()).hexdigest()[:12]
+    with_emb = generate(e, GenerationParams(prompt="a shinystyle cat", seed=1, steps=1))
+    assert parse_infotext(with_emb.infotexts[0])["TI hashes"] == f"shinystyle: {want}"
+    without = generate(e, GenerationParams(prompt="a cat", seed=1, steps=1))
+    assert "TI hashes" not in parse_infotext(without.infotexts[0])

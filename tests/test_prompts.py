@@ -302,7 +302,8 @@ def test_embeddings_from_pt_and_safetensors_replace_input_embeddings(tok, tmp_pa
     torch.testing.assert_close(embeds[[0, 1, 4, 8]], enc.emb(ids[[0, 1, 4, 8]]))
     (chunk,) = pe.tokenize("a (mystyle:1.2) cat otherthing")
     assert chunk.weights[1:5] == pytest.approx([1.0, 1.2, 1.2, 1.0])
-    assert set(pe.last_used_embeddings) == {"mystyle", "otherthing"}
+    assert set(pe.used_embeddings(["a (mystyle:1.2) cat otherthing"])) == {"mystyle",
+                                                                        "otherthing"}
     # without the embeddings the same words are ordinary tokens with another result
     plain = encode(PromptEncoder(tok, [FakeEncoder(8)], [_cfg(8)]), ["a (mystyle:1.2) cat otherthing"])
     assert not torch.allclose(plain.context, cond.context)

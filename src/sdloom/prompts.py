@@ -575,7 +575,6 @@ class PromptEncoder:
         self.embeddings = embeddings if embeddings is not None else EmbeddingDB()
         self.emphasis = emphasis
         self.comma_backtrack = comma_backtrack
-        self.last_used_embeddings: dict[str, Embedding] = {}
         self._lookup: dict | None = None
         self._lookup_version = -1
         self._chunk_cache: dict[str, list[Chunk]] = {}
@@ -603,6 +602,10 @@ class PromptEncoder:
             self._chunk_cache[text] = tokenize_prompt(text, self.tokenizer, lookup,
                                                       self.emphasis, self.comma_backtrack)
         return self._chunk_cache[text]
+
+    def used_embeddings(self, texts: list[str]) -> dict[str, Embedding]:
+        """The embeddings these prompt texts use, by name (for A1111's "TI hashes")."""
+        return {e.name: e for t in texts for c in self.tokenize(t) for _, e in c.fixes}
 
     # ---------------------------------------------------------------- tensors
     @torch.no_grad()
@@ -637,7 +640,6 @@ class PromptEncoder:
         if not texts:
             raise ValueError("no prompts to encode")
         per = [self.tokenize(t) for t in texts]
-        self.last_used_embeddings = {e.name: e for cs in per for c in cs for _, e in c.fixes}
         z, pooled = self.encode_chunks([c for cs in per for c in cs], clip_skip)
         out, start = [], 0
         for cs in per:

@@ -25,6 +25,7 @@ from ..images import (crop_region, fill_masked, from_pil, image_grid, mask_from_
 from ..infotext import format_infotext
 from ..limits import DEFAULT_LIMITS, Limits
 from ..models.lora import extract_prompt_loras
+from ..prompts import prompt_schedule
 from ..sampling.denoisers import sample, sampling_sigmas
 from ..sampling.samplers import resolve_sampler
 from ..sampling.schedules import scheduler_label
@@ -324,6 +325,12 @@ class _Job:
                 extra["Hires prompt"] = hp.prompt
             if hp.negative_prompt != p0.negative_prompt:
                 extra["Hires negative prompt"] = hp.negative_prompt
+        texts = [t for q in {self.prompt, self.negative, *(p.all_prompts or [])}
+                 for _, t in prompt_schedule(q, p.steps)]
+        used = self.engine.prompt_encoder.used_embeddings(texts)
+        hashes = [f"{n}: {e.shorthash}" for n, e in sorted(used.items()) if e.shorthash]
+        if hashes:
+            extra["TI hashes"] = ", ".join(hashes)
         if self.lora_names:
             extra["Lora weights"] = ", ".join(f"{n}: {w:g}" for n, (_, w)
                                               in zip(self.lora_names, self.loras))
