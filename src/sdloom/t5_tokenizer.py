@@ -198,8 +198,3 @@ class T5Tokenizer:
         texts = [texts] if isinstance(texts, str) else texts
         return torch.tensor([self.encode_padded(t, length) for t in texts], dtype=torch.long)
 
-
-@functools.cache
-def default_tokenizer() -> T5Tokenizer:
-    """The T5 tokenizer from the installed tokenizer.json, loaded once."""
-    return T5Tokenizer()
