@@ -10,6 +10,8 @@ import dataclasses
 import pytest
 import torch
 
+from sdloom.errors import ModelFileError, SdloomError
+
 transformers = pytest.importorskip("transformers")
 
 from sdloom.checkpoints.keymaps import clip as km  # noqa: E402
@@ -158,7 +160,7 @@ def test_keymap_round_trip_and_names():
     assert oc["transformer.resblocks.0.attn.in_proj_bias"].shape == (3 * WIDTH,)
     back = km.clip_openclip_to_hf({**oc, "logit_scale": torch.tensor(4.6)})
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
-    with pytest.raises(ValueError):
+    with pytest.raises(ModelFileError, match="config says 4 layers, the weights have 3"):
         km.clip_hf_to_openclip(sd, 4)
     plain = hf_model("gelu", seed=4).state_dict()
     bare = {k.removeprefix("text_model."): v for k, v in plain.items()}
@@ -196,7 +198,7 @@ def test_inputs_embeds_and_token_embedding():
         torch.testing.assert_close(pa, pb)
         assert torch.allclose(a[:, :1], c[:, :1], atol=1e-5)  # causal: BOS cannot see token 1
         assert not torch.allclose(a[:, 1:], c[:, 1:], atol=1e-3)
-    with pytest.raises(ValueError):
+    with pytest.raises(SdloomError, match="clip skip 5 is deeper"):
         enc(x, clip_skip=5)
 
 
