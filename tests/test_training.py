@@ -329,6 +329,39 @@ def test_resume_reproduces_the_uninterrupted_run(data, init_ckpt, tmp_path):
     assert any(not torch.equal(sa[k], raw[k]) for k in shadow)
 
 
+def test_first_step_matches_a_hand_computation(data, init_ckpt, tmp_path):
+    """Step 1 by hand: the sampler's first batch, t and ε drawn from the seeded generator,
+    x_t = √ᾱ·x0 + √(1−ᾱ)·ε, MSE to ε (Ho et al. 2020); AdamW's first update is −lr_t·sign(g)."""
+    from sdloom.sampling.schedules import DiscreteSchedule
+    from sdloom.tokenizer import get_tokenizer
+    c = cfg(init_ckpt, steps=1, warmup=2, weight_decay=0.0, grad_clip=0.0)
+    res = train(c, data, tmp_path, progress=False)
+    m = load_model(init_ckpt).model
+    ds = ImageCaptionDataset(data, 32)
+    idx = [i for i, _ in BatchSampler(ds.sizes, 4, c.seed).epoch(0)[0]]
+    ids = get_tokenizer()([ds.items[i].text for i in idx],
+                          pad_token=m.config.text_encoders[0].pad_token)
+    gen = torch.Generator().manual_seed(c.seed * 7919)
+    t = torch.randint(0, 1000, (4,), generator=gen)
+    with torch.no_grad():
+        x0 = m.first_stage_model.latent_from_image(torch.stack([ds.image(i) for i in idx]))
+        context = m.text_encoders[0](ids)[0]
+    eps = torch.randn(x0.shape, generator=gen)
+    a = DiscreteSchedule.scaled_linear(1000, m.config.linear_start, m.config.linear_end
+                                       ).alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+    m.unet.requires_grad_(True)
+    loss = (m.unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, context) - eps).pow(2).mean()
+    assert res["losses"] == [pytest.approx(loss.item(), rel=1e-5)]
+    loss.backward()
+    lr = c.lr * lr_factor(c, 0)
+    assert lr == c.lr / 2 and json.loads((tmp_path / "metrics.jsonl").read_text())["lr"] == lr
+    trained = dict(res["model"].unet.named_parameters())
+    for name, p in m.unet.named_parameters():
+        big = p.grad.abs() > 1e-4  # |g| ≫ Adam's ε: the step is lr in size
+        delta = (trained[name] - p).detach()[big]
+        torch.testing.assert_close(delta, -lr * p.grad[big].sign(), rtol=2e-3, atol=1e-8)
+
+
 def test_vae_loss_decreases_with_discriminator_and_scale(data, init_ckpt, tmp_path):
     c = cfg(init_ckpt, what="vae", steps=24, lr=3e-3, adv_weight=0.05, adv_start=12,
             log_every=4, flip=True)
@@ -388,8 +421,11 @@ def test_buckets_and_workers_keep_the_data_identical(init_ckpt, tmp_path):
     a = train(c, folder, tmp_path / "a", progress=False)["losses"]
     b = train(c.override({"num_workers": 2}), folder, tmp_path / "b", progress=False)["losses"]
     assert a == b  # workers see keys only: the same crops, flips and captions
-    cached = train(c.override({"random_crop": False}), folder, tmp_path / "c", progress=False)
-    assert len(cached["losses"]) == 4
+    centred = c.override({"random_crop": False})  # latents cached once vs encoded every step
+    cached = train(centred, folder, tmp_path / "c", progress=False)["losses"]
+    fresh = train(centred.override({"cache_latents": False}), folder, tmp_path / "e",
+                  progress=False)["losses"]
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(fresh), rtol=1e-5, atol=1e-6)
     with pytest.raises(SdloomError, match="multiples of 16"):
         train(c.override({"bucket_step": 8}), folder, tmp_path / "d", progress=False)
 
