@@ -84,8 +84,8 @@ PUBLISHED = {
 
 def published_shapes(name):
     """Original-layout shapes of a full-size published model, built on the meta device."""
-    d = pytest.importorskip("diffusers")
-    t = pytest.importorskip("transformers")
+    import diffusers as d
+    import transformers as t
     from sdloom.checkpoints.keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
     from sdloom.checkpoints.keymaps.unet import (unet_config_from_diffusers,
                                                  unet_diffusers_to_ldm)
@@ -201,8 +201,8 @@ def _text(t, act, layers, proj=None, seed=3):
 def make_folder(tmp, family):
     """A diffusers folder whose head layout follows the family's rule (SD1: 8 heads; SD2/SDXL:
     64-wide heads), so that shape detection alone must get it right too."""
-    d = pytest.importorskip("diffusers")
-    t = pytest.importorskip("transformers")
+    import diffusers as d
+    import transformers as t
     if family == "sd1":
         unet = _unet(d, block_out_channels=(64, 64), layers_per_block=1, cross_attention_dim=64,
                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -302,7 +302,7 @@ def test_diffusers_folder_single_file_and_ckpt_match_the_reference(tmp_path, fam
     cfg, src = open_model_source(single)
     plain = {k: src.get(k) for k in src.shapes}
     if family == "sd2":  # a real SD2 file has the 24th (unused) layer: rebuild that layout
-        full = _text(pytest.importorskip("transformers"), "gelu", 3)
+        full = _text(__import__("transformers"), "gelu", 3)
         full.load_state_dict({**texts["text_encoder"].state_dict(),
                               **{k: v for k, v in full.state_dict().items() if ".layers.2." in k}})
         from sdloom.checkpoints.keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
