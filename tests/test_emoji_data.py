@@ -10,7 +10,7 @@ from PIL import Image
 from sdloom.errors import SdloomError
 from sdloom.training.emoji_data import (DEFAULT_FONT, MODIFIERS, TONES, TWO_PERSON, _Renderer,
                                         base_key, build_emoji_dataset, caption, emoji_entries,
-                                        load_emoji_arrays, main, select_holdout, tones_of)
+                                        main, select_holdout, tones_of)
 
 
 @pytest.fixture
@@ -141,25 +141,6 @@ def test_refuses_to_replace_foreign_folder(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
-def test_load_emoji_arrays_caches(tmp_path):
-    rows = []
-    for i, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
-        Image.new("RGB", (16, 16), rgb).save(tmp_path / f"{i:05d}.png")
-        rows.append({"file_name": f"{i:05d}.png", "text": f"c{i}", "codepoints": "0",
-                     "holdout": i == 1})
-    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    arr, caps, mask = load_emoji_arrays(tmp_path)
-    assert arr.shape == (3, 16, 16, 3) and arr.dtype == np.uint8
-    assert caps == ["c0", "c1", "c2"] and mask.tolist() == [False, True, False]
-    assert arr[2, 0, 0].tolist() == [0, 0, 255]
-    assert (tmp_path / "images.npy").exists()
-    arr2, _, _ = load_emoji_arrays(tmp_path)
-    np.testing.assert_array_equal(arr, arr2)
-    # a rebuilt set with a different length invalidates the cache
-    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[0]) + "\n")
-    assert load_emoji_arrays(tmp_path)[0].shape[0] == 1
-
-
 # ---- rendering (needs the font) ----
 
 @needs_font
@@ -210,7 +191,7 @@ def test_build_is_deterministic(tmp_path):
     build_emoji_dataset(tmp_path / "b", size=32, only=SAMPLE)
     assert files(tmp_path / "a") == files(tmp_path / "b")
     # rebuilding in place replaces the folder whole: no stale files or cache survive
-    load_emoji_arrays(tmp_path / "a")
+    (tmp_path / "a" / "images.npy").write_bytes(b"a stale cache")
     build_emoji_dataset(tmp_path / "a", size=32, only=SAMPLE[:2])
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == \
         ["00000.png", "00001.png", "build.json", "holdout.jsonl", "metadata.jsonl"]
@@ -220,11 +201,13 @@ def test_build_is_deterministic(tmp_path):
 def test_holdout_marked_and_switchable(tmp_path):
     tones = [f"👍{m}" for m in MODIFIERS] + ["👍"]
     build_emoji_dataset(tmp_path / "h", size=16, only=tones)
-    arr, caps, mask = load_emoji_arrays(tmp_path / "h")
-    assert arr.shape == (6, 16, 16, 3) and mask.sum() == 1
-    assert "thumbs up" in caps and caps[int(np.argmax(mask))].startswith("thumbs up, ")
+    rows = [json.loads(x) for x in (tmp_path / "h" / "metadata.jsonl").read_text().splitlines()]
+    caps, mask = [r["text"] for r in rows], [bool(r.get("holdout")) for r in rows]
+    assert len(rows) == 6 and sum(mask) == 1
+    assert "thumbs up" in caps and caps[mask.index(True)].startswith("thumbs up, ")
     build_emoji_dataset(tmp_path / "n", size=16, only=tones, holdout=False)
-    assert load_emoji_arrays(tmp_path / "n")[2].sum() == 0
+    rows = [json.loads(x) for x in (tmp_path / "n" / "metadata.jsonl").read_text().splitlines()]
+    assert not any(r.get("holdout") for r in rows)
     assert (tmp_path / "n" / "holdout.jsonl").read_text() == ""
 
 

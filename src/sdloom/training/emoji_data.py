@@ -361,33 +361,6 @@ def build_emoji_dataset(out_dir: Path, size: int = 128, font: Path | None = None
     return stats
 
 
-def load_emoji_arrays(d: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(uint8 [N,H,W,3], captions, bool holdout mask), cached as images.npy beside the PNGs."""
-    d = Path(d)
-    meta = d / "metadata.jsonl"
-    if not meta.exists():
-        raise SdloomError(f"{d}: no metadata.jsonl (build it with "
-                          "`python -m sdloom.training.emoji_data DIR`)")
-    rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line]
-    cache = d / "images.npy"
-    arr = None
-    # stale if the set was rebuilt after the cache was written
-    if cache.exists() and cache.stat().st_mtime >= meta.stat().st_mtime:
-        arr = np.load(cache)
-        if arr.ndim != 4 or arr.shape[0] != len(rows) or arr.dtype != np.uint8:
-            arr = None
-    if arr is None:
-        arr = np.stack([np.asarray(Image.open(d / r["file_name"]).convert("RGB")) for r in rows])
-        try:  # write then rename, so a concurrent loader never reads half a file
-            tmp = d / f".images.npy.{os.getpid()}"
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only data set still loads, just without the cache
-    return arr, [r["text"] for r in rows], np.array([bool(r.get("holdout")) for r in rows])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line: build the data set and print counts and time."""
     ap = argparse.ArgumentParser(prog="python -m sdloom.training.emoji_data",
