@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdloom.checkpoints.load import open_model_source
-from sdloom.checkpoints.save import convert, save_model, save_safetensors
+from sdloom.checkpoints.save import save_model, save_safetensors
 from sdloom.cli import main
 from sdloom.config import EMBEDDED, ModelConfig, TextEncoderConfig, UNetConfig
 from sdloom.models.unet import sdxl_adm

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdloom.pipelines.engine import EMBEDDED_MODEL, Engine
+from sdloom.pipelines.engine import Engine
 from sdloom.pipelines.generate import generate
 from sdloom.pipelines.params import GenerationParams
 

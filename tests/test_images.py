@@ -1,5 +1,4 @@
 """Image helpers: tensor ⇄ PIL, A1111 resize modes and grids, masks, names, atomic IO."""
-import math
 import os
 
 import numpy as np

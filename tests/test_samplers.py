@@ -10,7 +10,7 @@ from sdloom.sampling.denoisers import (CFGDenoiser, EpsDenoiser, VDenoiser, img2
                                        sample, sampling_sigmas)
 from sdloom.sampling.samplers import (SAMPLERS, BrownianTreeNoiseSampler, NoiseSampler,
                                       lms_coefficient, resolve_sampler, sample_dpmpp_2m_sde,
-                                      sample_dpmpp_3m_sde, sample_unipc)
+                                      sample_dpmpp_3m_sde)
 from sdloom.sampling.schedules import DiscreteSchedule, get_sigmas, karras_sigmas
 
 SCHED = DiscreteSchedule.scaled_linear()

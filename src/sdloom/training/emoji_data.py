@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import PIL
 from PIL import Image, ImageDraw, ImageFont, features
 
