@@ -1,10 +1,12 @@
-"""The T5 v1.1 SentencePiece Unigram tokenizer (Kudo 2018): 32,100 ids, exact to sentencepiece/HF.
+"""The T5 v1.1 SentencePiece Unigram tokenizer (Kudo 2018): 32,100 ids, exact to HF's fast tokenizer.
 
 The data is T5's `tokenizer.json` (Apache-2.0): piece scores and sentencepiece's precompiled
 `nmt_nfkc` normalization map. It ships in the `diffsynth==1.1.9` wheel (installed `--no-deps`,
-found without importing the package) or is named by $SDLOOM_T5_TOKENIZER. The code is ours:
-normalize with the map (longest match, as sentencepiece's Normalizer), collapse whitespace into
-"▁" with a dummy prefix, Viterbi over piece scores, unknown characters → <unk> (runs fused), </s>.
+found without importing the package) or is named by $SDLOOM_T5_TOKENIZER. The code is ours and
+follows `tokenizers` (what diffusers, ComfyUI and SD3's reference code run): typed specials split
+out, the map applied per grapheme cluster, spaces → "▁" with a "▁" prefix, Viterbi over piece
+scores, unknown characters → <unk> (runs fused), </s>. sentencepiece itself applies the map by
+longest match over the text; the two differ only on odd combining-mark sequences.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import re
 import struct
 from pathlib import Path
 
+import regex
 import torch
 
 from .errors import SdloomError
@@ -28,6 +31,8 @@ PAD, EOS, UNK = 0, 1, 2
 SD3_LENGTH = 256  # diffusers' StableDiffusion3Pipeline max_sequence_length
 SPACE = "▁"  # U+2581, sentencepiece's whitespace symbol
 UNK_PENALTY = 10.0  # unknown-character score = lowest piece score − 10 (sentencepiece, tokenizers)
+_GRAPHEME = regex.compile(r"\X")  # extended grapheme clusters (UAX #29), as unicode-segmentation
+_SPACE_RUN = re.compile(" {2,}")
 
 
 class T5TokenizerNotFound(SdloomError):
@@ -66,23 +71,23 @@ class CharsMap:
         self.units = struct.unpack_from(f"<{trie_size // 4}I", blob, 4)
         self.strings = blob[4 + trie_size:]
 
-    def longest_match(self, data: bytes, start: int) -> tuple[int, bytes] | None:
-        """(length, replacement) of the longest key that prefixes data[start:], or None."""
-        units, best = self.units, None
+    def lookup(self, data: bytes) -> str | None:
+        """Replacement of the shortest key that prefixes data (the first hit of darts' common-prefix
+        search, as tokenizers' Precompiled takes it), or None."""
+        units = self.units
         pos = (units[0] >> 10) << ((units[0] & 0x200) >> 6)  # root's offset
-        for i in range(start, len(data)):
-            c = data[i]
+        for c in data:
             pos ^= c
             if pos >= len(units):
-                break
+                return None
             unit = units[pos]
             if unit & 0x800000FF != c:  # label check: no edge with this byte
-                break
+                return None
             pos ^= (unit >> 10) << ((unit & 0x200) >> 6)
             if unit >> 8 & 1:  # a key ends here: its value is in the leaf unit
                 value = units[pos] & 0x7FFFFFFF
-                best = (i + 1 - start, self.strings[value:self.strings.index(0, value)])
-        return best
+                return self.strings[value:self.strings.index(0, value)].decode("utf-8")
+        return None
 
 
 class T5Tokenizer:
@@ -115,24 +120,19 @@ class T5Tokenizer:
         self._word = functools.lru_cache(maxsize=65536)(self._viterbi)
 
     def normalize(self, text: str) -> str:
-        """sentencepiece's Normalizer::Normalize: charsmap, whitespace collapsed to one "▁",
-        none at the ends, a "▁" prefix (add_dummy_prefix)."""
-        data, i, out = text.encode("utf-8"), 0, []
-        while i < len(data):
-            match = self.charsmap.longest_match(data, i)
-            if match is None:  # unmapped: one UTF-8 character as is
-                n = 1
-                while i + n < len(data) and data[i + n] & 0xC0 == 0x80:
-                    n += 1
-                out.append(data[i:i + n])
-            else:
-                n = match[0]
-                out.append(match[1])
-            i += n
-        # the map turns every whitespace kind into " "; runs and ends collapse as in sentencepiece
-        words = b"".join(out).decode("utf-8").split(" ")
-        text = SPACE.join(w for w in words if w)
-        return SPACE + text if text else ""
+        """tokenizers' T5 normalizer: the charsmap on each grapheme cluster under 6 bytes (else on
+        each character), right strip, space runs → one "▁", a "▁" prefix (Metaspace, "always")."""
+        out = []
+        for g in _GRAPHEME.findall(text):
+            rep = self.charsmap.lookup(g.encode("utf-8")) if len(g.encode("utf-8")) < 6 else None
+            if rep is not None:
+                out.append(rep)
+                continue
+            for c in g:
+                rep = self.charsmap.lookup(c.encode("utf-8"))
+                out.append(c if rep is None else rep)  # "" is a replacement: the map drops controls
+        text = _SPACE_RUN.sub(SPACE, "".join(out).rstrip()).replace(" ", SPACE)
+        return text if not text or text.startswith(SPACE) else SPACE + text
 
     def _viterbi(self, word: str) -> tuple[int, ...]:
         """Best segmentation of one "▁"-word by summed piece log-probabilities; unknown chars → <unk>."""
