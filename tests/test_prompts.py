@@ -336,8 +336,9 @@ class _NotAllowed:
 def test_embedding_loading_is_safe_and_errors_are_clear(tmp_path):
     torch.save({"string_to_param": {"*": torch.zeros(1, 4)}, "x": _NotAllowed()},
                tmp_path / "evil.pt")
-    with pytest.raises(SdloomError, match="cannot read embedding"):
-        load_embedding(tmp_path / "evil.pt")  # a pickled class is refused, never constructed
+    # a pickled class is refused, never constructed, and the message names it
+    with pytest.raises(SdloomError, match="evil.pt: refused to load.*_NotAllowed.*never runs"):
+        load_embedding(tmp_path / "evil.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     torch.save({"a": torch.zeros(2), "b": torch.zeros(2)}, tmp_path / "twoterms.pt")
     db = EmbeddingDB()

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import SdloomError
+from .errors import ModelFileError, SdloomError
+from .io import load_torch_weights, one_line
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 CHUNK = 75  # prompt tokens per chunk; +BOS +EOS = 77
@@ -311,16 +312,23 @@ def load_embedding(path: str | Path) -> Embedding:
     # .pt: {"string_to_param": {"*": [n, D]}}; .safetensors: {"emb_params": [n, D]} or SDXL's
     # {"clip_l": [n, 768], "clip_g": [n, 1280]}; diffusers concepts: {"<token>": [D]}
     path = Path(path)
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+        try:
             data = load_file(str(path), device="cpu")
-        else:  # pickles only through the weights-only unpickler: no code runs from the file
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SdloomError(f"cannot read embedding {path}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # safetensors' own errors: a damaged or foreign file
+            raise ModelFileError(f"cannot read embedding {path.name}: {one_line(e, path)}"
+                                 ) from None
+    else:  # pickles only through the weights-only unpickler: no code runs from the file
+        try:
+            data = load_torch_weights(path)
+        except SdloomError:
+            raise
+        except Exception as e:
+            raise ModelFileError(f"cannot read embedding {path.name}: {one_line(e, path)}"
+                                 ) from None
     if not isinstance(data, dict):
-        raise SdloomError(f"{path}: not a textual-inversion embedding")
+        raise ModelFileError(f"{path.name}: not a textual-inversion embedding")
     if "string_to_param" in data:  # A1111 .pt: {"string_to_param": {"*": [n, D]}, "name": …}
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SdloomError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, load_torch_weights
 from .config import TrainConfig
 
 STATE_FILES = ("raw.safetensors", "trainer.pt", "config.json")
@@ -146,7 +146,7 @@ def load_state(state: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], 
         raise SdloomError(f"--resume: {state} is a what={saved.get('what')} run, not {cfg.what}")
     try:
         raw = load_file(str(state / "raw.safetensors"))
-        trainer = torch.load(state / "trainer.pt", map_location="cpu", weights_only=True)
+        trainer = load_torch_weights(state / "trainer.pt")
     except Exception as e:  # only a damaged disk or a hand-edited state gets here
         raise SdloomError(f"--resume: cannot read {state}: {type(e).__name__}: {e}") from None
     return raw, trainer
