@@ -1,4 +1,5 @@
 """VAE parity with diffusers' AutoencoderKL on random weights, through our key map."""
+import dataclasses
 import re
 
 import pytest
@@ -17,6 +18,11 @@ from conftest import randomize_  # noqa: E402
 TINY = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8)
 
 
+# SD3/SD3.5's 16-channel VAE: no quant convs, z = (x - 0.0609) * 1.5305
+TINY_SD3 = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8, z_channels=16,
+                     embed_dim=16, scale_factor=1.5305, shift_factor=0.0609, use_quant_conv=False)
+
+
 def diffusers_vae(cfg: VAEConfig, seed: int = 0):
     n = len(cfg.ch_mult)
     ref = diffusers.AutoencoderKL(
@@ -24,7 +30,9 @@ def diffusers_vae(cfg: VAEConfig, seed: int = 0):
         block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels,
-        norm_num_groups=cfg.num_groups)
+        norm_num_groups=cfg.num_groups, scaling_factor=cfg.scale_factor,
+        shift_factor=cfg.shift_factor, use_quant_conv=cfg.use_quant_conv,
+        use_post_quant_conv=cfg.use_quant_conv)
     return randomize_(ref, seed).eval()
 
 
@@ -40,8 +48,8 @@ def image(seed: int = 1, size: int = 32) -> torch.Tensor:
     return torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def latent(seed: int = 2) -> torch.Tensor:
-    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+def latent(seed: int = 2, channels: int = 4) -> torch.Tensor:
+    return torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
 def assert_parity(ref, ours, x, z):
@@ -186,3 +194,88 @@ def test_low_precision_runs_close_to_fp32(pair, dtype):
     assert got.dtype == dtype and mean.dtype == dtype
     err = (got.float() - want).abs().max() / want.abs().max()
     assert err < 0.05
+
+
+@pytest.fixture(scope="module")
+def sd3_pair():
+    ref = diffusers_vae(TINY_SD3, seed=5)
+    ours = AutoencoderKL(TINY_SD3).eval()
+    ours.load_state_dict(km.vae_diffusers_to_ldm(ref.state_dict()), strict=True)
+    return ref, ours
+
+
+def test_sd3_vae_without_quant_convs_matches_diffusers(sd3_pair):
+    ref, ours = sd3_pair
+    assert not any("quant_conv" in k for k in ref.state_dict())
+    assert not any("quant_conv" in k for k in ours.state_dict())
+    assert ours.state_dict()["encoder.conv_out.weight"].shape == (32, 64, 3, 3)
+    assert_parity(ref, ours, image(), latent(channels=16))
+    # the key map round-trips a folder without quant convs
+    sd = ref.state_dict()
+    back = km.vae_ldm_to_diffusers(km.vae_diffusers_to_ldm(sd))
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    # ... and an SD1-style model refuses it, naming the missing convs
+    sd1_shaped = AutoencoderKL(dataclasses.replace(TINY_SD3, use_quant_conv=True))
+    with pytest.raises(RuntimeError, match="post_quant_conv.weight"):
+        sd1_shaped.load_state_dict(km.vae_diffusers_to_ldm(sd), strict=True)
+
+
+def sd3_latent_pair(ref, ours, x, z):
+    """(ours, diffusers' SD3 convention) for encode and decode, in fp32."""
+    s, k = ref.config.shift_factor, ref.config.scaling_factor
+    with torch.no_grad():
+        mean = ref.encode(x).latent_dist.mean
+        # as diffusers' StableDiffusion3Pipeline applies them
+        enc = (ours.latent_from_image(x), (mean - s) * k)
+        dec = (ours.image_from_latent(z), ref.decode(z / k + s).sample)
+    return enc, dec, mean
+
+
+def test_sd3_latent_scale_and_shift_match_diffusers(sd3_pair):
+    ref, ours = sd3_pair
+    assert (ref.config.scaling_factor, ref.config.shift_factor) == (1.5305, 0.0609)
+    enc, dec, _ = sd3_latent_pair(ref, ours, image(), latent(channels=16))
+    torch.testing.assert_close(*enc, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(*dec, atol=1e-4, rtol=1e-4)
+    assert dec[1].abs().mean() > 0.1
+
+
+def test_sd3_scale_shift_order_is_observable(sd3_pair):
+    # the parity test above means something only if the other orders give other numbers here
+    ref, ours = sd3_pair
+    s, k = 0.0609, 1.5305
+    x, z = image(), latent(channels=16)
+    enc, dec, mean = sd3_latent_pair(ref, ours, x, z)
+    with torch.no_grad():
+        wrong_enc = mean * k - s  # scale, then shift
+        wrong_dec = ref.decode((z + s) / k).sample  # inverse of the wrong order
+        unshifted = ref.decode(z / k).sample  # shift forgotten
+    for wrong, (got, _) in ((wrong_enc, enc), (wrong_dec, dec), (unshifted, dec)):
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(got, wrong, atol=1e-4, rtol=1e-4)
+    # encode: the two orders differ by the constant shift·(1 - scale)
+    torch.testing.assert_close(enc[0] - wrong_enc, torch.full_like(mean, s * (1 - k)),
+                               atol=1e-4, rtol=0)
+
+
+def test_vae_without_quant_conv_needs_equal_widths():
+    with pytest.raises(ValueError, match="embed_dim == z_channels"):
+        AutoencoderKL(dataclasses.replace(TINY_SD3, embed_dim=4))
+
+
+def test_sd3_full_size_layout_on_meta_matches_diffusers():
+    cfg = dataclasses.replace(VAE_SD, z_channels=16, embed_dim=16, scale_factor=1.5305,
+                              shift_factor=0.0609, use_quant_conv=False)
+    with torch.device("meta"):
+        ours = AutoencoderKL(cfg)
+        ref = diffusers.AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            use_quant_conv=False, use_post_quant_conv=False)
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in km.vae_diffusers_to_ldm(ref.state_dict()).items()}
+    assert mine == theirs
+    # SD3's VAE: SD's 248 tensors less the 4 of the quant convs
+    assert len(mine) == 244 and sum(p.numel() for p in ours.parameters()) == 83_819_683
+    assert mine["encoder.conv_out.weight"] == (32, 512, 3, 3)
+    assert mine["decoder.conv_in.weight"] == (512, 16, 3, 3)

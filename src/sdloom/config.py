@@ -50,6 +50,7 @@ class VAEConfig:
     num_groups: int = 32
     scale_factor: float = 0.18215
     shift_factor: float = 0.0
+    use_quant_conv: bool = True  # False: SD3/Flux's 16-ch VAE, no quant_conv/post_quant_conv
 
     @property
     def downscale(self) -> int:

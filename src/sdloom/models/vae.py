@@ -150,24 +150,35 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """KL-regularised autoencoder: `encode` gives posterior moments, `decode` maps back."""
+    """KL-regularised autoencoder: `encode` gives posterior moments, `decode` maps back.
+
+    With `use_quant_conv=False` (SD3, Flux) the encoder's moments are the posterior directly and
+    no quant_conv / post_quant_conv modules exist, so a strict load of those files works.
+    """
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        if cfg.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        elif cfg.embed_dim != cfg.z_channels:
+            raise ValueError(f"a VAE without quant_conv needs embed_dim == z_channels, got "
+                             f"{cfg.embed_dim} and {cfg.z_channels}")
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image in [-1, 1] → (mean, logvar) of the latent posterior."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        moments = self.encoder(x)
+        if self.config.use_quant_conv:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Posterior sample (unscaled) → image in about [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z) if self.config.use_quant_conv else z)
 
     def latent_from_image(self, x: torch.Tensor, generator: torch.Generator | None = None,
                           sample: bool = False) -> torch.Tensor:

@@ -3,7 +3,8 @@
 diffusers numbers decoder levels from the lowest resolution (up_blocks.0 = LDM up.{n-1}) and
 stores the mid-block attention projections as linear [C, C] where LDM has 1×1 convs [C, C, 1, 1].
 Works on plain dicts without a prefix; keys that match no row pass through unchanged, so a
-strict load afterwards names anything unexpected.
+strict load afterwards names anything unexpected. `quant_conv` / `post_quant_conv` have the same
+names on both sides; SD3/Flux VAEs have neither, and both directions need nothing for that.
 """
 from __future__ import annotations
 
