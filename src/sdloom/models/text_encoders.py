@@ -240,10 +240,11 @@ class TextEncoder(nn.Module):
         return cfg.pooled or (cfg.layout == "hf" and bool(cfg.projection_dim))
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1,
-                inputs_embeds: torch.Tensor | None = None
+                inputs_embeds: torch.Tensor | None = None, project_pooled: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden state `hidden_layer - (clip_skip - 1)` (counted like transformers'
-        `hidden_states`, -1 = last layer), optionally final-normed, and the pooled projection."""
+        `hidden_states`, -1 = last layer), optionally final-normed, and the pooled projection
+        (`project_pooled=False`: the final-normed EOS token, transformers' `pooler_output`)."""
         cfg, m = self.config, self.core()
         layers = m.layers
         x = self.token_embedding(ids) if inputs_embeds is None else inputs_embeds
@@ -269,7 +270,8 @@ class TextEncoder(nn.Module):
             # the padding is 49407 (SD1) or 0 (OpenCLIP)
             eos = ids.argmax(dim=-1)
             last = m.final_norm(x[torch.arange(x.shape[0], device=x.device), eos])
-            pooled = m.project(last)
+            # SD3 conditions on CLIP-L's unprojected pooled token (A1111 return_projected_pooled)
+            pooled = m.project(last) if project_pooled else last
         return hidden, pooled
 
 
