@@ -202,3 +202,32 @@ def test_clip_l_pooled_is_unprojected(setup):
     assert (pooled[:, :WL] - out.text_embeds).abs().max() > 0.1
     # the identity projection of the main fixture makes the two agree (diffusers = A1111 there)
     torch.testing.assert_close(setup["te1"].text_projection.weight, torch.eye(WL))
+
+
+def test_sdxl_embedding_files_fit_both_clips(setup):
+    """An SDXL embedding ({clip_l, clip_g}) puts its vectors in each CLIP's input, as the oracle
+    does with those vectors written into its token table; a one-tensor SD1 file is skipped."""
+    import copy
+
+    from sdloom.prompts import Embedding, EmbeddingDB
+    g = torch.Generator().manual_seed(5)
+    vec = {"clip_l": torch.randn(2, WL, generator=g), "clip_g": torch.randn(2, WG, generator=g)}
+    db = EmbeddingDB([Embedding("mystyle", vec), Embedding("sd1only", {"*": torch.randn(1, 768)})])
+    pe = SD3PromptEncoder(get_tokenizer(), setup["encs"], context_dim=WT, use_t5=False,
+                          embeddings=db)
+    assert pe.skipped_embeddings == ["sd1only"]
+    assert set(pe.used_embeddings(["a photo of mystyle"])) == {"mystyle"}
+    c = pe.encode(["a photo of mystyle"])[0]
+    tok = get_tokenizer()
+    words = tok.encode("a photo of")
+    x, y = 1000, 1001  # any two ids: their table rows become the embedding's vectors
+    for key, te, lo, hi, pad in (("clip_l", setup["te1"], 0, WL, 49407),
+                                 ("clip_g", setup["te2"], WL, WL + WG, 0)):
+        ref = copy.deepcopy(te)
+        with torch.no_grad():
+            ref.text_model.embeddings.token_embedding.weight[[x, y]] = vec[key]
+        ids = [tok.bos, *words, x, y, tok.eos]
+        ids = torch.tensor([ids + [pad] * (77 - len(ids))])
+        with torch.no_grad():
+            want = ref(ids, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(c.context[:, :77, lo:hi], want, atol=1e-4, rtol=0)
