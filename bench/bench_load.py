@@ -56,7 +56,7 @@ def main() -> None:
 
     from sdloom.checkpoints.save import convert, save_model
     from sdloom.config import PRESETS
-    from sdloom.models.sd import LatentDiffusion
+    from sdloom.families.sd import LatentDiffusion
     d = Path(a.dir)
     single = d / f"{a.preset}-random.safetensors"
     folder = d / f"{a.preset}-random-diffusers"

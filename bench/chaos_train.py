@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from sdloom.checkpoints.save import save_model
 from sdloom.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from sdloom.models.sd import LatentDiffusion
+from sdloom.families.sd import LatentDiffusion
 
 TINY = ModelConfig(
     "sd1",

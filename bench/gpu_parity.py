@@ -88,7 +88,7 @@ def vae_text_parity(device: str) -> None:
 
     from sdloom.checkpoints.keymaps.clip import normalize_hf_clip
     from sdloom.checkpoints.keymaps.vae import vae_diffusers_to_ldm
-    from sdloom.checkpoints.load import text_config_from_hf, vae_config_from_diffusers
+    from sdloom.families.sd_diffusers import text_config_from_hf, vae_config_from_diffusers
     from sdloom.models.text_encoders import build_text_encoder
     from sdloom.models.vae import AutoencoderKL
     torch.manual_seed(0)

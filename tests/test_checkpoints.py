@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from sdloom.checkpoints.detect import DetectionError, detect
+from sdloom.families.sd_detect import DetectionError, detect
 from sdloom.checkpoints.load import CONFIG_KEY, load_model, open_model_source
 from sdloom.checkpoints.save import convert, save_safetensors
 from sdloom.config import PRESETS
 from sdloom.errors import SdloomError
-from sdloom.models.sd import LatentDiffusion
+from sdloom.families.sd import LatentDiffusion
 from sdloom.models.unet import sdxl_adm
 
 from conftest import randomize_
@@ -114,9 +114,9 @@ def published_shapes(name):
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_detection_of_published_configs_gives_the_preset(name):
-    from sdloom.checkpoints.detect import detect_structure
+    from sdloom.families.sd_detect import detect_structure
     from sdloom.checkpoints.keymaps.unet import unet_config_from_diffusers
-    from sdloom.checkpoints.load import vae_config_from_diffusers
+    from sdloom.families.sd_diffusers import vae_config_from_diffusers
     shapes, unet, vae = published_shapes(name)
     preset = PRESETS[name]
     # the presets say what diffusers' own configs say
@@ -145,7 +145,7 @@ def test_embedded_model_detects_from_shapes_alone(tmp_path):
     with_meta, without = load_model(EMBEDDED_MODEL), load_model(bare)
     assert CONFIG_KEY in meta and without.config == with_meta.config == PRESETS["embedded"]
     # the shapes alone would not say 16 groups or 4 heads: the preset match does
-    from sdloom.checkpoints.detect import detect_structure
+    from sdloom.families.sd_detect import detect_structure
     conv = detect_structure({k: tuple(v.shape) for k, v in plain.items()})
     assert (conv.unet.num_heads, conv.vae.num_groups) != (4, 16)
     g = torch.Generator().manual_seed(0)

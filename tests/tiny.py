@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from sdloom.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from sdloom.models.sd import LatentDiffusion
+from sdloom.families.sd import LatentDiffusion
 
 TINY_SD1 = ModelConfig(
     "sd1",

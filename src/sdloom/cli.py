@@ -281,24 +281,19 @@ def cmd_generate(args, kind: str) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
-    from .checkpoints.load import check_fit, open_model_source
+    from .checkpoints.load import build_meta, check_fit, open_model_source
+    from .families import family_of
     from .infotext import model_hash
-    from .models.sd import LatentDiffusion
     c, src = open_model_source(args.model)
-    with torch.device("meta"):  # shapes only: nothing is read or allocated
-        m = LatentDiffusion(c)
+    m = build_meta(c)  # shapes only: nothing is read or allocated
     check_fit(m, src)
+    name = getattr(c, "name", "")
     print(f"model:       {args.model}")
-    print(f"family:      {c.family}" + (f" (preset {c.name})" if c.name else " (custom shapes)"))
-    print(f"prediction:  {c.prediction}")
-    print(f"inpainting:  {'yes' if c.is_inpaint else 'no'}")
-    print(f"native size: {c.default_size}x{c.default_size}")
-    for name, n in m.component_params().items():
-        print(f"{name + ':':13}{n / 1e6:9.2f} M parameters")
-    for i, te in enumerate(c.text_encoders):
-        print(f"text enc {i}:  {te.layout} width {te.width}, {te.layers} layers, "
-              f"hidden layer {te.hidden_layer}" + (", pooled" if te.pooled else ""))
+    print(f"family:      {c.family}" + (f" (preset {name})" if name else " (custom shapes)"))
+    for label, value in family_of(c).describe(c):
+        print(f"{label + ':':13}{value}")
+    for part, n in m.component_params().items():
+        print(f"{part + ':':13}{n / 1e6:9.2f} M parameters")
     if Path(args.model).is_file():
         print(f"hash:        {model_hash(args.model)} (sha256[:10], A1111 'Model hash')")
     return 0
@@ -307,7 +302,8 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     from .checkpoints.save import convert
     cfg = convert(args.src, args.dst)
-    print(f"wrote {args.dst} ({cfg.family}{', ' + cfg.name if cfg.name else ''})")
+    name = getattr(cfg, "name", "")
+    print(f"wrote {args.dst} ({cfg.family}{', ' + name if name else ''})")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Frozen, typed model configs and the family presets (SD1, SD2, SDXL, inpaint variants, embedded).
 
-Every config is plain data; `detect()` in `checkpoints/detect.py` builds them from tensor shapes.
+Every config is plain data; each family (`families/`) detects them from tensor shapes.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         """A config from its `asdict` form; SdloomError naming what is missing or unknown.
-        Values are not checked here: `checkpoints.detect.config_problems` checks them against
+        Values are not checked here: `families.sd_detect.config_problems` checks them against
         the tensors they describe."""
         def tup(x):
             return {k: tuple(v) if isinstance(v, list) else v for k, v in x.items()}

@@ -17,7 +17,6 @@ import random
 import torch
 
 MAX_SEED = 4294967294  # A1111: random.randrange(4294967294)
-LATENT_FACTOR = 8  # pixels per latent cell, for every SD family (A1111's opt_f)
 
 
 def fix_seed(seed: int | str | None) -> int:
@@ -80,7 +79,8 @@ class ImageRNG:
     def __init__(self, shape: tuple[int, int, int], seeds: list[int],
                  subseeds: list[int] | None = None, subseed_strength: float = 0.0,
                  seed_resize_from: tuple[int, int] | None = None, ensd: int = 0,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 factor: int = 8):
         self.shape = tuple(int(s) for s in shape)
         self.seeds = [int(s) for s in seeds]
         self.subseeds = subseeds
@@ -88,6 +88,7 @@ class ImageRNG:
         self.seed_resize_from = seed_resize_from
         self.ensd = int(ensd or 0)
         self.device, self.dtype = device, dtype
+        self.factor = factor  # pixels per latent cell (A1111's opt_f): seed resize is in pixels
         self.generators = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
 
     def _source_shape(self) -> tuple[int, int, int]:
@@ -97,7 +98,7 @@ class ImageRNG:
         w, h = self.seed_resize_from
         if w <= 0 or h <= 0:  # A1111's "off" values (-1, 0)
             return self.shape
-        return (self.shape[0], h // LATENT_FACTOR, w // LATENT_FACTOR)
+        return (self.shape[0], h // self.factor, w // self.factor)
 
     def first(self) -> torch.Tensor:
         """The starting noise [B, C, H, W] (A1111 ImageRNG.first)."""

@@ -5,7 +5,6 @@ near one copy of the model (safetensors and zip .ckpt are memory-mapped).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import sys
@@ -16,14 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, TextEncoderConfig, VAEConfig
 from ..errors import ModelFileError, NotFoundError, SdloomError
+from ..families import config_from_json, detect, family_for_pipeline, family_of
+from ..families.base import ComponentReader
+from ..families.sd import SDFamily
 from ..io import display_name as _name
 from ..io import load_torch_weights, one_line as _one_line
-from ..models.sd import LatentDiffusion
-from .detect import _indices, config_problems, detect
-from .keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
-from .keymaps.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
 from .keymaps.vae import vae_diffusers_to_ldm
 
 CONFIG_KEY = "sdloom_config"  # safetensors metadata entry holding ModelConfig JSON
@@ -114,32 +111,6 @@ def _component_weights(folder: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def text_config_from_hf(hc: dict) -> TextEncoderConfig:
-    """A TextEncoderConfig from a transformers CLIPTextConfig dict."""
-    # OpenCLIP-trained encoders (SD2's H, SDXL's bigG) use exact GELU; OpenAI's CLIP-L quick GELU
-    openclip = hc.get("hidden_act", "quick_gelu") == "gelu"
-    proj = hc.get("projection_dim") if any(
-        "Projection" in a for a in hc.get("architectures") or []) else None
-    return TextEncoderConfig(
-        layout="openclip" if openclip else "hf", vocab_size=hc.get("vocab_size", 49408),
-        max_positions=hc.get("max_position_embeddings", 77), width=hc["hidden_size"],
-        layers=hc["num_hidden_layers"], heads=hc["num_attention_heads"],
-        mlp_ratio=hc.get("intermediate_size", 4 * hc["hidden_size"]) // hc["hidden_size"],
-        act=hc.get("hidden_act", "quick_gelu"), projection_dim=proj,
-        pad_token=0 if openclip else 49407)
-
-
-def vae_config_from_diffusers(vc: dict, sdxl: bool) -> VAEConfig:
-    boc = vc["block_out_channels"]
-    scale = vc.get("scaling_factor") or (0.13025 if sdxl else 0.18215)
-    return VAEConfig(in_channels=vc.get("in_channels", 3), out_ch=vc.get("out_channels", 3),
-                     ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc),
-                     num_res_blocks=vc.get("layers_per_block", 2),
-                     z_channels=vc.get("latent_channels", 4), embed_dim=vc.get("latent_channels", 4),
-                     num_groups=vc.get("norm_num_groups", 32), scale_factor=scale,
-                     shift_factor=vc.get("shift_factor") or 0.0)
-
-
 def _json(path: Path) -> dict:
     where = f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
     try:
@@ -153,7 +124,7 @@ def _json(path: Path) -> dict:
     return d
 
 
-def open_diffusers(folder: str | Path) -> tuple[ModelConfig, TensorSource]:
+def open_diffusers(folder: str | Path) -> tuple[object, TensorSource]:
     """A diffusers pipeline folder, converted into our (single-file) names and config."""
     folder = Path(folder)
     try:
@@ -164,72 +135,28 @@ def open_diffusers(folder: str | Path) -> tuple[ModelConfig, TensorSource]:
                              f"a field ({type(e).__name__}: {_one_line(e, folder)})") from None
 
 
-def _open_diffusers(folder: Path) -> tuple[ModelConfig, TensorSource]:
-    uc = _json(folder / "unet" / "config.json")
-    unet = unet_config_from_diffusers(uc)
-    sdxl = unet.adm_in_channels is not None
-    vae = vae_config_from_diffusers(_json(folder / "vae" / "config.json"), sdxl)
-    uw = _component_weights(folder / "unet")
-    # the two counts the key map is built from, checked first so that a config claiming
-    # thousands of blocks costs nothing (everything else is checked against shapes below)
-    for field_, got in (("block_out_channels (levels)", len(_indices(uw, "down_blocks."))),
-                        ("layers_per_block", len(_indices(uw, "down_blocks.0.resnets.")))):
-        want = len(unet.channel_mult) if field_.startswith("block") else unet.num_res_blocks
-        if want != got:
-            raise ModelFileError(f"diffusers folder {folder.name}: unet/config.json "
-                                 f"{field_} says {want}, the weights have {got}")
-    where = f"diffusers folder {folder.name}"
-    sd = {"model.diffusion_model." + k: v
-          for k, v in _mapped(where + "/unet", unet_diffusers_to_ldm, uw, unet).items()}
-    sd.update({"first_stage_model." + k: v for k, v in _mapped(
-        where + "/vae", vae_diffusers_to_ldm, _component_weights(folder / "vae")).items()})
-    encs: list[TextEncoderConfig] = []
-    names = [n for n in ("text_encoder", "text_encoder_2") if (folder / n).is_dir()]
-    if not names:
-        raise ModelFileError(f"diffusers folder {folder.name} has no text_encoder/")
-    for n in names:
-        te = text_config_from_hf(_json(folder / n / "config.json"))
-        w = _component_weights(folder / n)
-        w = normalize_hf_clip(w)
-        if sdxl:
-            te = dataclasses.replace(te, hidden_layer=-2, final_norm_on_hidden=False,
-                            pooled=te.layout == "openclip")
-            prefix = f"conditioner.embedders.{len(encs)}."
-        else:
-            # diffusers stores SD2's encoder with the last layer removed, so "last + final norm"
-            # here is SD2's "penultimate + ln_final"
-            prefix = "cond_stage_model."
-        if te.layout == "openclip":
-            w = {prefix + "model." + k: v for k, v in _mapped(
-                f"{where}/{n}", clip_hf_to_openclip, w, te.layers).items()}
-        else:
-            w = {prefix + "transformer." + k: v for k, v in w.items()}
-        sd.update(w)
-        encs.append(te)
-    if sdxl:
-        family = "sdxl" if len(encs) == 2 else "sdxl-refiner"
-        cfg = ModelConfig(family, unet, vae, tuple(encs), default_size=1024)
-    else:
-        family = "sd2" if encs[0].layout == "openclip" else "sd1"
-        sched = {}
-        sp = folder / "scheduler" / "scheduler_config.json"
-        if sp.exists():
-            sched = _json(sp)
-        pred = "v" if sched.get("prediction_type") == "v_prediction" else "eps"
-        cfg = ModelConfig(family, unet, vae, tuple(encs), prediction=pred,
-                          default_size=8 * uc.get("sample_size", 64))
-    if problems := config_problems(cfg, {k: tuple(v.shape) for k, v in sd.items()}):
-        raise ModelFileError(f"{where}: its config.json files do not match its weights: "
-                             + "; ".join(problems[:3]))
+class _FolderReader(ComponentReader):
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, name: str) -> dict[str, torch.Tensor]:
+        return _component_weights(self.folder / name)
+
+    def has(self, name: str) -> bool:
+        return (self.folder / name).is_dir()
+
+
+def _open_diffusers(folder: Path):
+    index_path = folder / "model_index.json"
+    # folders without model_index.json (older exports) are read as the U-Net families
+    cls = _json(index_path).get("_class_name", "") if index_path.exists() else ""
+    fam = family_for_pipeline(cls) if cls else SDFamily()
+    if fam is None:
+        raise ModelFileError(f"diffusers folder {folder.name}: {str(cls)[:60]} is not a "
+                             "pipeline sdloom knows")
+    cfg, sd = fam.open_diffusers(folder.name, _FolderReader(folder),
+                                 lambda rel: _json(folder / rel))
     return cfg, _open_dict(sd, folder)
-
-
-def _mapped(where: str, keymap, *args):
-    """A key map's result, its errors prefixed with the component they came from."""
-    try:
-        return keymap(*args)
-    except ModelFileError as e:
-        raise ModelFileError(f"{where}: {e}") from None
 
 
 # ---------------------------------------------------------------- building models
@@ -254,29 +181,25 @@ def _check_fit(model_shapes: dict[str, tuple], src: TensorSource, what: str,
         raise ModelFileError(f"checkpoint does not fit {what}: " + "; ".join(parts))
 
 
-def _optional_keys(model: LatentDiffusion) -> set[str]:
-    """Keys a checkpoint may lack: logit scales, and projections that nothing reads."""
-    out = set()
-    for prefix, te in zip(model.text_encoder_prefixes(), model.config.text_encoders):
-        out.add(prefix + "model.logit_scale")
-        if not te.pooled:
-            out.add(prefix + "model.text_projection")
-    return out
-
-
-def check_fit(model: LatentDiffusion, src: TensorSource) -> dict[str, tuple[int, ...]]:
+def check_fit(model: torch.nn.Module, src: TensorSource) -> dict[str, tuple[int, ...]]:
     """Strict key/shape check of a source against a model; returns the model's shapes."""
     cfg = model.config
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_fit(expected, src, f"{cfg.name or cfg.family} model", _optional_keys(model))
+    _check_fit(expected, src, f"{getattr(cfg, 'name', '') or cfg.family} model",
+               family_of(cfg).optional_keys(model))
     return expected
 
 
-def build_from_source(cfg: ModelConfig, src: TensorSource, *, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu", ema: bool = False) -> LatentDiffusion:
-    """Instantiate on the meta device, then stream the tensors in (strict)."""
+def build_meta(cfg) -> torch.nn.Module:
+    """The config's whole model on the meta device: shapes without memory."""
     with torch.device("meta"):
-        model = LatentDiffusion(cfg)
+        return family_of(cfg).build(cfg)
+
+
+def build_from_source(cfg, src: TensorSource, *, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu", ema: bool = False) -> torch.nn.Module:
+    """Instantiate on the meta device, then stream the tensors in (strict)."""
+    model = build_meta(cfg)
     expected = check_fit(model, src)
     state = {}
     for k in expected:
@@ -325,13 +248,13 @@ def warn_non_finite(state: dict[str, torch.Tensor], src: TensorSource,
 
 @dataclass
 class LoadedModel:
-    model: LatentDiffusion
-    config: ModelConfig
+    model: torch.nn.Module
+    config: object
     path: Path
     seconds: float
 
 
-def open_model_source(path: str | Path) -> tuple[ModelConfig, TensorSource]:
+def open_model_source(path: str | Path) -> tuple[object, TensorSource]:
     """Config + lazy tensors of a single file or a diffusers folder."""
     path = Path(path)
     if path.is_dir():
@@ -345,17 +268,17 @@ def open_model_source(path: str | Path) -> tuple[ModelConfig, TensorSource]:
         raise type(e)(f"{_name(path)}: {e}") from None
 
 
-def metadata_config(src: TensorSource) -> ModelConfig:
+def metadata_config(src: TensorSource):
     """The config a file's metadata declares, checked against its tensor shapes before anything
     is built from it: a hostile or stale config (200,000 layers over a few tensors) is refused
     in milliseconds, naming the field."""
     where = _name(src.path) if src.path is not None else "checkpoint"
     try:
-        cfg = ModelConfig.from_json(src.metadata[CONFIG_KEY])
+        cfg = config_from_json(src.metadata[CONFIG_KEY])
     except (ValueError, SdloomError, RecursionError) as e:  # bad JSON, missing/unknown fields
         raise ModelFileError(f"{where}: unreadable {CONFIG_KEY} metadata "
                              f"({_one_line(e)})") from None
-    problems = config_problems(cfg, src.shapes)
+    problems = family_of(cfg).config_problems(cfg, src.shapes)
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ModelFileError(f"{where}: the config in its metadata does not match its tensors: "
@@ -372,6 +295,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     if prediction:
         if prediction not in ("eps", "v"):
             raise SdloomError(f"prediction must be eps or v, not {prediction!r}")
+        if not hasattr(cfg, "prediction"):
+            raise SdloomError(f"--prediction applies to eps/v models, not to {cfg.family}")
         cfg = cfg.replace(prediction=prediction)
     model = build_from_source(cfg, src, dtype=dtype, device=device, ema=ema)
     if vae:
@@ -394,7 +319,7 @@ def vae_source(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_vae_into(model: LatentDiffusion, path: str | Path) -> None:
+def load_vae_into(model: torch.nn.Module, path: str | Path) -> None:
     """Replace the model's VAE weights (A1111's VAE override), strictly."""
     sd = vae_source(path)
     vae = model.first_stage_model

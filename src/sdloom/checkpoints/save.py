@@ -1,5 +1,5 @@
 """Writing models: single-file safetensors (config JSON in metadata), and `convert` between
-single files and diffusers folders (`diffusers_export.py`).
+single files and diffusers folders (each family writes its own folder layout).
 
 All files are written atomically: a temp file (or folder) beside the target, then a rename.
 """
@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
 from ..errors import ModelFileError, SdloomError
+from ..families import family_of
 from ..io import atomic_path
-from ..models.sd import LatentDiffusion
-from .load import CONFIG_KEY, IGNORED, TensorSource, check_fit, open_model_source
+from .load import CONFIG_KEY, IGNORED, build_meta, check_fit, open_model_source
 
 
 def _atomic(path: Path, write) -> None:
@@ -41,7 +40,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     _atomic(Path(path), lambda tmp: save_file(out, tmp, metadata=metadata or {}))
 
 
-def save_model(model: torch.nn.Module, config: ModelConfig, path: str | Path,
+def save_model(model: torch.nn.Module, config, path: str | Path,
                dtype: torch.dtype | None = None, extra_metadata: dict[str, str] | None = None
                ) -> None:
     """Single-file checkpoint in the original SD key layout, with our config in the metadata."""
@@ -51,23 +50,20 @@ def save_model(model: torch.nn.Module, config: ModelConfig, path: str | Path,
     save_safetensors(sd, path, meta)
 
 
-def _verify(path: Path) -> ModelConfig:
+def _verify(path: Path):
     """Open a written model the way `load_model` does and check that every tensor fits the model
     its config builds (on the meta device: shapes only, nothing computed)."""
     cfg, src = open_model_source(path)
-    with torch.device("meta"):
-        model = LatentDiffusion(cfg)
-    check_fit(model, src)
+    check_fit(build_meta(cfg), src)
     return cfg
 
 
-def convert(src_path: str | Path, dst_path: str | Path) -> ModelConfig:
+def convert(src_path: str | Path, dst_path: str | Path):
     """diffusers folder ⇄ single-file .safetensors; .ckpt → .safetensors. Tensors kept as they are.
 
     The output is written under a temp name, opened again as `load_model` would, and renamed
     into place only if it loads: a conversion that would give an unloadable model fails and
     leaves nothing behind."""
-    from .diffusers_export import save_diffusers  # it imports this module's writers
     src_path, dst = Path(src_path), Path(dst_path)
     cfg, src = open_model_source(src_path)
     if dst.suffix == ".safetensors":
@@ -78,11 +74,10 @@ def convert(src_path: str | Path, dst_path: str | Path) -> ModelConfig:
     elif dst.suffix == "":
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise SdloomError(f"{dst} exists and is not an empty folder: will not overwrite")
-        clean = TensorSource({k: s for k, s in src.shapes.items() if not IGNORED.match(k)},
-                             src.get, src.metadata, src.path)
+        keys = [k for k in src.shapes if not IGNORED.match(k)]
         tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
         try:
-            save_diffusers(cfg, clean, tmp)
+            family_of(cfg).save_diffusers(cfg, src.get, keys, tmp, save_safetensors)
             _checked(src_path, dst, tmp)
             os.replace(tmp, dst)  # an empty folder at dst is replaced too (POSIX rename)
         finally:

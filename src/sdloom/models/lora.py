@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError, SdloomError
-from .sd import LatentDiffusion
 
-LORA_IN_PROMPT = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?(?::[^>]*)?>")
+LORA_IN_PROMPT = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
 # OpenCLIP keeps q, k, v in one in_proj matrix: (hf name, openclip name, row slice index)
 _OPENCLIP = [("self_attn.q_proj", "attn.in_proj", 0), ("self_attn.k_proj", "attn.in_proj", 1),
@@ -32,7 +31,7 @@ class Target:
     rows: slice | None = None
 
 
-def lora_targets(model: LatentDiffusion) -> dict[str, Target]:
+def lora_targets(model: torch.nn.Module) -> dict[str, Target]:
     """kohya module name → target weight, for every linear/conv layer a LoRA can touch."""
     from ..checkpoints.keymaps.unet import RESNET, unet_prefix_table
     out: dict[str, Target] = {}
@@ -108,7 +107,7 @@ def read_lora(path: str | Path) -> LoraFile:
 class LoraManager:
     """Merges LoRAs into a model's weights and restores the originals exactly on `clear()`."""
 
-    def __init__(self, model: LatentDiffusion):
+    def __init__(self, model: torch.nn.Module):
         self.model = model
         self.backup: dict[str, torch.Tensor] = {}
         self.applied: list[tuple[str, float]] = []
@@ -181,6 +180,15 @@ class LoraManager:
 
 def extract_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """Strip `<lora:name:weight>` tags from a prompt; returns the rest and (name, weight) pairs."""
-    found = [(m.group(1), float(m.group(2)) if m.group(2) else 1.0)
-             for m in LORA_IN_PROMPT.finditer(prompt)]
+    found = []
+    for m in LORA_IN_PROMPT.finditer(prompt):
+        name, text = m.group(1), (m.group(2) or "").strip()
+        try:
+            w = float(text) if text else 1.0
+        except ValueError:
+            w = math.nan
+        if not math.isfinite(w):
+            raise SdloomError(f"LoRA weight for {name[:60]!r} must be a finite number, "
+                              f"got {text[:20]!r}")
+        found.append((name, w))
     return LORA_IN_PROMPT.sub("", prompt), found

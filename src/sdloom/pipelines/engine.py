@@ -1,6 +1,7 @@
-"""A loaded model ready to generate: conditioning, sampling and VAE around one LatentDiffusion.
+"""A loaded model ready to generate: its family's conditioning, sampling and latents.
 
-The pipelines (`generate.py`) are thin compositions of these pieces.
+The pipelines (`generate.py`) are thin compositions of these pieces; everything that differs
+between model families comes from the family (`families/`).
 """
 from __future__ import annotations
 
@@ -13,14 +14,10 @@ import torch
 
 from ..checkpoints.load import LoadedModel, load_model
 from ..errors import NotFoundError, SdloomError
+from ..families import family_of
 from ..models.lora import LoraManager, read_lora
-from ..models.sd import LatentDiffusion
-from ..models.unet import sdxl_adm
-from ..prompts import (Conditioning, EmbeddingDB, PromptEncoder, cond_at_step, split_and,
-                       stack_conds)
-from ..sampling.denoisers import CFGDenoiser, EpsDenoiser, VDenoiser
-from ..sampling.schedules import DiscreteSchedule
-from ..tokenizer import get_tokenizer
+from ..prompts import Conditioning, EmbeddingDB, cond_at_step, split_and, stack_conds
+from ..sampling.denoisers import CFGDenoiser
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_MODEL = ASSETS / "sdloom-emoji.safetensors"
@@ -48,23 +45,10 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return table[precision]
 
 
-class UNetAdapter(torch.nn.Module):
-    """Adds inpainting's concatenated channels (mask + masked-image latent) to the U-Net input."""
-
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, context, y=None, c_concat=None):
-        if c_concat is not None:
-            x = torch.cat([x, c_concat.to(x.dtype)], dim=1)
-        return self.unet(x, t, context, y=y)
-
-
 @dataclass
 class Engine:
     """A model on a device, with its prompt encoder, noise schedule and LoRA state."""
-    model: LatentDiffusion
+    model: torch.nn.Module  # a family's whole model (families/)
     path: Path | None = None
     embeddings_dir: Path | None = None
     lora_dir: Path | None = None
@@ -73,13 +57,14 @@ class Engine:
     def __post_init__(self):
         cfg = self.model.config
         self.config = cfg
-        self.schedule = DiscreteSchedule.scaled_linear(cfg.num_timesteps, cfg.linear_start,
-                                                       cfg.linear_end)
+        self.family = family_of(cfg)
+        self.latent_format = self.family.latent_format(cfg)
+        self.sampling = self.family.model_sampling(cfg)  # noising, denoising, sigma table
+        self.schedule = self.sampling.schedule
         db = EmbeddingDB()
         if self.embeddings_dir and Path(self.embeddings_dir).is_dir():
             db.load_dir(self.embeddings_dir)
-        self.prompt_encoder = PromptEncoder(get_tokenizer(), self.model.text_encoders,
-                                            list(cfg.text_encoders), db)
+        self.prompt_encoder = self.family.prompt_encoder(self.model, db)
         # a broken or foreign embedding is reported, never skipped in silence
         for why in db.errors.values():
             print(f"sdloom: embedding not loaded: {why}", file=sys.stderr)
@@ -88,8 +73,7 @@ class Engine:
                   file=sys.stderr)
         self.loras = LoraManager(self.model)
         self._lora_key: list[tuple[str, float]] = []  # the (file, weight) pairs merged now
-        wrapper = VDenoiser if cfg.prediction == "v" else EpsDenoiser
-        self.denoiser = wrapper(UNetAdapter(self.model.unet), self.schedule)
+        self.denoiser = self.sampling.denoiser(self.family.denoiser_model(self.model))
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str = "auto",
@@ -174,15 +158,9 @@ class Engine:
     # ---------------------------------------------------------------- conditioning
     def cond_kwargs(self, c: Conditioning, width: int, height: int,
                     aesthetic_score: float = 6.0) -> dict[str, torch.Tensor]:
-        """U-Net keyword arguments for a conditioning (adds SDXL's ADM vector)."""
-        out = {"context": c.context.to(self.device, self.dtype)}
-        if self.config.is_sdxl:
-            if c.pooled is None:
-                raise SdloomError("SDXL needs a pooled text embedding; the text encoder gave none")
-            refiner = self.config.family == "sdxl-refiner"
-            out["y"] = sdxl_adm(c.pooled.to(self.device, self.dtype), (height, width), (0, 0),
-                                (height, width), aesthetic_score if refiner else None)
-        return out
+        """The denoiser's keyword arguments for a conditioning (the family's: e.g. SDXL's ADM)."""
+        return self.family.cond_kwargs(self.config, c, width, height, aesthetic_score,
+                                       self.device, self.dtype)
 
     def cfg_denoiser(self, prompts: list[str], negatives: list[str], steps: int,
                      cfg_scale: float, clip_skip: int, width: int, height: int,

@@ -29,7 +29,7 @@ from ..prompts import prompt_schedule
 from ..sampling.denoisers import sample, sampling_sigmas
 from ..sampling.samplers import resolve_sampler
 from ..sampling.schedules import scheduler_label
-from ..seeds import LATENT_FACTOR, ImageRNG, all_seeds, fix_seed
+from ..seeds import ImageRNG, all_seeds, fix_seed
 from .engine import Engine
 from .params import FILL_NAMES, GenerationParams
 
@@ -170,6 +170,15 @@ class _Job:
             # A1111 runs exactly the requested hires steps (setup_img2img_steps with steps set)
             self.hr_sigmas = sampling_sigmas(hp.sampler_name, hp.scheduler, self.hr_steps,
                                              self.schedule, p.denoising_strength, fix_steps=True)
+        if not engine.sampling.stochastic_ok:
+            for name, sched in [(p.sampler_name, p.scheduler)] + (
+                    [(self.hp.sampler_name, self.hp.scheduler)] if self.hr else []):
+                spec, _ = resolve_sampler(name, sched)
+                if spec.stochastic:
+                    raise SdloomError(f"sampler {spec.name!r} adds noise in a form that "
+                                      f"{engine.config.family} (a flow-matching model) does not "
+                                      "use; choose a deterministic one: Euler, Heun, DPM++ 2M, "
+                                      "LMS, DPM2, UniPC, DDIM")
         self.per_batch = len(self.sigmas) - 1 + (len(self.hr_sigmas) - 1 if self.hr else 0)
         self.total = p.n_iter * self.per_batch
         self.lora_names = engine.set_loras(list(p.loras), tagged)
@@ -177,11 +186,11 @@ class _Job:
 
     # ------------------------------------------------------------------ passes
     def _noise(self, seeds: list[int], subseeds: list[int], w: int, h: int) -> ImageRNG:
-        f = LATENT_FACTOR
-        return ImageRNG((self.engine.config.vae.embed_dim, h // f, w // f), seeds, subseeds,
+        lf = self.engine.latent_format
+        return ImageRNG((lf.channels, h // lf.factor, w // lf.factor), seeds, subseeds,
                         self.p.subseed_strength,
                         (self.p.seed_resize_from_w, self.p.seed_resize_from_h),
-                        self.p.eta_noise_seed_delta)
+                        self.p.eta_noise_seed_delta, factor=lf.factor)
 
     def _sample(self, p: GenerationParams, den, x: torch.Tensor, sigmas: torch.Tensor,
                 rng: ImageRNG, extra: dict, done: int) -> torch.Tensor:
@@ -198,9 +207,9 @@ class _Job:
         area blanked] (A1111 inpainting_image_conditioning: without a mask, txt2img, img2img
         and the hires pass alike, everything counts as masked)."""
         e = self.engine
-        if not e.config.is_inpaint:
+        if not e.family.inpaint_channels(e.config):
             return {}
-        f, n = LATENT_FACTOR, len(seeds)
+        f, n = e.latent_format.factor, len(seeds)
         if mask is None:
             m, px = torch.ones(1, 1, h, w), torch.zeros(1, 3, h, w)
         else:
@@ -217,7 +226,7 @@ class _Job:
         den = e.cfg_denoiser(prompts, negs, p.steps, p.cfg_scale, p.clip_skip, w, h,
                              p.aesthetic_score)
         if init_img is None:
-            x = noise * self.sigmas[0]
+            x = e.sampling.noised(torch.zeros_like(noise), noise, self.sigmas[0])
             return self._sample(p, den, x, self.sigmas, rng, self._conditioning(None, None, seeds,
                                                                                  w, h), done)
         px = from_pil(init_img)
@@ -234,7 +243,7 @@ class _Job:
             pix_mask = m.round()[None, None]
             den = _blend(den, init_lat, nmask)
         extra = self._conditioning(px, pix_mask, seeds, w, h)
-        x = init_lat + noise * self.sigmas[0]
+        x = e.sampling.noised(init_lat, noise, self.sigmas[0])
         out = self._sample(p, den, x, self.sigmas, rng, extra, done)
         if inp is not None:
             out = init_lat * (1 - nmask) + out * nmask
@@ -244,8 +253,8 @@ class _Job:
         """Upscale the first pass (in latent or pixel space) and denoise it again at the new
         size with exactly the requested hires steps."""
         e, hp = self.engine, self.hp
-        w, h = hp.hr_size()
-        f = LATENT_FACTOR
+        w, h = hp.hr_size(e.family.size_multiple(e.config))
+        f = e.latent_format.factor
         mode = LATENT_UPSCALERS.get(hp.hr_upscaler.lower())
         if mode is not None:
             aa = mode.endswith("-aa")
@@ -257,7 +266,7 @@ class _Job:
             imgs = [im.resize((w, h), rs) for im in to_pil(e.decode(lat))]
             up = e.encode(torch.cat([from_pil(im) for im in imgs]), seeds)
         rng = self._noise(seeds, subseeds, w, h)
-        x = up.to(e.device) + rng.first().to(e.device) * self.hr_sigmas[0]
+        x = e.sampling.noised(up.to(e.device), rng.first().to(e.device), self.hr_sigmas[0])
         den = e.cfg_denoiser(prompts, negs, self.p.steps, hp.cfg_scale, hp.clip_skip, w, h,
                              hp.aesthetic_score, hires_steps=self.hr_steps)
         extra = self._conditioning(None, None, seeds, w, h)
@@ -371,7 +380,7 @@ def _blend(den, init_lat: torch.Tensor, nmask: torch.Tensor):
 def generate(engine: Engine, p: GenerationParams, progress: ProgressFn | None = None,
              limits: Limits = DEFAULT_LIMITS) -> GenerationResult:
     """Run one job (txt2img, img2img or inpaint; hires fix optional) and return the images."""
-    p.validate(engine.config.default_size, limits)
+    p.validate(engine.config.default_size, limits, engine.family.size_multiple(engine.config))
     texts = [p.prompt, p.negative_prompt, p.hr_prompt, p.hr_negative_prompt,
              *(p.all_prompts or [])]
     _check_prompt_sizes(engine, [extract_prompt_loras(t)[0] for t in texts], limits)

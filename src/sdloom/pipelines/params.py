@@ -73,17 +73,19 @@ class GenerationParams:
     # them are not applied (only `prompt`'s and `loras` are)
     all_prompts: list[str] | None = None
 
-    def validate(self, default_size: int, limits: Limits = DEFAULT_LIMITS) -> None:
+    def validate(self, default_size: int, limits: Limits = DEFAULT_LIMITS,
+                 multiple: int = 8) -> None:
         """Raise SdloomError with one clear line for anything a model cannot run or a limit
-        forbids. Sizes that are not multiples of 8 are rounded down, as A1111's latent size
-        (height // 8) does; the infotext records the size generated."""
+        forbids. Sizes that are not multiples of `multiple` (the model family's: 8 pixels per
+        latent cell for SD) are rounded down, as A1111's latent size (height // 8) does; the
+        infotext records the size generated."""
         for name in ("width", "height"):
             v = getattr(self, name)
             v = default_size if v is None else v
             if not isinstance(v, int) or v < 64:
                 raise SdloomError(f"{name} must be at least 64 pixels, got {v}")
             limits.check(name, v, "max_side")
-            setattr(self, name, v // 8 * 8)
+            setattr(self, name, v // multiple * multiple)
         limits.check("image size (pixels)", self.width * self.height, "max_pixels")
         limits.check("batch size × image pixels", self.width * self.height * self.batch_size,
                      "max_batch_pixels")
@@ -143,7 +145,7 @@ class GenerationParams:
         if self.enable_hr and self.init_image is None:
             if not self.hr_scale > 0 or min(self.hr_resize_x, self.hr_resize_y) < 0:
                 raise SdloomError("hires scale must be > 0 and hires sizes ≥ 0")
-            hw, hh = self.hr_size()
+            hw, hh = self.hr_size(multiple)
             for name, v in (("hires width", hw), ("hires height", hh)):
                 if v < 64:
                     raise SdloomError(f"{name} must be at least 64 pixels, got {v}")
@@ -152,11 +154,11 @@ class GenerationParams:
             limits.check("batch size × hires image pixels", hw * hh * self.batch_size,
                          "max_batch_pixels")
 
-    def hr_size(self) -> tuple[int, int]:
+    def hr_size(self, multiple: int = 8) -> tuple[int, int]:
         """Target size of the hires pass, rounded to multiples of 8 (A1111: hr_resize or scale)."""
         if self.hr_resize_x or self.hr_resize_y:
             w = self.hr_resize_x or self.hr_resize_y * self.width // self.height
             h = self.hr_resize_y or self.hr_resize_x * self.height // self.width
         else:
             w, h = int(self.width * self.hr_scale), int(self.height * self.hr_scale)
-        return w // 8 * 8, h // 8 * 8
+        return w // multiple * multiple, h // multiple * multiple

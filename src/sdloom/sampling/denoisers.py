@@ -48,6 +48,20 @@ class VDenoiser(EpsDenoiser):
         return 1 / (s ** 2 + 1), -s / (s ** 2 + 1) ** 0.5, 1 / (s ** 2 + 1) ** 0.5
 
 
+class FlowDenoiser(nn.Module):
+    """Rectified-flow velocity prediction (Esser et al. 2024): x̂0 = x − σ·v(x, σ·1000)."""
+
+    def __init__(self, model: Callable[..., torch.Tensor], multiplier: float = 1000.0):
+        super().__init__()
+        self.model, self.multiplier = model, multiplier
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        sigma = sigma.float()
+        s = sigma.view(-1, *[1] * (x.ndim - 1))
+        v = self.model(x, sigma * self.multiplier, **cond).float()
+        return x.float() - v * s
+
+
 Cond = Mapping[str, object]
 CondAt = Callable[[int], Cond]  # A1111's step counter → U-Net keyword arguments
 

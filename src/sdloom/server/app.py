@@ -527,7 +527,7 @@ def create_app(server: Server, api_auth: str | None = None, *,
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infos,
             "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": p.clip_skip,
-            "is_using_inpainting_conditioning": eng.config.is_inpaint,
+            "is_using_inpainting_conditioning": eng.family.inpaint_channels(eng.config),
             "version": f"sdloom {__version__}"}
         params = req.model_dump()
         if img2img and not params.get("include_init_images"):

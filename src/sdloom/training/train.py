@@ -26,7 +26,7 @@ from ..checkpoints.save import save_model, save_safetensors
 from ..config import PRESETS as MODEL_PRESETS
 from ..errors import SdloomError
 from ..io import atomic_write_text
-from ..models.sd import LatentDiffusion
+from ..families.sd import LatentDiffusion
 from ..sampling.schedules import DiscreteSchedule
 from ..tokenizer import get_tokenizer
 from .config import CHOICES, HELP, PRESETS, TrainConfig

@@ -1,4 +1,5 @@
-"""Writing a diffusers pipeline folder that `DiffusionPipeline.from_pretrained` loads as is.
+"""SD1/SD2/SDXL diffusers folders: reading one into our single-file names and config, and
+writing one that `DiffusionPipeline.from_pretrained` loads as is.
 
 The layout follows the published SD folders: model_index.json naming every component, one
 sub-folder per model (config.json + safetensors), CLIP tokenizer files written from the BPE
@@ -6,19 +7,124 @@ vocabulary sdloom reads (`tokenizer.py`), and a scheduler config with the model'
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
+from ..checkpoints.keymaps.clip import clip_hf_to_openclip, clip_openclip_to_hf, normalize_hf_clip
+from ..checkpoints.keymaps.unet import (unet_config_from_diffusers, unet_diffusers_to_ldm,
+                                        unet_ldm_to_diffusers)
+from ..checkpoints.keymaps.vae import vae_diffusers_to_ldm, vae_ldm_to_diffusers
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..errors import ModelFileError
 from ..tokenizer import BOS, EOS, get_tokenizer
-from .keymaps.clip import clip_openclip_to_hf
-from .keymaps.unet import unet_ldm_to_diffusers
-from .keymaps.vae import vae_ldm_to_diffusers
-from .load import TensorSource
-from .save import save_safetensors
+from .base import ComponentReader, JsonReader, StateDict, indices
+from .sd_detect import config_problems
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
+
+
+# ---------------------------------------------------------------- reading
+
+def text_config_from_hf(hc: dict) -> TextEncoderConfig:
+    """A TextEncoderConfig from a transformers CLIPTextConfig dict."""
+    # OpenCLIP-trained encoders (SD2's H, SDXL's bigG) use exact GELU; OpenAI's CLIP-L quick GELU
+    openclip = hc.get("hidden_act", "quick_gelu") == "gelu"
+    proj = hc.get("projection_dim") if any(
+        "Projection" in a for a in hc.get("architectures") or []) else None
+    return TextEncoderConfig(
+        layout="openclip" if openclip else "hf", vocab_size=hc.get("vocab_size", 49408),
+        max_positions=hc.get("max_position_embeddings", 77), width=hc["hidden_size"],
+        layers=hc["num_hidden_layers"], heads=hc["num_attention_heads"],
+        mlp_ratio=hc.get("intermediate_size", 4 * hc["hidden_size"]) // hc["hidden_size"],
+        act=hc.get("hidden_act", "quick_gelu"), projection_dim=proj,
+        pad_token=0 if openclip else 49407)
+
+
+def vae_config_from_diffusers(vc: dict, sdxl: bool) -> VAEConfig:
+    boc = vc["block_out_channels"]
+    scale = vc.get("scaling_factor") or (0.13025 if sdxl else 0.18215)
+    return VAEConfig(in_channels=vc.get("in_channels", 3), out_ch=vc.get("out_channels", 3),
+                     ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc),
+                     num_res_blocks=vc.get("layers_per_block", 2),
+                     z_channels=vc.get("latent_channels", 4), embed_dim=vc.get("latent_channels", 4),
+                     num_groups=vc.get("norm_num_groups", 32), scale_factor=scale,
+                     shift_factor=vc.get("shift_factor") or 0.0,
+                     use_quant_conv=vc.get("use_quant_conv", True))
+
+
+def mapped(where: str, keymap, *args):
+    """A key map's result, its errors prefixed with the component they came from."""
+    try:
+        return keymap(*args)
+    except ModelFileError as e:
+        raise ModelFileError(f"{where}: {e}") from None
+
+
+def open_sd_diffusers(name: str, component: ComponentReader, json_of: JsonReader
+                      ) -> tuple[ModelConfig, StateDict]:
+    """An SD1/SD2/SDXL diffusers folder → (config, state dict in single-file names)."""
+    uc = json_of("unet/config.json")
+    unet = unet_config_from_diffusers(uc)
+    sdxl = unet.adm_in_channels is not None
+    vae = vae_config_from_diffusers(json_of("vae/config.json"), sdxl)
+    uw = component("unet")
+    # the two counts the key map is built from, checked first so that a config claiming
+    # thousands of blocks costs nothing (everything else is checked against shapes below)
+    for field_, got in (("block_out_channels (levels)", len(indices(uw, "down_blocks."))),
+                        ("layers_per_block", len(indices(uw, "down_blocks.0.resnets.")))):
+        want = len(unet.channel_mult) if field_.startswith("block") else unet.num_res_blocks
+        if want != got:
+            raise ModelFileError(f"diffusers folder {name}: unet/config.json "
+                                 f"{field_} says {want}, the weights have {got}")
+    where = f"diffusers folder {name}"
+    sd = {UNET + k: v for k, v in mapped(where + "/unet", unet_diffusers_to_ldm, uw,
+                                          unet).items()}
+    sd.update({VAE + k: v for k, v in mapped(
+        where + "/vae", vae_diffusers_to_ldm, component("vae")).items()})
+    encs: list[TextEncoderConfig] = []
+    names = [n for n in ("text_encoder", "text_encoder_2") if component.has(n)]
+    if not names:
+        raise ModelFileError(f"diffusers folder {name} has no text_encoder/")
+    for n in names:
+        te = text_config_from_hf(json_of(f"{n}/config.json"))
+        w = normalize_hf_clip(component(n))
+        if sdxl:
+            te = dataclasses.replace(te, hidden_layer=-2, final_norm_on_hidden=False,
+                                     pooled=te.layout == "openclip")
+            prefix = f"conditioner.embedders.{len(encs)}."
+        else:
+            # diffusers stores SD2's encoder with the last layer removed, so "last + final norm"
+            # here is SD2's "penultimate + ln_final"
+            prefix = "cond_stage_model."
+        if te.layout == "openclip":
+            w = {prefix + "model." + k: v for k, v in mapped(
+                f"{where}/{n}", clip_hf_to_openclip, w, te.layers).items()}
+        else:
+            w = {prefix + "transformer." + k: v for k, v in w.items()}
+        sd.update(w)
+        encs.append(te)
+    if sdxl:
+        family = "sdxl" if len(encs) == 2 else "sdxl-refiner"
+        cfg = ModelConfig(family, unet, vae, tuple(encs), default_size=1024)
+    else:
+        family = "sd2" if encs[0].layout == "openclip" else "sd1"
+        sched = (json_of("scheduler/scheduler_config.json") if component.has("scheduler")
+                 else {})
+        pred = "v" if sched.get("prediction_type") == "v_prediction" else "eps"
+        cfg = ModelConfig(family, unet, vae, tuple(encs), prediction=pred,
+                          default_size=8 * uc.get("sample_size", 64))
+    if problems := config_problems(cfg, {k: tuple(v.shape) for k, v in sd.items()}):
+        raise ModelFileError(f"{where}: its config.json files do not match its weights: "
+                             + "; ".join(problems[:3]))
+    return cfg, sd
+
+
+# ---------------------------------------------------------------- writing
 
 
 def _unet_json(c: UNetConfig, sample_size: int) -> dict:
@@ -55,6 +161,7 @@ def _vae_json(c: VAEConfig, sample_size: int) -> dict:
             "up_block_types": ["UpDecoderBlock2D"] * n, "layers_per_block": c.num_res_blocks,
             "latent_channels": c.z_channels, "norm_num_groups": c.num_groups,
             "scaling_factor": c.scale_factor, "shift_factor": c.shift_factor or None,
+            "use_quant_conv": c.use_quant_conv, "use_post_quant_conv": c.use_quant_conv,
             "sample_size": sample_size}
 
 
@@ -112,16 +219,16 @@ def _pipeline_class(cfg: ModelConfig) -> str:
     return f"StableDiffusionXL{kind}Pipeline" if cfg.is_sdxl else f"StableDiffusion{kind}Pipeline"
 
 
-def save_diffusers(cfg: ModelConfig, src: TensorSource, folder: str | Path) -> None:
+def save_sd_diffusers(cfg: ModelConfig, get: Callable[[str], torch.Tensor],
+                      keys: Sequence[str], folder: Path,
+                      save_tensors: Callable[[StateDict, Path], None]) -> None:
     """A diffusers pipeline folder: model_index.json, unet/, vae/, text_encoder[_2]/,
     tokenizer[_2]/, scheduler/. Writes into `folder` as it is (the caller makes it atomic)."""
-    folder = Path(folder)
-    take = lambda p: {k[len(p):]: src.get(k) for k in src.shapes if k.startswith(p)}  # noqa: E731
+    take = lambda p: {k[len(p):]: get(k) for k in keys if k.startswith(p)}  # noqa: E731
 
     def write(sub: str, name: str, sd: dict, config: dict) -> None:
-        save_safetensors(sd, folder / sub / name)
+        save_tensors(sd, folder / sub / name)
         (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
-
     size = cfg.default_size
     write("unet", "diffusion_pytorch_model.safetensors",
           unet_ldm_to_diffusers(take(UNET), cfg.unet),

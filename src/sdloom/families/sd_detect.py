@@ -1,4 +1,4 @@
-"""Which Stable Diffusion family a checkpoint is, from key names and tensor shapes only.
+"""SD1/SD2/SDXL (+ refiner, inpaint, the embedded model) from key names and tensor shapes only.
 
 Never from file names. Returns a full ModelConfig (a preset when the shapes are a preset's),
 or raises DetectionError naming the key that is missing.
@@ -6,37 +6,13 @@ or raises DetectionError naming the key that is missing.
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from ..config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from ..errors import ModelFileError
+from .base import DetectionError, Shapes, indices as _indices, need as _need, short_repr as _r
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
-
-Shapes = Mapping[str, Sequence[int]]
-
-
-class DetectionError(ModelFileError):
-    """The checkpoint is not a (complete) Stable Diffusion model we know."""
-
-
-def _need(shapes: Shapes, key: str, what: str, ndim: int | None = None) -> tuple[int, ...]:
-    """The shape of `key`, which must exist, have `ndim` dimensions and no empty one."""
-    if key not in shapes:
-        raise DetectionError(f"not a complete {what}: missing tensor {key!r}")
-    shape = tuple(shapes[key])
-    if (ndim is not None and len(shape) != ndim) or not all(
-            isinstance(d, int) and d > 0 for d in shape):
-        raise DetectionError(f"not a {what}: tensor {key!r} has shape {list(shape)}"
-                             + (f", expected {ndim} non-empty dimensions" if ndim else ""))
-    return shape
-
-
-def _indices(shapes: Shapes, prefix: str) -> list[int]:
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return sorted({int(m.group(1)) for k in shapes if (m := pat.match(k))})
 
 
 # What shapes cannot tell, and what detection assumes instead:
@@ -124,10 +100,12 @@ def detect_vae(shapes: Shapes, prefix: str = VAE, sdxl: bool = False) -> VAEConf
                  // ch for i in levels)
     nrb = len(_indices(shapes, prefix + "encoder.down.0.block."))
     z = _need(shapes, prefix + "decoder.conv_in.weight", what, 4)[1]
-    embed = _need(shapes, prefix + "post_quant_conv.weight", what, 4)[1]
+    quant = prefix + "post_quant_conv.weight" in shapes  # SD3/Flux VAEs have no quant convs
+    embed = _need(shapes, prefix + "post_quant_conv.weight", what, 4)[1] if quant else z
     out_ch = _need(shapes, prefix + "decoder.conv_out.weight", what, 4)[0]
     return VAEConfig(in_channels=in_ch, out_ch=out_ch, ch=ch, ch_mult=mult, num_res_blocks=nrb,
                      z_channels=z, embed_dim=embed, num_groups=_groups([ch * m for m in mult]),
+                     use_quant_conv=quant,
                      scale_factor=0.13025 if sdxl else 0.18215)
 
 
@@ -238,12 +216,6 @@ def detect(shapes: Shapes) -> ModelConfig:
     """The ModelConfig of a single-file checkpoint (LDM/SGM key layout): a preset when the
     shapes are a preset's, else the conventions above."""
     return _match_preset(detect_structure(shapes), v_marker="v_pred" in shapes)
-
-
-def _r(x: object) -> str:
-    """repr, cut short: values come from untrusted metadata."""
-    r = repr(x)
-    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def _divides(label: str, n: object, widths: Sequence[int]) -> list[str]:

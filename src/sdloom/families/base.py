@@ -1,0 +1,149 @@
+"""The family protocol: what one model family (SD1/SD2/SDXL, SD3, …) tells the rest of sdloom.
+
+A family says how to detect itself from tensor shapes, build its model, read and write its
+diffusers folders, condition it (tokenizers, text encoders, prompt encoder), noise and denoise it
+(eps / v / flow: `sampling.model_sampling`), and what its latents are (`LatentFormat`).
+`checkpoints/` loops over the families; pipelines and the server ask the engine's family.
+Families import models/, conditioning and sampling, never checkpoints/ or pipelines/: the
+shape-reading helpers below are theirs.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelFileError
+
+Shapes = Mapping[str, Sequence[int]]
+StateDict = dict[str, torch.Tensor]
+
+
+class DetectionError(ModelFileError):
+    """The checkpoint is a family's, but incomplete or malformed: names the missing key."""
+
+
+def need(shapes: Shapes, key: str, what: str, ndim: int | None = None) -> tuple[int, ...]:
+    """The shape of `key`, which must exist, have `ndim` dimensions and no empty one."""
+    if key not in shapes:
+        raise DetectionError(f"not a complete {what}: missing tensor {key!r}")
+    shape = tuple(shapes[key])
+    if (ndim is not None and len(shape) != ndim) or not all(
+            isinstance(d, int) and d > 0 for d in shape):
+        raise DetectionError(f"not a {what}: tensor {key!r} has shape {list(shape)}"
+                             + (f", expected {ndim} non-empty dimensions" if ndim else ""))
+    return shape
+
+
+def indices(shapes: Shapes, prefix: str) -> list[int]:
+    """The block numbers N of keys `prefix` N `.` …, sorted."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in shapes if (m := pat.match(k))})
+
+
+def short_repr(x: object) -> str:
+    """repr, cut short: values may come from untrusted metadata."""
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """What a family's latents are: channels, pixels per latent cell, and the VAE's
+    normalisation z = (x − shift)·scale."""
+    channels: int
+    factor: int
+    scale: float
+    shift: float = 0.0
+
+
+class ComponentReader:
+    """What checkpoints/ gives a family to read a diffusers folder: reader(name) → that
+    component's weights; reader.has(name) → whether the folder has it. Errors are
+    ModelFileError naming the file."""
+
+    def __call__(self, name: str) -> StateDict:
+        raise NotImplementedError
+
+    def has(self, name: str) -> bool:
+        raise NotImplementedError
+
+
+JsonReader = Callable[[str], dict]  # "unet/config.json" → the JSON object
+
+
+class Family:
+    """One model family. Subclasses implement every method; `name` is the config's family."""
+    names: tuple[str, ...] = ()  # the `family` values of its configs
+    pipeline_classes: tuple[str, ...] = ()  # diffusers model_index _class_name values it reads
+
+    # ---------------------------------------------------------------- files
+    def claims(self, shapes: Shapes) -> bool:
+        """Whether these tensors are this family's (a cheap key test; detect then reads all)."""
+        raise NotImplementedError
+
+    def detect(self, shapes: Shapes):
+        """The config of a single file in the original layout, from names and shapes only."""
+        raise NotImplementedError
+
+    def config_from_dict(self, d: dict):
+        raise NotImplementedError
+
+    def config_problems(self, cfg, shapes: Shapes) -> list[str]:
+        """Why a config (e.g. from metadata) does not describe these tensors; [] if it does."""
+        raise NotImplementedError
+
+    def build(self, cfg) -> nn.Module:
+        """The whole model, its state_dict keys the single-file keys."""
+        raise NotImplementedError
+
+    def optional_keys(self, model: nn.Module) -> set[str]:
+        """Keys a checkpoint may lack (filled with zeros)."""
+        return set()
+
+    def open_diffusers(self, name: str, component: ComponentReader, json_of: JsonReader
+                       ) -> tuple[object, StateDict]:
+        """(config, single-file state dict) of a diffusers folder of this family."""
+        raise NotImplementedError
+
+    def save_diffusers(self, cfg, get: Callable[[str], torch.Tensor], keys: Sequence[str],
+                       folder: Path, save_tensors: Callable[[StateDict, Path], None]) -> None:
+        """Write a diffusers folder into `folder` (the caller makes it atomic)."""
+        raise NotImplementedError
+
+    def describe(self, cfg) -> list[tuple[str, str]]:
+        """(label, value) lines for `sdloom info`."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- running
+    def latent_format(self, cfg) -> LatentFormat:
+        raise NotImplementedError
+
+    def model_sampling(self, cfg):
+        """Noising, denoising and the sigma table (sampling.model_sampling)."""
+        raise NotImplementedError
+
+    def denoiser_model(self, model: nn.Module) -> Callable[..., torch.Tensor]:
+        """model(x_in, t, **cond) → the network's raw prediction."""
+        raise NotImplementedError
+
+    def prompt_encoder(self, model: nn.Module, embeddings):
+        """A prompts.PromptEncoder (or subclass) over the model's text encoders."""
+        raise NotImplementedError
+
+    def cond_kwargs(self, cfg, cond, width: int, height: int, aesthetic_score: float,
+                    device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The denoiser's keyword arguments for a prompts.Conditioning."""
+        raise NotImplementedError
+
+    def size_multiple(self, cfg) -> int:
+        """Image sides are rounded down to a multiple of this many pixels."""
+        return self.latent_format(cfg).factor
+
+    def inpaint_channels(self, cfg) -> bool:
+        """Whether the denoiser takes inpainting's mask + masked-image latent channels."""
+        return False

@@ -1,0 +1,191 @@
+"""The U-Net families: SD 1.x, SD 2.x (eps and v), SDXL base and refiner, their inpainting
+variants and sdloom's embedded model. One place for what they are: the whole model (its
+`state_dict()` keys the single-file keys), detection (`sd_detect.py`), diffusers folders
+(`sd_diffusers.py`), conditioning, noising and latents.
+
+SD1/SD2: `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`.
+SDXL:    `model.diffusion_model.*`, `first_stage_model.*`, `conditioner.embedders.{i}.*`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ModelFileError, SdloomError
+from ..models.text_encoders import build_text_encoder
+from ..models.unet import UNetModel, sdxl_adm
+from ..models.vae import AutoencoderKL
+from ..prompts import Conditioning, EmbeddingDB, PromptEncoder
+from ..sampling.model_sampling import DiscreteSampling
+from ..sampling.schedules import DiscreteSchedule
+from ..tokenizer import get_tokenizer
+from .base import ComponentReader, Family, JsonReader, LatentFormat, Shapes, StateDict
+from .sd_detect import UNET, config_problems, detect
+from .sd_diffusers import open_sd_diffusers, save_sd_diffusers
+
+
+class DiffusionWrapper(nn.Module):
+    def __init__(self, unet: UNetModel):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class Conditioner(nn.Module):
+    """SGM's `GeneralConditioner`: the text embedders of SDXL, in checkpoint order."""
+
+    def __init__(self, embedders: list[nn.Module]):
+        super().__init__()
+        self.embedders = nn.ModuleList(embedders)
+
+
+class LatentDiffusion(nn.Module):
+    """U-Net + VAE + text encoder(s) of one Stable Diffusion family member."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DiffusionWrapper(UNetModel(config.unet))
+        self.first_stage_model = AutoencoderKL(config.vae)
+        encoders = [build_text_encoder(c) for c in config.text_encoders]
+        if config.is_sdxl:
+            self.conditioner = Conditioner(encoders)
+        else:
+            if len(encoders) != 1:
+                raise ModelFileError(f"an {config.family} model has exactly one text encoder, "
+                                     f"this config has {len(encoders)}")
+            self.cond_stage_model = encoders[0]
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.model.diffusion_model
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.first_stage_model
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        if self.config.is_sdxl:
+            return list(self.conditioner.embedders)
+        return [self.cond_stage_model]
+
+    def text_encoder_prefixes(self) -> list[str]:
+        if self.config.is_sdxl:
+            return [f"conditioner.embedders.{i}." for i in range(len(self.config.text_encoders))]
+        return ["cond_stage_model."]
+
+    def component_params(self) -> dict[str, int]:
+        """Parameter counts per component (for `sdloom info`)."""
+        counts = {"unet": sum(p.numel() for p in self.unet.parameters()),
+                  "vae": sum(p.numel() for p in self.vae.parameters())}
+        for i, te in enumerate(self.text_encoders):
+            counts[f"text_encoder{'' if i == 0 else f'_{i + 1}'}"] = sum(
+                p.numel() for p in te.parameters())
+        return counts
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+class UNetAdapter(nn.Module):
+    """Adds inpainting's concatenated channels (mask + masked-image latent) to the U-Net input."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, context, y=None, c_concat=None):
+        if c_concat is not None:
+            x = torch.cat([x, c_concat.to(x.dtype)], dim=1)
+        return self.unet(x, t, context, y=y)
+
+
+class SDFamily(Family):
+    """SD1, SD2, SDXL (+ refiner, inpaint) and the embedded model."""
+    names = ("sd1", "sd2", "sdxl", "sdxl-refiner")
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline",
+                        "StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline",
+                        "StableDiffusionXLImg2ImgPipeline")
+
+    def claims(self, shapes: Shapes) -> bool:
+        return any(k.startswith(UNET + "input_blocks.") for k in shapes)
+
+    def detect(self, shapes: Shapes) -> ModelConfig:
+        return detect(shapes)
+
+    def config_from_dict(self, d: dict) -> ModelConfig:
+        return ModelConfig.from_dict(d)
+
+    def config_problems(self, cfg: ModelConfig, shapes: Shapes) -> list[str]:
+        return config_problems(cfg, shapes)
+
+    def build(self, cfg: ModelConfig) -> LatentDiffusion:
+        return LatentDiffusion(cfg)
+
+    def optional_keys(self, model: LatentDiffusion) -> set[str]:
+        """Logit scales, and projections that nothing reads."""
+        out = set()
+        for prefix, te in zip(model.text_encoder_prefixes(), model.config.text_encoders):
+            out.add(prefix + "model.logit_scale")
+            if not te.pooled:
+                out.add(prefix + "model.text_projection")
+        return out
+
+    def open_diffusers(self, name: str, component: ComponentReader, json_of: JsonReader
+                       ) -> tuple[ModelConfig, StateDict]:
+        return open_sd_diffusers(name, component, json_of)
+
+    def save_diffusers(self, cfg: ModelConfig, get: Callable[[str], torch.Tensor],
+                       keys: Sequence[str], folder: Path,
+                       save_tensors: Callable[[StateDict, Path], None]) -> None:
+        save_sd_diffusers(cfg, get, keys, folder, save_tensors)
+
+    def describe(self, cfg: ModelConfig) -> list[tuple[str, str]]:
+        out = [("prediction", cfg.prediction), ("inpainting", "yes" if cfg.is_inpaint else "no"),
+               ("native size", f"{cfg.default_size}x{cfg.default_size}")]
+        for i, te in enumerate(cfg.text_encoders):
+            out.append((f"text enc {i}", f"{te.layout} width {te.width}, {te.layers} layers, "
+                        f"hidden layer {te.hidden_layer}" + (", pooled" if te.pooled else "")))
+        return out
+
+    def latent_format(self, cfg: ModelConfig) -> LatentFormat:
+        v = cfg.vae
+        return LatentFormat(v.embed_dim, v.downscale, v.scale_factor, v.shift_factor)
+
+    def model_sampling(self, cfg: ModelConfig) -> DiscreteSampling:
+        schedule = DiscreteSchedule.scaled_linear(cfg.num_timesteps, cfg.linear_start,
+                                                  cfg.linear_end)
+        return DiscreteSampling(schedule, cfg.prediction)
+
+    def denoiser_model(self, model: LatentDiffusion) -> nn.Module:
+        return UNetAdapter(model.unet)
+
+    def prompt_encoder(self, model: LatentDiffusion, embeddings: EmbeddingDB) -> PromptEncoder:
+        return PromptEncoder(get_tokenizer(), model.text_encoders,
+                             list(model.config.text_encoders), embeddings)
+
+    def cond_kwargs(self, cfg: ModelConfig, c: Conditioning, width: int, height: int,
+                    aesthetic_score: float, device: torch.device, dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
+        """context, and SDXL's ADM vector y (pooled text + size, crop and, for the refiner,
+        the aesthetic score)."""
+        out = {"context": c.context.to(device, dtype)}
+        if cfg.is_sdxl:
+            if c.pooled is None:
+                raise SdloomError("SDXL needs a pooled text embedding; the text encoder gave none")
+            refiner = cfg.family == "sdxl-refiner"
+            out["y"] = sdxl_adm(c.pooled.to(device, dtype), (height, width), (0, 0),
+                                (height, width), aesthetic_score if refiner else None)
+        return out
+
+    def inpaint_channels(self, cfg: ModelConfig) -> bool:
+        return cfg.is_inpaint
