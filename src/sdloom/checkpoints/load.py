@@ -255,17 +255,28 @@ class LoadedModel:
 
 
 def open_model_source(path: str | Path) -> tuple[object, TensorSource]:
-    """Config + lazy tensors of a single file or a diffusers folder."""
+    """Config + lazy tensors of a single file or a diffusers folder, in the model's key names."""
     path = Path(path)
     if path.is_dir():
         return open_diffusers(path)
     src = open_file(path)
     if CONFIG_KEY in src.metadata:  # our own files carry their exact config
-        return metadata_config(src), src
-    try:
-        return detect(src.shapes), src
-    except ModelFileError as e:
-        raise type(e)(f"{_name(path)}: {e}") from None
+        cfg = metadata_config(src)
+    else:
+        try:
+            cfg = detect(src.shapes)
+        except ModelFileError as e:
+            raise type(e)(f"{_name(path)}: {e}") from None
+    return cfg, _aliased(src, family_of(cfg).key_aliases(src.shapes))
+
+
+def _aliased(src: TensorSource, aliases: dict[str, str | None]) -> TensorSource:
+    """The source with a family's alternative key names renamed (None: a duplicate, dropped)."""
+    if not aliases:
+        return src
+    back = {new: old for old, new in aliases.items() if new is not None}
+    shapes = {aliases.get(k, k): s for k, s in src.shapes.items() if aliases.get(k, k)}
+    return TensorSource(shapes, lambda k: src.get(back.get(k, k)), src.metadata, src.path)
 
 
 def metadata_config(src: TensorSource):

@@ -9,8 +9,9 @@ import json
 from ..errors import ModelFileError
 from .base import DetectionError, Family, Shapes
 from .sd import SDFamily
+from .sd3 import SD3Family
 
-FAMILIES: tuple[Family, ...] = (SDFamily(),)
+FAMILIES: tuple[Family, ...] = (SDFamily(), SD3Family())
 
 
 def family_of(cfg) -> Family:

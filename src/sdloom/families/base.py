@@ -105,6 +105,10 @@ class Family:
         """Keys a checkpoint may lack (filled with zeros)."""
         return set()
 
+    def key_aliases(self, shapes: Shapes) -> dict[str, str | None]:
+        """File key → model key for alternative spellings a file may use (None: drop it)."""
+        return {}
+
     def open_diffusers(self, name: str, component: ComponentReader, json_of: JsonReader
                        ) -> tuple[object, StateDict]:
         """(config, single-file state dict) of a diffusers folder of this family."""

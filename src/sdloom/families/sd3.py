@@ -1,0 +1,333 @@
+"""SD3 and SD3.5 (medium, large): an MMDiT denoiser, CLIP-L + CLIP-G + T5-XXL text encoders, a
+16-channel VAE without quant convs and rectified-flow sampling with shift 3 (Esser et al. 2024).
+
+Single files: `model.diffusion_model.*` (MMDiT, models/mmdit.py), `first_stage_model.*` (the
+VAE in LDM names), `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*` (transformers layouts).
+Diffusers folders (StableDiffusion3Pipeline): transformer/, vae/, text_encoder[_2,_3]/,
+tokenizer[_2,_3]/, scheduler/. Conditioning follows A1111 1.10 (`sd3_conditioning.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoints.keymaps.mmdit import (mmdit_config_from_diffusers, mmdit_config_to_diffusers,
+                                         mmdit_diffusers_to_original, mmdit_original_to_diffusers)
+from ..checkpoints.keymaps.vae import vae_diffusers_to_ldm, vae_ldm_to_diffusers
+from ..config import TextEncoderConfig, VAEConfig
+from ..errors import ModelFileError
+from ..models.mmdit import MMDiT, MMDiTConfig
+from ..models.t5 import T5Config
+from ..models.vae import AutoencoderKL
+from ..prompts import Conditioning, EmbeddingDB
+from ..sampling.model_sampling import FlowSampling
+from ..sd3_conditioning import T5_ALIAS, SD3PromptEncoder, SD3TextEncoders
+from ..tokenizer import get_tokenizer
+from .base import (ComponentReader, DetectionError, Family, JsonReader, LatentFormat, Shapes,
+                   StateDict, short_repr)
+from .sd import DiffusionWrapper
+from .sd_detect import VAE_NOT_IN_SHAPES, detect_vae
+from .sd_diffusers import (_text_json, _vae_json, mapped, vae_config_from_diffusers,
+                          write_clip_tokenizer)
+
+DIT = "model.diffusion_model."
+VAE = "first_stage_model."
+TEXT = "text_encoders."
+CLAIM_KEY = DIT + "joint_blocks.0.context_block.adaLN_modulation.1.bias"
+VAE_SCALE, VAE_SHIFT = 1.5305, 0.0609  # SD3's latent normalisation: z = (x − shift)·scale
+
+
+@dataclass(frozen=True)
+class SD3Config:
+    """A whole SD3/SD3.5 model."""
+    family: str  # "sd3" (SD3 and SD3.5 share everything but shapes)
+    mmdit: MMDiTConfig
+    vae: VAEConfig
+    clip_l: TextEncoderConfig
+    clip_g: TextEncoderConfig
+    t5: T5Config | None  # None: no T5 in the file; its part of the context is zeros
+    shift: float = 3.0  # flow-matching timestep shift
+    default_size: int = 1024
+    name: str = ""  # "sd3-medium", "sd3.5-medium", "sd3.5-large", or "" for other shapes
+
+    is_inpaint = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def replace(self, **kw) -> SD3Config:
+        return dataclasses.replace(self, **kw)
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def _mmdit_shapes(m: MMDiTConfig) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes an MMDiT config gives (on the meta device: no memory)."""
+    if m.depth > 200 or m.hidden_size > 16384 or m.pos_embed_max_size > 1024:
+        raise ModelFileError(f"MMDiT config out of range: {short_repr(m)}")
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in MMDiT(m).state_dict().items()}
+
+
+def _preset_name(m: MMDiTConfig) -> str:
+    """The published model these shapes are, by depth, width and position table."""
+    table = {(24, 1536, 192, False, ()): "sd3-medium",
+             (24, 1536, 384, True, tuple(range(13))): "sd3.5-medium",
+             (38, 2432, 192, True, ()): "sd3.5-large"}
+    return table.get((m.depth, m.hidden_size, m.pos_embed_max_size, m.qk_norm,
+                      m.dual_attention_layers), "")
+
+
+class SD3Model(nn.Module):
+    """MMDiT + 16-channel VAE + SD3's text encoders, keys as in the single files."""
+
+    def __init__(self, config: SD3Config):
+        super().__init__()
+        self.config = config
+        self.model = DiffusionWrapper(MMDiT(config.mmdit))
+        self.first_stage_model = AutoencoderKL(config.vae)
+        self.text_encoders = SD3TextEncoders(config.clip_l, config.clip_g, config.t5)
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.first_stage_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def component_params(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        out = {"mmdit": count(self.model), "vae": count(self.vae),
+               "clip_l": count(self.text_encoders.clip_l),
+               "clip_g": count(self.text_encoders.clip_g)}
+        if self.text_encoders.t5xxl is not None:
+            out["t5xxl"] = count(self.text_encoders.t5xxl)
+        return out
+
+
+class SD3Family(Family):
+    names = ("sd3",)
+    pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
+                        "StableDiffusion3InpaintPipeline")
+
+    # ---------------------------------------------------------------- files
+    def claims(self, shapes: Shapes) -> bool:
+        return CLAIM_KEY in shapes
+
+    def detect(self, shapes: Shapes, mmdit: MMDiTConfig | None = None) -> SD3Config:
+        """The config from shapes; `mmdit` given (a diffusers config) where shapes cannot say
+        all (the head width of models without qk-norm: 64 assumed)."""
+        mm = mmdit or MMDiTConfig.detect({k[len(DIT):]: v for k, v in shapes.items()
+                                          if k.startswith(DIT)})
+        # the VAE's shapes are LDM's; SD3's normalisation is a convention of the family
+        vae = dataclasses.replace(detect_vae(shapes), scale_factor=VAE_SCALE,
+                                  shift_factor=VAE_SHIFT)
+        text = {k[len(TEXT):]: tuple(v) for k, v in shapes.items() if k.startswith(TEXT)}
+        if not text:
+            raise DetectionError("this SD3 file holds no text encoders (text_encoders.clip_l, "
+                                 "clip_g, t5xxl): sdloom reads SD3 files that include them "
+                                 "(the *_incl_clips* files) or diffusers folders")
+        clip_l, clip_g, t5 = SD3TextEncoders.detect(text)
+        return SD3Config("sd3", mm, vae, clip_l, clip_g, t5, name=_preset_name(mm))
+
+    def config_from_dict(self, d: dict) -> SD3Config:
+        try:
+            t5 = d.get("t5")
+            return SD3Config(
+                family=d["family"], mmdit=MMDiTConfig(**_tuples(d["mmdit"])),
+                vae=VAEConfig(**_tuples(d["vae"])),
+                clip_l=TextEncoderConfig(**_tuples(d["clip_l"])),
+                clip_g=TextEncoderConfig(**_tuples(d["clip_g"])),
+                t5=T5Config(**t5) if t5 else None,
+                **{k: d[k] for k in ("shift", "default_size", "name") if k in d})
+        except (KeyError, TypeError) as e:
+            raise ModelFileError(f"SD3 config: missing or unknown field ({e})") from None
+
+    def config_problems(self, cfg: SD3Config, shapes: Shapes) -> list[str]:
+        try:
+            got = self.detect(shapes, cfg.mmdit)
+            MMDiT_shapes = {k[len(DIT):]: tuple(v) for k, v in shapes.items()
+                            if k.startswith(DIT)}
+            want = _mmdit_shapes(cfg.mmdit)
+        except (ModelFileError, ValueError, TypeError) as e:
+            return [str(e)]
+        if want != MMDiT_shapes:
+            diff = sorted(set(want.items()) ^ set(MMDiT_shapes.items()))[:2]
+            return [f"mmdit: the config does not give the file's tensor shapes ({diff})"]
+        problems = []
+        for part in ("mmdit", "clip_l", "clip_g", "t5"):
+            if getattr(cfg, part) != getattr(got, part):
+                problems.append(f"{part} is {short_repr(getattr(cfg, part))} in the metadata, "
+                                f"{short_repr(getattr(got, part))} in the tensors")
+        for f in dataclasses.fields(cfg.vae):
+            a, b = getattr(cfg.vae, f.name), getattr(got.vae, f.name)
+            if f.name not in VAE_NOT_IN_SHAPES and a != b:
+                problems.append(f"vae.{f.name} is {short_repr(a)} in the metadata, "
+                                f"{short_repr(b)} in the tensors")
+        if not 0 < cfg.shift <= 100 or not 64 <= cfg.default_size <= 8192:
+            problems.append(f"shift {short_repr(cfg.shift)} or default_size "
+                            f"{short_repr(cfg.default_size)} out of range")
+        return problems
+
+    def build(self, cfg: SD3Config) -> SD3Model:
+        return SD3Model(cfg)
+
+    def optional_keys(self, model: SD3Model) -> set[str]:
+        # CLIP-L's projection is unused (A1111 pools it unprojected), and some files omit it
+        return {TEXT + "clip_l.transformer.text_projection.weight"}
+
+    def key_aliases(self, shapes: Shapes) -> dict[str, str | None]:
+        # transformers' tied copy of T5's token table: read as `shared` when that is absent
+        alias = TEXT + T5_ALIAS
+        if alias not in shapes:
+            return {}
+        shared = TEXT + "t5xxl.transformer.shared.weight"
+        return {alias: None} if shared in shapes else {alias: shared}
+
+    def open_diffusers(self, name: str, component: ComponentReader, json_of: JsonReader
+                       ) -> tuple[SD3Config, StateDict]:
+        where = f"diffusers folder {name}"
+        mm = mmdit_config_from_diffusers(json_of("transformer/config.json"))
+        sd = {DIT + k: v for k, v in mapped(where + "/transformer", mmdit_diffusers_to_original,
+                                             component("transformer")).items()}
+        sd.update({VAE + k: v for k, v in mapped(where + "/vae", vae_diffusers_to_ldm,
+                                                  component("vae")).items()})
+        for sub, enc in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"),
+                         ("text_encoder_3", "t5xxl")):
+            if not component.has(sub):
+                if enc == "t5xxl":
+                    continue  # a folder without T5: its part of the context is zeros
+                raise ModelFileError(f"{where} has no {sub}/")
+            w = component(sub)
+            if enc == "t5xxl":
+                w.pop("encoder.embed_tokens.weight", None)  # the tied copy of `shared`
+            sd.update({f"{TEXT}{enc}.transformer.{k}": v for k, v in w.items()
+                       if not k.endswith("position_ids")})
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        cfg = self.detect(shapes, mm)
+        if problems := self.config_problems(cfg, shapes):
+            raise ModelFileError(f"{where}: its config.json files do not match its weights: "
+                                 + "; ".join(problems[:3]))
+        vae = vae_config_from_diffusers(json_of("vae/config.json"), sdxl=False)
+        cfg = cfg.replace(vae=dataclasses.replace(  # groups are not in the shapes
+            vae, scale_factor=vae.scale_factor if vae.shift_factor else VAE_SCALE,
+            shift_factor=vae.shift_factor or VAE_SHIFT))
+        sched = (json_of("scheduler/scheduler_config.json") if component.has("scheduler")
+                 else {})
+        return cfg.replace(shift=float(sched.get("shift", 3.0))), sd
+
+    def save_diffusers(self, cfg: SD3Config, get: Callable[[str], torch.Tensor],
+                       keys: Sequence[str], folder: Path,
+                       save_tensors: Callable[[StateDict, Path], None]) -> None:
+        take = lambda p: {k[len(p):]: get(k) for k in keys if k.startswith(p)}  # noqa: E731
+
+        def write(sub: str, name: str, sd: dict, config: dict) -> None:
+            save_tensors(sd, folder / sub / name)
+            (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
+
+        latent = cfg.default_size // cfg.vae.downscale
+        write("transformer", "diffusion_pytorch_model.safetensors",
+              mmdit_original_to_diffusers(take(DIT)), mmdit_config_to_diffusers(cfg.mmdit, latent)
+              | {"_class_name": "SD3Transformer2DModel"})
+        write("vae", "diffusion_pytorch_model.safetensors", vae_ldm_to_diffusers(take(VAE)),
+              _vae_json(cfg.vae, cfg.default_size))
+        index: dict = {"_class_name": "StableDiffusion3Pipeline",
+                       "transformer": ["diffusers", "SD3Transformer2DModel"],
+                       "vae": ["diffusers", "AutoencoderKL"],
+                       "image_encoder": [None, None], "feature_extractor": [None, None]}
+        for i, (enc, te) in enumerate((("clip_l", cfg.clip_l), ("clip_g", cfg.clip_g))):
+            sub, tok = ("text_encoder", "tokenizer") if i == 0 else \
+                ("text_encoder_2", "tokenizer_2")
+            sd = take(f"{TEXT}{enc}.transformer.")
+            # diffusers reads both CLIPs with a projection; CLIP-L's is identity in SD3 files
+            sd.setdefault("text_projection.weight", torch.eye(te.width))
+            config = _text_json(dataclasses.replace(te, projection_dim=te.projection_dim
+                                                    or te.width), te.layers)
+            config["architectures"] = ["CLIPTextModelWithProjection"]
+            write(sub, "model.safetensors", sd, config)
+            write_clip_tokenizer(folder / tok, te)
+            index[sub] = ["transformers", "CLIPTextModelWithProjection"]
+            index[tok] = ["transformers", "CLIPTokenizer"]
+        if cfg.t5 is not None:
+            t5 = cfg.t5
+            sd = take(f"{TEXT}t5xxl.transformer.")
+            write("text_encoder_3", "model.safetensors", sd, {
+                "architectures": ["T5EncoderModel"], "model_type": "t5", "d_model": t5.d_model,
+                "d_kv": t5.d_kv, "d_ff": t5.d_ff, "num_layers": t5.num_layers,
+                "num_heads": t5.num_heads, "vocab_size": t5.vocab_size,
+                "relative_attention_num_buckets": t5.relative_attention_num_buckets,
+                "relative_attention_max_distance": t5.relative_attention_max_distance,
+                "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new",
+                "is_gated_act": True, "layer_norm_epsilon": t5.layer_norm_epsilon,
+                "dropout_rate": 0.0, "pad_token_id": 0, "eos_token_id": 1,
+                "tie_word_embeddings": False})
+            _write_t5_tokenizer(folder / "tokenizer_3")
+            index["text_encoder_3"] = ["transformers", "T5EncoderModel"]
+            index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+        else:
+            index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+             "shift": cfg.shift}, indent=2))
+        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+    def describe(self, cfg: SD3Config) -> list[tuple[str, str]]:
+        m = cfg.mmdit
+        return [("denoiser", f"MMDiT {m.depth} blocks, width {m.hidden_size}, "
+                             f"{m.num_heads} heads" + (", qk-norm" if m.qk_norm else "")
+                 + (f", dual attention in {len(m.dual_attention_layers)} blocks"
+                    if m.dual_attention_layers else "")),
+                ("sampling", f"rectified flow, shift {cfg.shift:g}"),
+                ("native size", f"{cfg.default_size}x{cfg.default_size}"),
+                ("text", "CLIP-L, CLIP-G" + (", T5-XXL" if cfg.t5 else " (no T5: zeros)"))]
+
+    # ---------------------------------------------------------------- running
+    def latent_format(self, cfg: SD3Config) -> LatentFormat:
+        v = cfg.vae
+        return LatentFormat(v.embed_dim, v.downscale, v.scale_factor, v.shift_factor)
+
+    def size_multiple(self, cfg: SD3Config) -> int:
+        return cfg.vae.downscale * cfg.mmdit.patch_size  # latents are cut in 2×2 patches
+
+    def model_sampling(self, cfg: SD3Config) -> FlowSampling:
+        return FlowSampling(cfg.shift)
+
+    def denoiser_model(self, model: SD3Model) -> nn.Module:
+        return model.model.diffusion_model
+
+    def prompt_encoder(self, model: SD3Model, embeddings: EmbeddingDB) -> SD3PromptEncoder:
+        return SD3PromptEncoder(get_tokenizer(), model.text_encoders, embeddings=embeddings,
+                                context_dim=model.config.mmdit.context_dim)
+
+    def cond_kwargs(self, cfg: SD3Config, c: Conditioning, width: int, height: int,
+                    aesthetic_score: float, device: torch.device, dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
+        return {"context": c.context.to(device, dtype), "y": c.pooled.to(device, dtype)}
+
+
+def _write_t5_tokenizer(folder: Path) -> None:
+    """T5TokenizerFast files: the tokenizer.json sdloom reads, and its special tokens."""
+    from ..t5_tokenizer import find_tokenizer_json
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(find_tokenizer_json(), folder / "tokenizer.json")
+    specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5TokenizerFast", "model_max_length": 512,
+         "extra_ids": 100, **specials}, indent=2))
