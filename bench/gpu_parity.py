@@ -48,7 +48,7 @@ def timed(fn, n=10):
 def unet_parity(family: str, device: str) -> None:
     import diffusers
 
-    from sdloom.checkpoints.keymaps.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
+    from sdloom.families.keymaps.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
     from sdloom.models.unet import UNetModel, sdxl_adm
     kw = SD15_UNET if family == "sd1" else SDXL_UNET
     torch.manual_seed(0)
@@ -86,8 +86,8 @@ def vae_text_parity(device: str) -> None:
     import diffusers
     import transformers
 
-    from sdloom.checkpoints.keymaps.clip import normalize_hf_clip
-    from sdloom.checkpoints.keymaps.vae import vae_diffusers_to_ldm
+    from sdloom.families.keymaps.clip import normalize_hf_clip
+    from sdloom.families.keymaps.vae import vae_diffusers_to_ldm
     from sdloom.families.sd_diffusers import text_config_from_hf, vae_config_from_diffusers
     from sdloom.models.text_encoders import build_text_encoder
     from sdloom.models.vae import AutoencoderKL

@@ -86,10 +86,10 @@ def published_shapes(name):
     """Original-layout shapes of a full-size published model, built on the meta device."""
     import diffusers as d
     import transformers as t
-    from sdloom.checkpoints.keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
-    from sdloom.checkpoints.keymaps.unet import (unet_config_from_diffusers,
+    from sdloom.families.keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
+    from sdloom.families.keymaps.unet import (unet_config_from_diffusers,
                                                  unet_diffusers_to_ldm)
-    from sdloom.checkpoints.keymaps.vae import vae_diffusers_to_ldm
+    from sdloom.families.keymaps.vae import vae_diffusers_to_ldm
     uc, vc, texts = PUBLISHED[name]
     with torch.device("meta"):
         unet = d.UNet2DConditionModel(**uc)
@@ -115,7 +115,7 @@ def published_shapes(name):
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_detection_of_published_configs_gives_the_preset(name):
     from sdloom.families.sd_detect import detect_structure
-    from sdloom.checkpoints.keymaps.unet import unet_config_from_diffusers
+    from sdloom.families.keymaps.unet import unet_config_from_diffusers
     from sdloom.families.sd_diffusers import vae_config_from_diffusers
     shapes, unet, vae = published_shapes(name)
     preset = PRESETS[name]
@@ -305,7 +305,7 @@ def test_diffusers_folder_single_file_and_ckpt_match_the_reference(tmp_path, fam
         full = _text(__import__("transformers"), "gelu", 3)
         full.load_state_dict({**texts["text_encoder"].state_dict(),
                               **{k: v for k, v in full.state_dict().items() if ".layers.2." in k}})
-        from sdloom.checkpoints.keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
+        from sdloom.families.keymaps.clip import clip_hf_to_openclip, normalize_hf_clip
         plain = {k: v for k, v in plain.items() if not k.startswith("cond_stage_model.")}
         oc = clip_hf_to_openclip(normalize_hf_clip(full.state_dict()))
         oc["text_projection"] = torch.zeros(64, 64)
@@ -335,7 +335,7 @@ def test_convert_round_trip_is_lossless(tmp_path):
     convert(single, back)
     from safetensors.torch import load_file
 
-    from sdloom.checkpoints.keymaps.clip import normalize_hf_clip
+    from sdloom.families.keymaps.clip import normalize_hf_clip
     for comp, fname in [("unet", "diffusion_pytorch_model.safetensors"),
                         ("vae", "diffusion_pytorch_model.safetensors"),
                         ("text_encoder", "model.safetensors"),

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from sdloom.checkpoints.keymaps.clip import clip_hf_to_openclip, clip_openclip_to_hf
-from sdloom.checkpoints.keymaps.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
+from sdloom.families.keymaps.clip import clip_hf_to_openclip, clip_openclip_to_hf
+from sdloom.families.keymaps.unet import unet_config_from_diffusers, unet_diffusers_to_ldm
 from sdloom.checkpoints.load import CONFIG_KEY, load_model, open_file, open_model_source
 from sdloom.checkpoints.save import convert, save_model, save_safetensors
 from sdloom.errors import ModelFileError, NotFoundError, SdloomError
@@ -271,6 +271,7 @@ def test_non_finite_weights_warn_once_naming_the_first_key(tiny_file, tmp_path, 
 
 
 def test_lora_that_does_not_fit_changes_nothing(tmp_path):
+    from sdloom.families.sd_lora import lora_targets
     from sdloom.models.lora import LoraManager, read_lora
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -280,7 +281,7 @@ def test_lora_that_does_not_fit_changes_nothing(tmp_path):
     bad = {**good, "lora_unet_out_2.lora_down.weight": torch.ones(2, 7, 3, 3),
            "lora_unet_out_2.lora_up.weight": torch.ones(4, 2, 1, 1)}
     save_safetensors(bad, tmp_path / "bad.safetensors")
-    mgr = LoraManager(model)
+    mgr = LoraManager(model, lambda: lora_targets(model))
     with pytest.raises(ModelFileError, match=r"LoRA 'bad' does not fit this model: "
                                              r"lora_unet_out_2 has down \[2, 7, 3, 3\]"):
         mgr.apply(read_lora(tmp_path / "bad.safetensors"))

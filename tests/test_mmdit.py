@@ -6,7 +6,7 @@ import diffusers
 import pytest
 import torch
 
-from sdloom.checkpoints.keymaps import mmdit as km
+from sdloom.families.keymaps import mmdit as km
 from sdloom.errors import ModelFileError, SdloomError
 from sdloom.models.mmdit import MMDiT, MMDiTConfig
 

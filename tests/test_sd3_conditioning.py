@@ -5,7 +5,7 @@ prompts and prompt-editing schedules with T5 at 77·k tokens, CLIP-L's unproject
 import pytest
 import torch
 
-from sdloom.checkpoints.keymaps.clip import normalize_hf_clip
+from sdloom.families.keymaps.clip import normalize_hf_clip
 from sdloom.errors import ModelFileError
 from sdloom.prompts import apply_emphasis
 from sdloom.sd3_conditioning import T5_ALIAS, SD3PromptEncoder, SD3TextEncoders

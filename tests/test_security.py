@@ -23,7 +23,7 @@ from sdloom.checkpoints.save import save_model
 from sdloom.cli import main
 from sdloom.infotext import encode_image
 from sdloom.limits import DEFAULT_LIMITS
-from sdloom.models.lora import lora_targets
+from sdloom.families.sd_lora import lora_targets
 from sdloom.server.app import Server, create_app
 
 from tiny import TINY_SD1, tiny_model

@@ -14,7 +14,7 @@ from sdloom.errors import ModelFileError, SdloomError
 
 transformers = pytest.importorskip("transformers")
 
-from sdloom.checkpoints.keymaps import clip as km  # noqa: E402
+from sdloom.families.keymaps import clip as km  # noqa: E402
 from sdloom.config import CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, TextEncoderConfig  # noqa: E402
 from sdloom.models.text_encoders import (  # noqa: E402
     FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, build_text_encoder)

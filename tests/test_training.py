@@ -392,6 +392,7 @@ def test_lora_file_has_kohya_keys_and_matches_training(data, init_ckpt, tmp_path
     assert all(sd[k].abs().sum() > 0 for k in ups)
     with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_network_dim"] == "4"
+    from sdloom.families.sd_lora import lora_targets
     from sdloom.models.lora import LoraManager, read_lora
     m = load_model(init_ckpt).model
     g = torch.Generator().manual_seed(0)
@@ -399,7 +400,7 @@ def test_lora_file_has_kohya_keys_and_matches_training(data, init_ckpt, tmp_path
     ids = torch.randint(0, 49408, (1, 77), generator=g)
     with torch.no_grad():
         before = m.unet(x, t, m.text_encoders[0](ids)[0])
-        mgr = LoraManager(m)
+        mgr = LoraManager(m, lambda: lora_targets(m))
         assert mgr.apply(read_lora(tmp_path / "lora.safetensors"), 1.0) == len(ups)
         merged = m.unet(x, t, m.text_encoders[0](ids)[0])
         tm = res["model"].eval()  # the adapters as trained, not merged

@@ -4,7 +4,7 @@ import torch
 
 import diffusers  # noqa: E402  (a test requirement: missing, the test fails)
 
-from sdloom.checkpoints.keymaps import unet as km  # noqa: E402
+from sdloom.families.keymaps import unet as km  # noqa: E402
 from sdloom.config import UNetConfig  # noqa: E402
 from sdloom.models.unet import UNetModel, sdxl_adm, timestep_embedding  # noqa: E402
 

@@ -7,7 +7,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from sdloom.checkpoints.keymaps import vae as km  # noqa: E402
+from sdloom.families.keymaps import vae as km  # noqa: E402
 from sdloom.config import VAE_SD, VAEConfig  # noqa: E402
 from sdloom.models.vae import AutoencoderKL  # noqa: E402
 

@@ -21,7 +21,7 @@ from ..families.base import ComponentReader
 from ..families.sd import SDFamily
 from ..io import display_name as _name
 from ..io import load_torch_weights, one_line as _one_line
-from .keymaps.vae import vae_diffusers_to_ldm
+from ..families.keymaps.vae import vae_diffusers_to_ldm
 
 CONFIG_KEY = "sdloom_config"  # safetensors metadata entry holding ModelConfig JSON
 

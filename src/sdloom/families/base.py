@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, SdloomError
 
 Shapes = Mapping[str, Sequence[int]]
 StateDict = dict[str, torch.Tensor]
@@ -147,6 +147,15 @@ class Family:
     def size_multiple(self, cfg) -> int:
         """Image sides are rounded down to a multiple of this many pixels."""
         return self.latent_format(cfg).factor
+
+    def training_refusal(self, cfg, what: str) -> str | None:
+        """Why `sdloom train` cannot train `what` (vae | unet | full | lora) of this model, or
+        None when it can."""
+        return f"training {cfg.family} models is not supported yet"
+
+    def lora_targets(self, model: nn.Module) -> dict:
+        """LoRA module name → models.lora.Target, for the LoRA files this family reads."""
+        raise SdloomError(f"LoRA files for {model.config.family} models are not supported yet")
 
     def inpaint_channels(self, cfg) -> bool:
         """Whether the denoiser takes inpainting's mask + masked-image latent channels."""

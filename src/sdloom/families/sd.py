@@ -26,6 +26,7 @@ from ..tokenizer import get_tokenizer
 from .base import ComponentReader, Family, JsonReader, LatentFormat, Shapes, StateDict
 from .sd_detect import UNET, config_problems, detect
 from .sd_diffusers import open_sd_diffusers, save_sd_diffusers
+from .sd_lora import lora_targets
 
 
 class DiffusionWrapper(nn.Module):
@@ -186,6 +187,16 @@ class SDFamily(Family):
             out["y"] = sdxl_adm(c.pooled.to(device, dtype), (height, width), (0, 0),
                                 (height, width), aesthetic_score if refiner else None)
         return out
+
+    def training_refusal(self, cfg: ModelConfig, what: str) -> str | None:
+        if cfg.is_sdxl:
+            return "training SDXL models is not supported (SD1/SD2-style models only)"
+        if cfg.is_inpaint and what != "vae":
+            return "training inpainting U-Nets is not supported"
+        return None
+
+    def lora_targets(self, model: LatentDiffusion) -> dict:
+        return lora_targets(model)
 
     def inpaint_channels(self, cfg: ModelConfig) -> bool:
         return cfg.is_inpaint

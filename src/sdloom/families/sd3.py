@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints.keymaps.mmdit import (mmdit_config_from_diffusers, mmdit_config_to_diffusers,
+from .keymaps.mmdit import (mmdit_config_from_diffusers, mmdit_config_to_diffusers,
                                          mmdit_diffusers_to_original, mmdit_original_to_diffusers)
-from ..checkpoints.keymaps.vae import vae_diffusers_to_ldm, vae_ldm_to_diffusers
+from .keymaps.vae import vae_diffusers_to_ldm, vae_ldm_to_diffusers
 from ..config import TextEncoderConfig, VAEConfig
 from ..errors import ModelFileError
 from ..models.mmdit import MMDiT, MMDiTConfig

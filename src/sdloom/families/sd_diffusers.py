@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints.keymaps.clip import clip_hf_to_openclip, clip_openclip_to_hf, normalize_hf_clip
-from ..checkpoints.keymaps.unet import (unet_config_from_diffusers, unet_diffusers_to_ldm,
+from .keymaps.clip import clip_hf_to_openclip, clip_openclip_to_hf, normalize_hf_clip
+from .keymaps.unet import (unet_config_from_diffusers, unet_diffusers_to_ldm,
                                         unet_ldm_to_diffusers)
-from ..checkpoints.keymaps.vae import vae_diffusers_to_ldm, vae_ldm_to_diffusers
+from .keymaps.vae import vae_diffusers_to_ldm, vae_ldm_to_diffusers
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..errors import ModelFileError
 from ..tokenizer import BOS, EOS, get_tokenizer

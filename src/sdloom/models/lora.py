@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,62 +19,11 @@ from ..errors import ModelFileError, SdloomError
 
 LORA_IN_PROMPT = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
-# OpenCLIP keeps q, k, v in one in_proj matrix: (hf name, openclip name, row slice index)
-_OPENCLIP = [("self_attn.q_proj", "attn.in_proj", 0), ("self_attn.k_proj", "attn.in_proj", 1),
-             ("self_attn.v_proj", "attn.in_proj", 2), ("self_attn.out_proj", "attn.out_proj", None),
-             ("mlp.fc1", "mlp.c_fc", None), ("mlp.fc2", "mlp.c_proj", None)]
-
-
 @dataclass(frozen=True)
 class Target:
     """Where a LoRA module lands: a weight tensor name in the model and an optional row slice."""
     param: str
     rows: slice | None = None
-
-
-def lora_targets(model: torch.nn.Module) -> dict[str, Target]:
-    """kohya module name → target weight, for every linear/conv layer a LoRA can touch."""
-    from ..checkpoints.keymaps.unet import RESNET, unet_prefix_table
-    out: dict[str, Target] = {}
-    unet_prefix = "model.diffusion_model."
-    table = unet_prefix_table(model.config.unet)
-    for name, mod in model.unet.named_modules():
-        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        t = Target(unet_prefix + name + ".weight")
-        out["lora_unet_" + name.replace(".", "_")] = t
-        for dif, orig, is_res in table:  # the diffusers spelling used by SD1/SD2 kohya files
-            if name == orig:
-                out["lora_unet_" + dif.replace(".", "_")] = t
-                break
-            if name.startswith(orig + "."):
-                rest = name[len(orig) + 1:]
-                if is_res:
-                    rest = next((d + rest[len(o):] for d, o in RESNET if rest.startswith(o)), None)
-                if rest is not None:
-                    out["lora_unet_" + (dif + "." + rest).replace(".", "_")] = t
-                break
-    n = len(model.config.text_encoders)
-    for i, (prefix, te, cfg) in enumerate(zip(model.text_encoder_prefixes(), model.text_encoders,
-                                              model.config.text_encoders)):
-        tags = ["lora_te_"] if n == 1 else [f"lora_te{i + 1}_"]
-        if cfg.layout == "hf":
-            for name, mod in te.named_modules():
-                if isinstance(mod, torch.nn.Linear) and name.startswith("transformer.text_model."):
-                    hf = name[len("transformer."):].replace(".", "_")
-                    for tag in tags:
-                        out[tag + hf] = Target(prefix + name + ".weight")
-        else:
-            width = cfg.width
-            for layer in range(cfg.layers):
-                for hf_name, oc_name, idx in _OPENCLIP:
-                    hf = f"text_model_encoder_layers_{layer}_" + hf_name.replace(".", "_")
-                    param = f"{prefix}model.transformer.resblocks.{layer}.{oc_name}" + (
-                        "_weight" if idx is not None else ".weight")
-                    rows = slice(idx * width, (idx + 1) * width) if idx is not None else None
-                    for tag in tags:
-                        out[tag + hf] = Target(param, rows)
-    return out
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -107,8 +57,10 @@ def read_lora(path: str | Path) -> LoraFile:
 class LoraManager:
     """Merges LoRAs into a model's weights and restores the originals exactly on `clear()`."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, targets: Callable[[], dict[str, Target]]):
+        """`targets()` maps LoRA module names to weights (the model family's lora_targets)."""
         self.model = model
+        self._find_targets = targets
         self.backup: dict[str, torch.Tensor] = {}
         self.applied: list[tuple[str, float]] = []
         self._targets: dict[str, Target] | None = None
@@ -116,7 +68,7 @@ class LoraManager:
     def apply(self, lora: LoraFile, weight: float = 1.0) -> int:
         """Merge `lora` at `weight`; returns the number of modules it touched."""
         if self._targets is None:
-            self._targets = lora_targets(self.model)
+            self._targets = self._find_targets()
         params = dict(self.model.named_parameters())
         unknown = [m for m in lora.modules if m not in self._targets]
         if len(unknown) == len(lora.modules):

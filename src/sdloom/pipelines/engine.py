@@ -71,7 +71,7 @@ class Engine:
         for name in self.prompt_encoder.skipped_embeddings:
             print(f"sdloom: embedding {name!r} was made for another model family; skipped",
                   file=sys.stderr)
-        self.loras = LoraManager(self.model)
+        self.loras = LoraManager(self.model, lambda: self.family.lora_targets(self.model))
         self._lora_key: list[tuple[str, float]] = []  # the (file, weight) pairs merged now
         self.denoiser = self.sampling.denoiser(self.family.denoiser_model(self.model))
 

@@ -69,7 +69,7 @@ def inject_lora(model, rank: int, alpha: float, text_encoder: bool = False
     if not out:
         raise SdloomError("no LoRA targets found in the U-Net")
     if text_encoder:
-        if model.config.is_sdxl or model.config.text_encoders[0].layout != "hf":
+        if len(model.config.text_encoders) != 1 or model.config.text_encoders[0].layout != "hf":
             raise SdloomError("text encoder LoRA training needs a CLIP-L (transformers layout) "
                               "text encoder, as SD1 has")
         te = _inject(model.text_encoders[0], TEXT_TARGETS, rank, alpha, "")
@@ -101,5 +101,5 @@ def lora_metadata(model, rank: int, alpha: float) -> dict[str, str]:
     base = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(family, family)
     return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
             "ss_network_alpha": str(alpha), "ss_base_model_version": base,
-            "ss_v2": str(family == "sd2"), "sdloom_key_layout": "sgm"}
+            "ss_v2": str(base == "sd_v2"), "sdloom_key_layout": "sgm"}
 

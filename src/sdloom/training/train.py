@@ -26,6 +26,7 @@ from ..checkpoints.save import save_model, save_safetensors
 from ..config import PRESETS as MODEL_PRESETS
 from ..errors import SdloomError
 from ..io import atomic_write_text
+from ..families import family_of
 from ..families.sd import LatentDiffusion
 from ..sampling.schedules import DiscreteSchedule
 from ..tokenizer import get_tokenizer
@@ -75,10 +76,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> LatentDiffusion:
     else:
         raise SdloomError(f"model {cfg.model!r} is neither a preset "
                           f"({', '.join(sorted(MODEL_PRESETS))}) nor a file")
-    if model.config.is_sdxl:
-        raise SdloomError("training SDXL models is not supported (SD1/SD2-style models only)")
-    if model.config.is_inpaint and cfg.what != "vae":
-        raise SdloomError("training inpainting U-Nets is not supported")
+    why = family_of(model.config).training_refusal(model.config, cfg.what)
+    if why:
+        raise SdloomError(why)
     if cfg.vae_from:  # the whole VAE with its config: its scale factor belongs to its weights
         src = load_model(cfg.vae_from, device=device).model
         model.first_stage_model = src.first_stage_model
