@@ -194,3 +194,32 @@ def test_convert_both_ways(sd3, tmp_path):
     a, _ = _ours(eng)
     b, _ = _ours(one)
     assert a.images[0].tobytes() == b.images[0].tobytes()
+
+
+def test_without_t5_the_t5_part_is_zeros_and_fp8_files_load(sd3, tmp_path):
+    pipe, folder, eng = sd3
+    no_t5 = Engine.load(folder, device="cpu", precision="fp32", without=("t5",))
+    assert no_t5.config.t5 is None and no_t5.model.text_encoders.t5xxl is None
+    (ctx_on,), (ctx_off,) = (e.prompt_encoder.encode(["a cat"]) for e in (eng, no_t5))
+    torch.testing.assert_close(ctx_off.context[:, :77], ctx_on.context[:, :77])
+    assert ctx_off.context[:, 77:].abs().max() == 0 and ctx_on.context[:, 77:].abs().max() > 0
+    with pytest.raises(SdloomError, match="no optional component"):
+        Engine.load(None, device="cpu", without=("t5",))  # the embedded SD1-family model
+    # a single file whose MMDiT is stored in float8_e4m3fn (as published fp8 files) loads upcast
+    from safetensors.torch import load_file, save_file
+    single = tmp_path / "sd3.safetensors"
+    assert main(["convert", str(folder), str(single)]) == 0
+    sd = load_file(str(single))
+    from safetensors import safe_open
+    with safe_open(str(single), "pt") as f:
+        meta = f.metadata()
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if k.startswith("model.diffusion_model.") and v.ndim > 1
+               else v) for k, v in sd.items()}
+    save_file(fp8, str(tmp_path / "fp8.safetensors"), metadata=meta)
+    e8 = Engine.load(tmp_path / "fp8.safetensors", device="cpu", precision="fp32")
+    w = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
+    got = e8.model.state_dict()[w]
+    assert got.dtype == torch.float32
+    assert torch.equal(got, fp8[w].float()) and not torch.equal(got, sd[w])
+    assert generate(e8, GenerationParams(prompt="x", steps=1, sampler_name="Euler", width=64,
+                                         height=64)).images[0].size == (64, 64)

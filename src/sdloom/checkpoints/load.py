@@ -299,10 +299,16 @@ def metadata_config(src: TensorSource):
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", prediction: str | None = None,
-               vae: str | Path | None = None, ema: bool = False) -> LoadedModel:
-    """Load any supported checkpoint into a LatentDiffusion model."""
+               vae: str | Path | None = None, ema: bool = False,
+               without: tuple[str, ...] = ()) -> LoadedModel:
+    """Load any supported checkpoint into its family's model. `without` names optional
+    components to leave out (e.g. "t5" for SD3: never read, no memory)."""
     t0 = time.perf_counter()
     cfg, src = open_model_source(path)
+    if without:
+        cfg, drop = family_of(cfg).without(cfg, without)
+        src = TensorSource({k: s for k, s in src.shapes.items() if not k.startswith(drop)},
+                           src.get, src.metadata, src.path)
     if prediction:
         if prediction not in ("eps", "v"):
             raise SdloomError(f"prediction must be eps or v, not {prediction!r}")

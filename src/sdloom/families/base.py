@@ -105,6 +105,11 @@ class Family:
         """Keys a checkpoint may lack (filled with zeros)."""
         return set()
 
+    def without(self, cfg, parts: Sequence[str]) -> tuple[object, tuple[str, ...]]:
+        """The config without optional components `parts`, and the key prefixes to skip."""
+        raise SdloomError(f"{cfg.family} models have no optional component "
+                          f"{', '.join(map(str, parts))}")
+
     def key_aliases(self, shapes: Shapes) -> dict[str, str | None]:
         """File key → model key for alternative spellings a file may use (None: drop it)."""
         return {}

@@ -22,7 +22,7 @@ from .keymaps.mmdit import (mmdit_config_from_diffusers, mmdit_config_to_diffuse
                                          mmdit_diffusers_to_original, mmdit_original_to_diffusers)
 from .keymaps.vae import vae_diffusers_to_ldm, vae_ldm_to_diffusers
 from ..config import TextEncoderConfig, VAEConfig
-from ..errors import ModelFileError
+from ..errors import ModelFileError, SdloomError
 from ..models.mmdit import MMDiT, MMDiTConfig
 from ..models.t5 import T5Config
 from ..models.vae import AutoencoderKL
@@ -189,6 +189,13 @@ class SD3Family(Family):
     def optional_keys(self, model: SD3Model) -> set[str]:
         # CLIP-L's projection is unused (A1111 pools it unprojected), and some files omit it
         return {TEXT + "clip_l.transformer.text_projection.weight"}
+
+    def without(self, cfg: SD3Config, parts: Sequence[str]) -> tuple[SD3Config, tuple[str, ...]]:
+        """"t5": leave T5-XXL out (A1111's sd3_enable_t5 off): its context part is zeros."""
+        unknown = set(parts) - {"t5"}
+        if unknown:
+            raise SdloomError(f"SD3 models can leave out t5, not {', '.join(sorted(unknown))}")
+        return cfg.replace(t5=None), (TEXT + "t5xxl.",)
 
     def key_aliases(self, shapes: Shapes) -> dict[str, str | None]:
         # transformers' tied copy of T5's token table: read as `shared` when that is absent
