@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import SdloomError
 
@@ -104,11 +104,6 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        d = json.loads(text)
-        return cls.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:

@@ -104,36 +104,6 @@ class SD3TextEncoders(nn.Module):
                                   if k.startswith(t5pre)})
         return detect_clip(shapes, "clip_l"), detect_clip(shapes, "clip_g"), t5
 
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], use_t5: bool = True
-                        ) -> SD3TextEncoders:
-        """Build on the meta device from `sd` (keys with or without `text_encoders.`) and load it
-        strictly; T5's tensors are ignored when `use_t5` is False."""
-        sd = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in sd.items()
-              if not k.endswith("position_ids")}
-        cfg_l, cfg_g, cfg_t5 = cls.detect({k: tuple(v.shape) for k, v in sd.items()}, use_t5)
-        if cfg_t5 is None:
-            sd = {k: v for k, v in sd.items() if not k.startswith("t5xxl.")}
-        else:  # the tied copy is read as `shared` when that is not stored
-            alias = sd.pop(T5_ALIAS, None)
-            if alias is not None:
-                sd.setdefault("t5xxl.transformer.shared.weight", alias)
-        with torch.device("meta"):
-            model = cls(cfg_l, cfg_g, cfg_t5)
-        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        have = {k: tuple(v.shape) for k, v in sd.items()}
-        problems = []
-        if missing := sorted(want.keys() - have.keys()):
-            problems.append(f"missing {missing[:8]}{' …' if len(missing) > 8 else ''}")
-        if unexpected := sorted(have.keys() - want.keys()):
-            problems.append(f"unexpected {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
-        problems += [f"{k} is {have[k]}, expected {w}" for k, w in want.items()
-                     if k in have and have[k] != w]
-        if problems:
-            raise ModelFileError("SD3 text encoder weights do not fit: " + "; ".join(problems))
-        model.load_state_dict(sd, assign=True)
-        return model.eval()
-
 
 class SD3PromptEncoder(PromptEncoder):
     """Prompts → SD3 Conditioning: context [1, 2·77·k, 4096] (CLIP chunks, then T5 tokens) and

@@ -213,28 +213,6 @@ class T5Encoder(nn.Module):
             x = block(x, bias)
         return self.encoder.final_layer_norm(x)
 
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> T5Encoder:
-        """Detect the config from shapes, build on the meta device and load strictly (the tensors
-        are assigned, so they keep their dtype and device)."""
-        shapes = {k: tuple(v.shape) for k, v in sd.items()}
-        cfg = T5Config.detect(shapes)
-        with torch.device("meta"):
-            model = cls(cfg)
-        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if "shared.weight" not in shapes and EMBED_ALIAS in shapes:
-            shapes["shared.weight"] = shapes[EMBED_ALIAS]
-        shapes.pop(EMBED_ALIAS, None)
-        missing, unexpected = sorted(want.keys() - shapes.keys()), sorted(shapes.keys() - want.keys())
-        problems = [f"missing {missing}"] if missing else []
-        problems += [f"unexpected {unexpected}"] if unexpected else []
-        problems += [f"{k} is {shapes[k]}, expected {w}" for k, w in want.items()
-                     if k in shapes and shapes[k] != w]
-        if problems:
-            raise ModelFileError("T5 encoder weights do not fit: " + "; ".join(problems))
-        model.load_state_dict(sd, assign=True)
-        return model.eval()
-
 
 def _read_embed_alias(module, state_dict, prefix, *args) -> None:
     """Accept `encoder.embed_tokens.weight` for `shared.weight`; drop it when both are stored."""
