@@ -1,4 +1,4 @@
-"""`sdloom …`: the command line, thin over the library API (DESIGN.md, "Command line")."""
+"""`sdloom …`: the command line, thin over the library API (README.md, "Using it")."""
 from __future__ import annotations
 
 import argparse

@@ -1,7 +1,7 @@
 """`sdloom serve`: A1111's HTTP API (`/sdapi/v1/…`) over one Engine, one job at a time, and a
 small web page over that API at `/`.
 
-Request and response fields are A1111's (reference/a1111.md), so its clients work unchanged.
+Request and response fields are A1111's (docs/a1111.md), so its clients work unchanged.
 Differences, each deliberate: width/height default to the model's own size (A1111: 512 for
 every model); face restoration, tiling, styles and scripts are refused with a 422 naming the
 field rather than ignored; image URLs are refused (only base64 and data URLs are read);

@@ -1,7 +1,7 @@
 """A1111's request bodies (`/sdapi/v1/txt2img`, `img2img`, `png-info`) as pydantic models, and
 the checks every body passes before any route sees it.
 
-Field names and defaults are A1111's (reference/a1111.md). The bounds here are the request's
+Field names and defaults are A1111's (docs/a1111.md). The bounds here are the request's
 shape (a count is ≥ 1, a strength is in [0, 1], a seed fits a 64-bit generator); how much a job
 may ask of the machine is `Limits`, checked by GenerationParams.validate.
 """
