@@ -91,3 +91,21 @@ def test_lora_argument_parsing():
     assert _lora_arg("style.safetensors:0.7") == ("style.safetensors", 0.7)
     assert _lora_arg("style.safetensors") == ("style.safetensors", 1.0)
     assert _lora_arg("C:/loras/x.safetensors") == ("C:/loras/x.safetensors", 1.0)
+
+
+@pytest.mark.parametrize("w,h", [(136, 128), (200, 152)])
+def test_any_multiple_of_8_from_the_command_line(model, tmp_path, w, h):
+    out = tmp_path / "o.png"
+    assert main(["generate", "x", "--model", str(model), "--steps", "2", "--width", str(w),
+                 "--height", str(h), "--output", str(out), "-q"]) == 0
+    assert Image.open(out).size == (w, h)
+    mask = tmp_path / "m.png"
+    m = Image.new("RGBA", (w, h), (0, 0, 0, 0))  # transparent = keep: the alpha rule
+    m.paste((255, 255, 255, 255), (8, 8, 40, 40))
+    m.save(mask)
+    got = tmp_path / "i.png"
+    assert main(["inpaint", "x", "--model", str(model), "--init", str(out), "--mask", str(mask),
+                 "--steps", "2", "--output", str(got), "-q"]) == 0
+    assert Image.open(got).size == (w, h)
+    assert Image.open(got).getpixel((w - 2, h - 2)) == Image.open(out).convert(
+        "RGB").getpixel((w - 2, h - 2))

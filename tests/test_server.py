@@ -211,3 +211,29 @@ def test_serve_command_line_defaults_to_localhost():
     from sdloom.cli import build_parser
     a = build_parser().parse_args(["serve"])
     assert a.host == "127.0.0.1" and a.port == 7860
+
+
+@pytest.mark.parametrize("w,h", [(136, 128), (200, 152), (88, 88)])
+def test_any_multiple_of_8_over_http_with_a1111_seed_fields(client, w, h):
+    # sizes that are multiples of 8 but not of 64 (as 600×600, 1280×720 on SD), in txt2img with
+    # hires fix, img2img and inpaint; ENSD and seed resize reach the pipeline
+    body = {"prompt": "x", "seed": 3, "steps": 2, "width": w, "height": h,
+            "sampler_name": "Euler a", "enable_hr": True, "hr_scale": 1.5,
+            "denoising_strength": 0.5, "seed_resize_from_w": 64, "seed_resize_from_h": 64,
+            "override_settings": {"eta_noise_seed_delta": 31337}}
+    r = client.post(f"{API}/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    img = unb64(r.json()["images"][0])
+    assert img.size == (int(w * 1.5) // 8 * 8, int(h * 1.5) // 8 * 8)
+    info = parse_infotext(json.loads(r.json()["info"])["infotexts"][0])
+    assert info["Size"] == f"{w}x{h}" and info["ENSD"] == "31337"
+    assert info["Seed resize from"] == "64x64"
+    mask = Image.new("L", (w, h), 0)
+    mask.paste(255, (8, 8, w // 2, h // 2))
+    init = Image.new("RGB", (w, h), (10, 120, 30))
+    for extra in ({}, {"mask": b64(mask), "inpainting_fill": 1}):
+        r = client.post(f"{API}/img2img", json={"prompt": "x", "seed": 3, "steps": 2,
+                                                "width": w, "height": h,
+                                                "init_images": [b64(init)], **extra})
+        assert r.status_code == 200, r.text
+        assert unb64(r.json()["images"][0]).size == (w, h)

@@ -43,7 +43,7 @@ def test_golden_ids(tok):
 
 
 def test_matches_transformers_on_same_vocab(tok):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     merges = gzip.open(find_vocab()).read().decode("utf-8").split("\n")[1:48895]
     pairs = [tuple(m.split()) for m in merges]
     vocab = list(bytes_to_unicode().values())

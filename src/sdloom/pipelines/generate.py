@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -46,7 +46,6 @@ class GenerationResult:
     seeds: list[int]
     subseeds: list[int]
     params: GenerationParams
-    extra: dict = field(default_factory=dict)
 
     def grid(self) -> Image.Image:
         return image_grid(self.images)
