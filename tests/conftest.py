@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +7,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# model hashes are cached on disk: the tests keep theirs out of the user's cache
+os.environ["SDLOOM_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdloom-test-cache-")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -1,5 +1,6 @@
 """A1111 infotext: exact layout, A1111's parser semantics, round trips, PNG/JPEG/WEBP storage."""
 import hashlib
+import json
 import os
 import struct
 
@@ -143,6 +144,11 @@ def test_model_hash_streams_and_caches(tmp_path):
     f.write_bytes(changed)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: cached value
     assert model_hash(f) == hashlib.sha256(data).hexdigest()[:10]
+    # a new process (memory cache empty) reads the disk cache and never re-reads the file
+    import sdloom.infotext as it
+    it._HASHES.clear()
+    assert model_hash(f) == hashlib.sha256(data).hexdigest()[:10]
+    assert str(f.resolve()) in json.loads(it._cache_file().read_text())
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert model_hash(f) == hashlib.sha256(changed).hexdigest()[:10]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import threading
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import SdloomError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, atomic_write_text
 
 # A1111's fixed keys, in its order; every other key follows in insertion order, then these last
 ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed",
@@ -236,22 +237,53 @@ def read_infotext(source: str | Path | bytes) -> str | None:
 
 _HASHES: dict[tuple[str, int, int], str] = {}
 _HASH_LOCK = threading.Lock()
+HASH_CACHE_ENV = "SDLOOM_CACHE_DIR"
+
+
+def _cache_file() -> Path:
+    """Where hashes are kept across runs (A1111's cache.json): $SDLOOM_CACHE_DIR, else
+    $XDG_CACHE_HOME/sdloom, else ~/.cache/sdloom."""
+    root = os.environ.get(HASH_CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "sdloom")
+    return Path(root) / "hashes.json"
+
+
+def _read_cache() -> dict:
+    try:
+        d = json.loads(_cache_file().read_text(encoding="utf-8"))
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no cache yet, or a damaged one: it is only a cache
 
 
 def file_sha256(path: str | Path) -> str:
-    """The file's sha256 (hex), read in 1 MiB blocks; cached by (path, size, mtime)."""
+    """The file's sha256 (hex), read in 1 MiB blocks. Cached by (path, size, mtime) in memory
+    and on disk, so a multi-GB checkpoint is hashed once, not on every run."""
     p = Path(path).resolve()
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     with _HASH_LOCK:
         if key in _HASHES:
             return _HASHES[key]
+        hit = _read_cache().get(str(p))
+        if isinstance(hit, dict) and (hit.get("size"), hit.get("mtime_ns")) == key[1:] \
+                and isinstance(hit.get("sha256"), str):
+            _HASHES[key] = hit["sha256"]
+            return hit["sha256"]
     h = hashlib.sha256()
     with open(p, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     with _HASH_LOCK:
         _HASHES[key] = h.hexdigest()
+        cache = _read_cache()
+        cache[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _HASHES[key]}
+        try:
+            _cache_file().parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(_cache_file(), json.dumps(cache, indent=1), durable=False)
+        except OSError:
+            pass  # a read-only home: hashed again next run, nothing else changes
     return _HASHES[key]
 
 
