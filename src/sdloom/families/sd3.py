@@ -327,6 +327,21 @@ class SD3Family(Family):
                     ) -> dict[str, torch.Tensor]:
         return {"context": c.context.to(device, dtype), "y": c.pooled.to(device, dtype)}
 
+    def training_refusal(self, cfg: SD3Config, what: str) -> str | None:
+        """`what=unet` trains the MMDiT (rectified flow, text encoders frozen), `what=vae` the
+        16-channel VAE (a KL autoencoder like SD's); the rest is refused."""
+        if what in ("unet", "vae"):
+            return None
+        if what == "full":
+            return ("SD3 models train with their text encoders frozen: what=unet trains the "
+                    "MMDiT (the denoiser), what=vae the VAE; what=full is not supported")
+        return (f"what={what} is not supported for SD3 models (LoRA training for SD3 is not "
+                "implemented; what=unet fine-tunes the whole MMDiT)")
+
+    def lora_targets(self, model: SD3Model) -> dict:
+        from .sd3_lora import lora_targets  # kohya and diffusers/PEFT names (sd3_lora.py)
+        return lora_targets(model)
+
 
 def _write_t5_tokenizer(folder: Path) -> None:
     """T5TokenizerFast files: the tokenizer.json sdloom reads, and its special tokens."""

@@ -1,9 +1,15 @@
-"""LoRA (Hu et al. 2021) files in kohya/A1111 naming, merged into the weights and reversible.
+"""LoRA (Hu et al. 2021) files, merged into the weights and reversible.
 
-Key names: `lora_unet_<path>` with the U-Net path in diffusers names (SD1/SD2 kohya files) or
-original SGM names (SDXL kohya files), `lora_te_` / `lora_te1_` / `lora_te2_` + transformers
-CLIP names. Each module has `.lora_down.weight` [r, in(, k, k)], `.lora_up.weight` [out, r(, 1, 1)]
-and an optional `.alpha` (scale = alpha / r). The same names are what `sdloom train` writes.
+Two spellings of one module, one reader:
+- kohya/A1111: `<module>.lora_down.weight` [r, in(, k, k)], `<module>.lora_up.weight`
+  [out, r(, 1, 1)] and an optional `<module>.alpha`; module names like `lora_unet_<path>` (U-Net
+  path in diffusers names for SD1/SD2 files, original SGM names for SDXL and SD3 files) and
+  `lora_te_` / `lora_te1_` … + transformers names. The same names are what `sdloom train` writes.
+- diffusers/PEFT: `<module>.lora_A.weight` (= down), `<module>.lora_B.weight` (= up), optional
+  `<module>.alpha`; module names are dotted diffusers paths (`transformer.transformer_blocks.0.
+  attn.to_q`, `text_encoder.text_model.…`).
+Either way the delta is up @ down · alpha / r, alpha defaulting to r (scale 1). Which module
+names a model takes is its family's `lora_targets`.
 """
 from __future__ import annotations
 
@@ -21,9 +27,12 @@ LORA_IN_PROMPT = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
 @dataclass(frozen=True)
 class Target:
-    """Where a LoRA module lands: a weight tensor name in the model and an optional row slice."""
+    """Where a LoRA module lands: a weight tensor name in the model, an optional row slice, and
+    whether the weight stores the module's two output halves in the other order (SD3's adaLN:
+    diffusers (scale, shift), original (shift, scale))."""
     param: str
     rows: slice | None = None
+    swap_halves: bool = False
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -39,18 +48,36 @@ class LoraFile:
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
+# key suffix → part name in LoraFile.modules (PEFT's A/B read as kohya's down/up)
+_PARTS = {".lora_down.weight": "lora_down.weight", ".lora_up.weight": "lora_up.weight",
+          ".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
+          ".alpha": "alpha"}
+# parts a plain merge would silently get wrong: refused rather than dropped
+_UNSUPPORTED = {".dora_scale": "DoRA", ".lora_magnitude_vector": "DoRA",
+                ".lora_B.bias": "a LoRA bias (PEFT lora_bias)"}
+
+
 def read_lora(path: str | Path) -> LoraFile:
-    """A kohya/A1111 LoRA file (safetensors, or .pt/.ckpt through weights_only)."""
+    """A kohya/A1111 or diffusers/PEFT LoRA file (safetensors, or .pt/.ckpt through
+    weights_only)."""
     from ..checkpoints.load import open_file
     src = open_file(path)
+    name = Path(path).name
     lf = LoraFile(Path(path).stem)
     for key in src.shapes:
-        mod, _, part = key.partition(".")
-        if part in ("lora_down.weight", "lora_up.weight", "alpha"):
-            lf.modules.setdefault(mod, {})[part] = src.get(key)
+        if bad := next((what for suf, what in _UNSUPPORTED.items() if key.endswith(suf)), None):
+            raise ModelFileError(f"{name}: {key!r} is {bad}, which sdloom does not merge")
+        suf = next((s for s in _PARTS if key.endswith(s)), None)
+        if suf is None:
+            continue
+        mod, part = key[:-len(suf)], _PARTS[suf]
+        parts = lf.modules.setdefault(mod, {})
+        if part in parts:  # e.g. both lora_A and lora_down for one module
+            raise ModelFileError(f"{name}: module {mod!r} has two {part} tensors")
+        parts[part] = src.get(key)
     if not lf.modules:
-        raise ModelFileError(f"{Path(path).name}: no LoRA tensors (expected kohya "
-                             "'lora_*.lora_down.weight')")
+        raise ModelFileError(f"{name}: no LoRA tensors (expected kohya "
+                             "'lora_*.lora_down.weight' or PEFT '*.lora_A.weight')")
     return lf
 
 
@@ -89,6 +116,8 @@ class LoraManager:
                 scale = weight * (float(parts["alpha"]) / rank if "alpha" in parts else 1.0)
                 target = p if t.rows is None else p[t.rows]
                 delta = lora_delta(down, up, target.shape) * scale
+                if t.swap_halves:
+                    delta = torch.cat(delta.chunk(2, dim=0)[::-1], dim=0)
                 target += delta.to(p.device, p.dtype)
                 n += 1
         self.applied.append((lora.name, weight))
@@ -111,6 +140,8 @@ class LoraManager:
             # what `lora_delta` needs: up [out, r(,1,1)] @ down [r, in(,k,k)] = the weight
             ok = (down.ndim >= 2 and up.ndim >= 2 and up.flatten(1).shape[1] == down.shape[0]
                   and up.shape[0] == target[0])
+            if t.swap_halves and target[0] % 2:
+                ok = False
             if ok and down.ndim == 4 and down.shape[2:] != (1, 1):
                 ok = tuple(down.shape[1:]) == tuple(target[1:])
             elif ok:
