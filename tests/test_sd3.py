@@ -223,3 +223,25 @@ def test_without_t5_the_t5_part_is_zeros_and_fp8_files_load(sd3, tmp_path):
     assert torch.equal(got, fp8[w].float()) and not torch.equal(got, sd[w])
     assert generate(e8, GenerationParams(prompt="x", steps=1, sampler_name="Euler", width=64,
                                          height=64)).images[0].size == (64, 64)
+
+
+def test_sd3_over_the_a1111_api(sd3, tmp_path):
+    import base64
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from sdloom.server.app import Server, create_app
+    _, folder, _ = sd3
+    client = TestClient(create_app(Server(str(folder), device="cpu", precision="fp32",
+                                          outdir=str(tmp_path / "out"))))
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a (cat:1.2)", "seed": 2, "steps": 2,
+                                               "width": 64, "height": 64,
+                                               "sampler_name": "Euler"})
+    assert r.status_code == 200, r.text
+    img = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert img.size == (64, 64) and json.loads(r.json()["info"])["seed"] == 2
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64,
+                                               "height": 64, "sampler_name": "Euler a"})
+    assert r.status_code == 422 and "flow-matching" in r.json()["detail"]
