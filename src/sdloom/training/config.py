@@ -147,7 +147,8 @@ NULLABLE = ("vae_from", "text_lr", "prediction")
 
 # One line per field: the command line's help and the documentation of a config file.
 HELP: dict[str, str] = {
-    "what": "vae | unet | full (U-Net + text encoder jointly, e.g. from scratch) | lora",
+    "what": "vae | unet (the denoiser: the U-Net, or SD3's MMDiT with its text encoders "
+            "frozen) | full (U-Net + text encoder jointly, e.g. from scratch) | lora",
     "model": "a model preset name (fresh random weights) or a checkpoint to start from",
     "vae_from": "take the (frozen) VAE from this checkpoint, e.g. a `what=vae` run's output",
     "resolution": "training size in pixels (images are resized on the shorter side and cropped)",
@@ -165,9 +166,11 @@ HELP: dict[str, str] = {
     "grad_clip": "clip the global gradient norm to this (0 = no clipping)",
     "ema_decay": "EMA of the trained weights (0 = off); model.safetensors holds the EMA",
     "ema_warmup": "ramp the EMA decay as (1+n)/(10+n) early on",
-    "prediction": "eps | v target for the U-Net (default: the model's own)",
+    "prediction": "eps | v target for the U-Net (default: the model's own; not for SD3, "
+                  "which trains on rectified flow)",
     "offset_noise": "offset-noise strength (per-channel constant added to the noise)",
-    "min_snr_gamma": "min-SNR-γ loss weighting (Hang et al. 2023); 0 = off, 5 is usual",
+    "min_snr_gamma": "min-SNR-γ loss weighting of eps/v (Hang et al. 2023); 0 = off, 5 is "
+                     "usual (not for SD3: logit-normal timesteps, uniform weighting)",
     "caption_dropout": "probability of an empty caption (for classifier-free guidance)",
     "caption_templates": "templates the caption is put into, one drawn per sample, `{}` = the "
                          "caption (e.g. '{}|a {}|the {}'); none = captions as written",

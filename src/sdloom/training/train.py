@@ -1,10 +1,13 @@
-"""`sdloom train`: VAE, U-Net (eps/v), U-Net + text encoder jointly (e.g. from scratch), or LoRA.
+"""`sdloom train`: VAE, denoiser (`what=unet`: the U-Net, or SD3's MMDiT), U-Net + text encoder
+jointly (e.g. from scratch), or LoRA.
 
-Images → frozen VAE → latents · scale; noise at a uniformly drawn timestep t;
-x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε; the U-Net predicts ε (or v = √ᾱ_t·ε − √(1-ᾱ_t)·x0) given the text
-context; MSE, optionally min-SNR-γ weighted (Ho et al. 2020; Salimans & Ho 2022; Hang et al.
-2023). Data order, augmentation and noise are functions of the seed and the step, so `--resume`
-continues the exact run; under `torchrun` the same command trains with DDP.
+Images → frozen VAE → latents (z − shift)·scale; noise at a drawn timestep; the denoiser's
+objective is its family's (objectives.py, chosen once from `Family.model_sampling`): ε/v on the
+DDPM table for SD1/SD2 (x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε, MSE, optionally min-SNR-γ weighted; Ho et al.
+2020; Salimans & Ho 2022; Hang et al. 2023), rectified flow for SD3 (x_t = (1 − σ)·x0 + σ·ε,
+logit-normal σ with the model's shift, velocity target ε − x0; Esser et al. 2024). SD3's text
+encoders stay frozen. Data order, augmentation and noise are functions of the seed and the step,
+so `--resume` continues the exact run; under `torchrun` the same command trains with DDP.
 """
 from __future__ import annotations
 
@@ -28,16 +31,17 @@ from ..errors import SdloomError
 from ..io import atomic_write_text
 from ..families import family_of
 from ..families.sd import LatentDiffusion
-from ..sampling.schedules import DiscreteSchedule
-from ..tokenizer import get_tokenizer
+from ..sampling.model_sampling import DiscreteSampling
 from .config import CHOICES, HELP, PRESETS, TrainConfig
 from .data import BatchSampler, ImageCaptionDataset, encode_latents, micro_batches
 from .distributed import Dist, checksum, init_distributed, shutdown, wrap_ddp
 from .ema import EMA
 from .lora_train import inject_lora, lora_metadata, lora_parameters, lora_state_dict
+from .objectives import (conditioning_for, diffusion_target, min_snr_weight,  # noqa: F401
+                         objective_for)
 from .state import claim_output, clean_leftovers, load_state, publish_state, trim_log
 
-SampleFn = Callable[[LatentDiffusion, list[str], int], list[Image.Image]]
+SampleFn = Callable[[nn.Module, list[str], int], list[Image.Image]]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -63,7 +67,12 @@ def init_from_scratch(model: LatentDiffusion) -> None:
                     p.normal_(0, 0.02)
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> LatentDiffusion:
+def denoiser_net(model: nn.Module) -> nn.Module:
+    """The denoiser network (U-Net or MMDiT): every family keeps it at model.diffusion_model."""
+    return model.model.diffusion_model
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """A fresh seeded model of a preset, or a checkpoint; everything frozen to begin with."""
     from ..checkpoints.load import load_model
     if cfg.model in MODEL_PRESETS:
@@ -83,17 +92,23 @@ def build_model(cfg: TrainConfig, device: torch.device) -> LatentDiffusion:
         src = load_model(cfg.vae_from, device=device).model
         model.first_stage_model = src.first_stage_model
         model.config = model.config.replace(vae=src.config.vae)
-    if cfg.what != "vae" and cfg.prediction and cfg.prediction != model.config.prediction:
-        if cfg.what == "lora":  # a LoRA file carries no objective: it must be the base's
-            raise SdloomError(f"the base model predicts {model.config.prediction}; a LoRA for "
-                              f"it cannot be trained on {cfg.prediction}")
-        model.config = model.config.replace(prediction=cfg.prediction)  # saved with the model
+    if cfg.what != "vae" and cfg.prediction:
+        sampling = family_of(model.config).model_sampling(model.config)
+        if not isinstance(sampling, DiscreteSampling):
+            raise SdloomError(f"prediction={cfg.prediction} is for eps/v models; this model "
+                              "trains on the rectified-flow (velocity) objective: leave it unset")
+        if cfg.prediction != sampling.prediction:
+            if cfg.what == "lora":  # a LoRA file carries no objective: it must be the base's
+                raise SdloomError(f"the base model predicts {sampling.prediction}; a LoRA for "
+                                  f"it cannot be trained on {cfg.prediction}")
+            model.config = model.config.replace(prediction=cfg.prediction)  # saved with it
     model.requires_grad_(False)
     return model
 
 
-def trainable(cfg: TrainConfig, model: LatentDiffusion) -> tuple[list[dict], dict]:
-    """Unfreeze what `cfg.what` trains; returns optimizer groups and the LoRA adapters."""
+def trainable(cfg: TrainConfig, model: nn.Module) -> tuple[list[dict], dict]:
+    """Unfreeze what `cfg.what` trains; returns optimizer groups and the LoRA adapters.
+    `what=unet` is the denoiser, whichever network the family has (SD3: the MMDiT)."""
     adapters: dict = {}
     if cfg.what == "vae":
         model.first_stage_model.requires_grad_(True)
@@ -104,8 +119,9 @@ def trainable(cfg: TrainConfig, model: LatentDiffusion) -> tuple[list[dict], dic
         for p in ps:
             p.requires_grad_(True)
         return [{"params": ps, "lr": cfg.lr}], adapters
-    model.unet.requires_grad_(True)
-    groups = [{"params": list(model.unet.parameters()), "lr": cfg.lr}]
+    net = denoiser_net(model)
+    net.requires_grad_(True)
+    groups = [{"params": list(net.parameters()), "lr": cfg.lr}]
     if cfg.what == "full":
         te = model.text_encoders[0]
         te.requires_grad_(True)
@@ -129,28 +145,21 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def diffusion_target(x0: torch.Tensor, noise: torch.Tensor, ac: torch.Tensor,
-                     prediction: str) -> torch.Tensor:
-    """ε, or v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022); `ac` broadcasts over x0."""
-    if prediction == "eps":
-        return noise
-    return ac.sqrt() * noise - (1 - ac).sqrt() * x0
-
-
-def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v (Hang et al. 2023, eq. 8 and app.)."""
-    return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
-
-
 class Trainee(nn.Module):
-    """The trained computation as one module (what DDP wraps): a micro-batch → loss."""
+    """The trained computation as one module (what DDP wraps): a micro-batch → loss. The
+    objective and the conditioning are the family's (objectives.py); only diffusion runs
+    have them."""
 
-    def __init__(self, model: LatentDiffusion, cfg: TrainConfig, schedule: DiscreteSchedule):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, objective: nn.Module | None = None,
+                 conditioning=None):
         super().__init__()
         self.model, self.cfg = model, cfg
-        self.prediction = model.config.prediction
-        self.register_buffer("ac", schedule.alphas_cumprod.float(), persistent=False)
-        self.text_grad = any(p.requires_grad for p in model.text_encoders[0].parameters())
+        self.objective, self.conditioning = objective, conditioning
+        # the family's calling convention around the network (not a submodule: its
+        # parameters are the model's)
+        self.denoise = None
+        if objective is not None:
+            self.denoise = family_of(model.config).denoiser_model(model).__call__
 
     def vae_loss(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction of a posterior sample + KL to N(0, I) (Kingma & Welling 2014). The KL
@@ -165,19 +174,11 @@ class Trainee(nn.Module):
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
         return err.mean() + self.cfg.kl_weight * kl.mean() / x[0].numel(), rec
 
-    def diffusion_loss(self, x0: torch.Tensor, ids: torch.Tensor, t: torch.Tensor,
+    def diffusion_loss(self, x0: torch.Tensor, prepared: dict, t: torch.Tensor,
                        noise: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
-            context = self.model.text_encoders[0](ids)[0]
-        a = self.ac[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = self.model.unet(x_t, t, context).float()
-        target = diffusion_target(x0, noise, a, self.prediction)
-        loss = (pred - target).pow(2).flatten(1).mean(1)
-        if self.cfg.min_snr_gamma > 0:
-            loss = loss * min_snr_weight((a / (1 - a)).flatten(), self.cfg.min_snr_gamma,
-                                         self.prediction)
-        return loss.mean()
+        """The family's objective at drawn timesteps `t` (or σ) and noise, conditioned on the
+        prepared captions."""
+        return self.objective(self.denoise, x0, t, noise, self.conditioning(prepared))
 
     def forward(self, *args):
         return self.vae_loss(*args) if self.cfg.what == "vae" else self.diffusion_loss(*args)
@@ -190,7 +191,7 @@ def latent_std(vae, images: list[torch.Tensor], device: torch.device) -> float:
     return float(torch.cat(zs).std())
 
 
-def set_vae_scale(model: LatentDiffusion, scale: float) -> None:
+def set_vae_scale(model: nn.Module, scale: float) -> None:
     """Set the latent scale factor in the model's config and its VAE's."""
     import dataclasses
     vae_cfg = dataclasses.replace(model.config.vae, scale_factor=scale)
@@ -258,7 +259,7 @@ def pipeline_sample_fn(cfg: TrainConfig) -> SampleFn | None:
 
     size = max(64, cfg.resolution)  # the pipeline's smallest size
 
-    def sample(model: LatentDiffusion, prompts: list[str], step: int) -> list[Image.Image]:
+    def sample(model: nn.Module, prompts: list[str], step: int) -> list[Image.Image]:
         eng = Engine(model)
         return [generate(eng, GenerationParams(prompt=p, seed=i, steps=cfg.sample_steps,
                                                width=size, height=size)).images[0]
@@ -266,7 +267,7 @@ def pipeline_sample_fn(cfg: TrainConfig) -> SampleFn | None:
     return sample
 
 
-def save_samples(out: Path, cfg: TrainConfig, model: LatentDiffusion, ema: EMA | None,
+def save_samples(out: Path, cfg: TrainConfig, model: nn.Module, ema: EMA | None,
                  step: int, sample_fn: SampleFn) -> Path | None:
     """A grid of the fixed prompts' images (EMA weights when EMA is on), saved atomically."""
     from ..images import image_grid
@@ -293,7 +294,7 @@ def save_samples(out: Path, cfg: TrainConfig, model: LatentDiffusion, ema: EMA |
 
 # ------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(out: Path, cfg: TrainConfig, model: LatentDiffusion, adapters: dict,
+def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, adapters: dict,
                     opt, ema: EMA | None, scaler, disc, disc_opt, gen: torch.Generator,
                     step: int, d: Dist, calib: list[torch.Tensor] | None = None) -> None:
     """model.safetensors (or lora.safetensors; EMA weights when EMA is on), written atomically,
@@ -331,7 +332,7 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model: LatentDiffusion, adapter
     publish_state(out, step, raw, st, cfg)
 
 
-def load_checkpoint(state: Path, cfg: TrainConfig, model: LatentDiffusion, opt, ema, scaler,
+def load_checkpoint(state: Path, cfg: TrainConfig, model: nn.Module, opt, ema, scaler,
                     disc, disc_opt, gen: torch.Generator, d: Dist) -> int:
     """Restore weights, optimizer, EMA, scaler and RNGs; returns the step to continue from."""
     raw, st = load_state(state, cfg)
@@ -398,16 +399,19 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
                              caption_templates=cfg.caption_templates)
     sampler = BatchSampler(ds.sizes, cfg.batch_size, cfg.seed, d.rank, d.world)
     model = build_model(cfg, device)
-    schedule = DiscreteSchedule.scaled_linear(model.config.num_timesteps,
-                                              model.config.linear_start, model.config.linear_end)
+    family = family_of(model.config)
+    objective = None
+    if cfg.what != "vae":  # chosen once: eps/v on the DDPM table, or rectified flow
+        objective = objective_for(family.model_sampling(model.config), cfg.min_snr_gamma)
     _check_sizes(cfg, model)
     groups, adapters = trainable(cfg, model)
-    model.unet.gradient_checkpointing = cfg.grad_checkpointing
+    _set_grad_checkpointing(model, cfg.grad_checkpointing)
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas),
                             **({"fused": True} if device.type == "cuda" else {}))
-    trainee = Trainee(model, cfg, schedule).to(device)
+    conditioning = conditioning_for(family, model) if objective is not None else None
+    trainee = Trainee(model, cfg, objective, conditioning).to(device)
     # SD2's OpenCLIP never runs its last layer nor its projection: with the text encoder
     # trained, DDP must expect parameters without gradients
     module = wrap_ddp(trainee, d, device, find_unused=cfg.what == "full")
@@ -441,8 +445,6 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
     calib = None
     if cfg.what == "vae" and cfg.vae_scale_by_std and d.main:
         calib = [ds.image(i) for i in range(min(64, len(ds)))]
-    tok = get_tokenizer()
-    pad = model.config.text_encoders[0].pad_token
     params = [p for g in opt.param_groups for p in g["params"]]
     batches = micro_batches(ds, sampler, step * cfg.grad_accum, cache, cfg.num_workers,
                             pin=device.type == "cuda")
@@ -481,8 +483,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
                             extra["disc_loss"] = extra.get("disc_loss", 0) + dl.detach() \
                                 / cfg.grad_accum
                     else:
-                        loss, dl = _diffusion_step(cfg, module, model, b, tok, pad, gen,
-                                                   device), None
+                        loss, dl = _diffusion_step(cfg, module, model, objective,
+                                                   conditioning, b, gen, device), None
                 # the discriminator's loss has its own graph: one backward serves both
                 both = (loss if dl is None else loss + dl) / cfg.grad_accum
                 (scaler.scale(both) if scaler else both).backward()
@@ -543,14 +545,27 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
             "images_per_s": seen / elapsed if step > start else 0.0}
 
 
-def _check_sizes(cfg: TrainConfig, model: LatentDiffusion) -> None:
-    """Image sides must pass the VAE's and the U-Net's downsamplings without remainder."""
+def _check_sizes(cfg: TrainConfig, model: nn.Module) -> None:
+    """Image sides must pass the VAE's downsampling and the denoiser's (a U-Net halves the
+    latent at every level but the last; an MMDiT cuts it in patches) without remainder."""
     f = model.config.vae.downscale
     if cfg.what != "vae":
-        f *= 2 ** (len(model.config.unet.channel_mult) - 1)
+        net = denoiser_net(model).config
+        f *= (2 ** (len(net.channel_mult) - 1) if hasattr(net, "channel_mult")
+              else net.patch_size)
     if cfg.resolution % f or (cfg.buckets and cfg.bucket_step % f):
         raise SdloomError(f"resolution{' and bucket_step' if cfg.buckets else ''} must be "
                           f"multiples of {f} for this model")
+
+
+def _set_grad_checkpointing(model: nn.Module, on: bool) -> None:
+    net = denoiser_net(model)
+    if not hasattr(net, "gradient_checkpointing"):
+        if on:
+            raise SdloomError(f"grad_checkpointing: sdloom's {type(net).__name__} does not "
+                              "support it")
+        return
+    net.gradient_checkpointing = on
 
 
 def _no_sync(module, sync: bool):
@@ -583,22 +598,24 @@ def _vae_step(cfg, module, model, disc, disc_module, b, gen, device, adv: bool
     return _adversarial(cfg, loss, disc, disc_module, x, rec)
 
 
-def _diffusion_step(cfg, module, model, b, tok, pad, gen, device) -> torch.Tensor:
-    """One micro-batch of the denoising objective: latents, caption ids, t and noise → loss."""
+def _diffusion_step(cfg, module, model, objective, conditioning, b, gen, device
+                    ) -> torch.Tensor:
+    """One micro-batch of the denoising objective: latents, captions, t (or σ) and noise →
+    loss."""
     if "latents" in b:
         x0 = b["latents"].to(device, non_blocking=True)
     else:
         with torch.no_grad():
             x0 = model.first_stage_model.latent_from_image(
                 b["pixels"].to(device, non_blocking=True)).float()
-    n = x0.shape[0]
-    ids = tok(b["captions"], pad_token=pad).to(device, non_blocking=True)
+    n, f = x0.shape[0], model.config.vae.downscale
+    prepared = conditioning.prepare(b["captions"], (x0.shape[3] * f, x0.shape[2] * f), device)
     # drawn on the CPU generator: the same run on any device, and restorable on resume
-    t = torch.randint(0, model.config.num_timesteps, (n,), generator=gen)
+    t = objective.draw(n, gen)
     noise = torch.randn(x0.shape, generator=gen)
     if cfg.offset_noise:  # Guttenberg 2023: lets the model shift a whole channel's mean
         noise = noise + cfg.offset_noise * torch.randn((n, x0.shape[1], 1, 1), generator=gen)
-    return module(x0, ids, t.to(device), noise.to(device))
+    return module(x0, prepared, t.to(device), noise.to(device))
 
 
 # ------------------------------------------------------------------ command line
