@@ -55,7 +55,7 @@ def main() -> None:
     import torch
 
     from sdloom.checkpoints.save import convert, save_model
-    from sdloom.config import PRESETS
+    from sdloom.families.sd_presets import PRESETS
     from sdloom.families.sd import LatentDiffusion
     d = Path(a.dir)
     single = d / f"{a.preset}-random.safetensors"

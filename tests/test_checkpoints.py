@@ -10,7 +10,7 @@ import torch
 from sdloom.families.sd_detect import DetectionError, detect
 from sdloom.checkpoints.load import CONFIG_KEY, load_model, open_model_source
 from sdloom.checkpoints.save import convert, save_safetensors
-from sdloom.config import PRESETS
+from sdloom.families.sd_presets import PRESETS
 from sdloom.errors import SdloomError
 from sdloom.families.sd import LatentDiffusion
 from sdloom.models.unet import sdxl_adm

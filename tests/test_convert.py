@@ -11,7 +11,8 @@ import torch
 from sdloom.checkpoints.load import open_model_source
 from sdloom.checkpoints.save import save_model, save_safetensors
 from sdloom.cli import main
-from sdloom.config import EMBEDDED, ModelConfig, TextEncoderConfig, UNetConfig
+from sdloom.config import ModelConfig, TextEncoderConfig, UNetConfig
+from sdloom.families.sd_presets import EMBEDDED
 from sdloom.models.unet import sdxl_adm
 from sdloom.sampling.schedules import DiscreteSchedule
 from sdloom.tokenizer import get_tokenizer

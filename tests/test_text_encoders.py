@@ -15,7 +15,8 @@ from sdloom.errors import ModelFileError, SdloomError
 import transformers  # noqa: E402  (a test requirement: missing, the test fails)
 
 from sdloom.families.keymaps import clip as km  # noqa: E402
-from sdloom.config import CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, TextEncoderConfig  # noqa: E402
+from sdloom.config import TextEncoderConfig  # noqa: E402
+from sdloom.families.sd_presets import CLIP_L, OPENCLIP_BIGG, OPENCLIP_H  # noqa: E402
 from sdloom.models.text_encoders import (  # noqa: E402
     FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, build_text_encoder)
 

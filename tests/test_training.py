@@ -18,8 +18,8 @@ from sdloom.training.data import (Augment, BatchSampler, ImageCaptionDataset, bu
                                   collate, read_items)
 from sdloom.training.ema import EMA
 from sdloom.training.state import find_state
-from sdloom.training.train import (add_train_args, config_from_args, diffusion_target,
-                                   lr_factor, main, min_snr_weight, train)
+from sdloom.training.objectives import diffusion_target, min_snr_weight
+from sdloom.training.train import add_train_args, config_from_args, lr_factor, main, train
 
 from tiny import TINY_SD1, tiny_model
 

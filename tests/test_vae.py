@@ -8,7 +8,8 @@ import torch
 import diffusers  # noqa: E402  (a test requirement: missing, the test fails)
 
 from sdloom.families.keymaps import vae as km  # noqa: E402
-from sdloom.config import VAE_SD, VAEConfig  # noqa: E402
+from sdloom.config import VAEConfig  # noqa: E402
+from sdloom.families.sd_presets import VAE_SD  # noqa: E402
 from sdloom.models.vae import AutoencoderKL  # noqa: E402
 
 from conftest import randomize_  # noqa: E402

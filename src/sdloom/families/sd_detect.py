@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from ..config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .sd_presets import PRESETS
 from .base import DetectionError, Shapes, indices as _indices, need as _need, short_repr as _r
 
 UNET = "model.diffusion_model."

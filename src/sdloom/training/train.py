@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from ..checkpoints.save import save_model, save_safetensors
-from ..config import PRESETS as MODEL_PRESETS
+from ..families.sd_presets import PRESETS as MODEL_PRESETS
 from ..errors import SdloomError
 from ..io import atomic_write_text
 from ..families import family_of
@@ -37,8 +37,7 @@ from .data import BatchSampler, ImageCaptionDataset, encode_latents, micro_batch
 from .distributed import Dist, checksum, init_distributed, shutdown, wrap_ddp
 from .ema import EMA
 from .lora_train import inject_lora, lora_metadata, lora_parameters, lora_state_dict
-from .objectives import (conditioning_for, diffusion_target, min_snr_weight,  # noqa: F401
-                         objective_for)
+from .objectives import conditioning_for, objective_for
 from .state import claim_output, clean_leftovers, load_state, publish_state, trim_log
 
 SampleFn = Callable[[nn.Module, list[str], int], list[Image.Image]]
