@@ -344,3 +344,29 @@ def test_used_embeddings_are_recorded_with_their_hash(engine, tmp_path):
     assert parse_infotext(with_emb.infotexts[0])["TI hashes"] == f"shinystyle: {want}"
     without = generate(e, GenerationParams(prompt="a cat", seed=1, steps=1))
     assert "TI hashes" not in parse_infotext(without.infotexts[0])
+
+
+def test_non_finite_values_are_caught_not_saved_as_black_images(monkeypatch, capsys):
+    # an fp16 VAE that overflows: the image is decoded again in fp32 (A1111's automatic VAE
+    # precision) and the log says so; a VAE that gives NaN in fp32 too is an error, and so are
+    # NaN latents
+    half = Engine(tiny_model().half())
+    vae_cls = type(half.model.vae)
+    real = vae_cls.decode
+    seen = []
+
+    def overflow_in_half(self, z):
+        seen.append(z.dtype)
+        out = real(self, z)
+        return out * float("inf") if z.dtype == torch.float16 else out
+
+    monkeypatch.setattr(vae_cls, "decode", overflow_in_half)
+    img = half.decode(torch.randn(1, 4, 8, 8))
+    assert torch.isfinite(img).all() and seen == [torch.float16, torch.float32]
+    assert "decoding this image in fp32" in capsys.readouterr().err
+    assert next(half.model.vae.parameters()).dtype == torch.float16  # left as it was
+    monkeypatch.setattr(vae_cls, "decode", lambda self, z: real(self, z) * float("nan"))
+    with pytest.raises(SdloomError, match="VAE produced NaN"):
+        half.decode(torch.randn(1, 4, 8, 8))
+    with pytest.raises(SdloomError, match="denoiser produced NaN"):
+        half.decode(torch.full((1, 4, 8, 8), float("nan")))

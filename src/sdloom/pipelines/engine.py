@@ -199,11 +199,36 @@ class Engine:
     # ---------------------------------------------------------------- VAE
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [-1, 1], one image at a time to bound memory."""
+        """Latents → images in [-1, 1], one image at a time to bound memory.
+
+        Non-finite values are never passed on as a black image: latents that hold NaN/inf
+        (the denoiser overflowed) are an error; a half-precision VAE that overflows (SDXL's in
+        fp16 is the known case) decodes that image again in fp32, and says so (A1111's
+        automatic VAE precision)."""
+        if not torch.isfinite(latents).all():
+            raise SdloomError("the denoiser produced NaN/inf latents: the model's weights are "
+                              "damaged, or this precision overflows (try --precision fp32)")
         vae = self.model.vae
-        outs = [vae.image_from_latent(z[None].to(self.device, self.dtype)).float().cpu()
-                for z in latents]
+        outs = []
+        for z in latents:
+            img = vae.image_from_latent(z[None].to(self.device, self.dtype)).float()
+            if not torch.isfinite(img).all() and self.dtype != torch.float32:
+                print(f"sdloom: the VAE overflowed in {str(self.dtype).removeprefix('torch.')}; "
+                      "decoding this image in fp32", file=sys.stderr)
+                img = self._decode_fp32(z)
+            if not torch.isfinite(img).all():
+                raise SdloomError("the VAE produced NaN/inf values: its weights are damaged")
+            outs.append(img.cpu())
         return torch.cat(outs)
+
+    def _decode_fp32(self, z: torch.Tensor) -> torch.Tensor:
+        """One latent through the VAE in fp32, the model's own VAE left as it was."""
+        vae = self.model.vae
+        vae.float()
+        try:
+            return vae.image_from_latent(z[None].to(self.device, torch.float32)).float()
+        finally:
+            vae.to(self.dtype)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
