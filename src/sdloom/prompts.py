@@ -499,6 +499,20 @@ def chunk_ids(chunks: list[Chunk], eos: int, pad_token: int) -> torch.Tensor:
     return ids
 
 
+def chunk_embeds(encoder: nn.Module, ids: torch.Tensor, chunks: list[Chunk],
+                 vectors: Callable[[Embedding], torch.Tensor]) -> torch.Tensor | None:
+    """The encoder's token embeddings of `ids` with each textual-inversion embedding's vectors
+    in its slots, or None when no chunk uses one (the encoder then embeds the ids itself)."""
+    if not any(c.fixes for c in chunks):
+        return None
+    embeds = encoder.token_embedding(ids).clone()
+    for row, c in enumerate(chunks):
+        for pos, emb in c.fixes:
+            v = vectors(emb).to(embeds)
+            embeds[row, pos:pos + v.shape[0]] = v
+    return embeds
+
+
 def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, mode: str = "Original"
                    ) -> torch.Tensor:
     """Weight hidden states [N,77,D] per token (A1111 sd_emphasis); "Original" keeps the mean."""
@@ -626,13 +640,7 @@ class PromptEncoder:
         for enc, cfg in zip(self.encoders, self.configs):
             dev = _device(enc)
             ids = chunk_ids(chunks, self.tokenizer.eos, cfg.pad_token).to(dev)
-            embeds = None
-            if any(c.fixes for c in chunks):
-                embeds = enc.token_embedding(ids).clone()
-                for row, c in enumerate(chunks):
-                    for pos, emb in c.fixes:
-                        v = emb.for_encoder(cfg).to(embeds)
-                        embeds[row, pos:pos + v.shape[0]] = v
+            embeds = chunk_embeds(enc, ids, chunks, lambda e, cfg=cfg: e.for_encoder(cfg))
             hidden, p = enc(ids, clip_skip=clip_skip, inputs_embeds=embeds)
             # emphasis per encoder, as A1111 wraps each SDXL encoder separately
             zs.append(apply_emphasis(hidden.float(), weights.to(dev), self.emphasis))

@@ -26,8 +26,8 @@ from .errors import ModelFileError, SdloomError
 from .models.t5 import T5Config, T5Encoder
 from .models.text_encoders import FrozenCLIPEmbedder
 from .prompts import (BREAK, COMMA_BACKTRACK, Chunk, Conditioning, Embedding, EmbeddingDB,
-                      PromptEncoder, _device, apply_emphasis, chunk_ids, parse_prompt_attention,
-                      prompt_schedule)
+                      PromptEncoder, _device, apply_emphasis, chunk_embeds, chunk_ids,
+                      parse_prompt_attention, prompt_schedule)
 from .t5_tokenizer import EOS, PAD, T5Tokenizer
 
 PREFIX = "text_encoders."  # where SD3 single files keep the three encoders
@@ -155,13 +155,7 @@ class SD3PromptEncoder(PromptEncoder):
         for enc, cfg, key in zip(self.encoders, self.configs, TI_KEYS):
             dev = _device(enc)
             ids = chunk_ids(chunks, self.tokenizer.eos, cfg.pad_token).to(dev)
-            embeds = None
-            if any(c.fixes for c in chunks):
-                embeds = enc.token_embedding(ids).clone()
-                for row, c in enumerate(chunks):
-                    for pos, emb in c.fixes:
-                        v = emb.vectors[key].to(embeds)
-                        embeds[row, pos:pos + v.shape[0]] = v
+            embeds = chunk_embeds(enc, ids, chunks, lambda e, key=key: e.vectors[key])
             # CLIP-L's pooled token is used unprojected, CLIP-G's projected (A1111)
             hidden, pooled = enc(ids, inputs_embeds=embeds, project_pooled=key == "clip_g")
             zs.append(hidden.float())

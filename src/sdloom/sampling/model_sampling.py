@@ -47,13 +47,8 @@ class FlowSchedule:
     def _shifted(self, s: torch.Tensor) -> torch.Tensor:
         return self.shift * s / (1 + (self.shift - 1) * s)
 
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+    sigma_min = DiscreteSchedule.sigma_min  # the table's ends, as on the DDPM table
+    sigma_max = DiscreteSchedule.sigma_max
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
