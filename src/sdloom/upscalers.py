@@ -1,0 +1,182 @@
+"""One registry of image upscalers, named as A1111 names them: "None", "Lanczos", "Nearest",
+and every ESRGAN-family model file in the upscaler folder by its stem (models/esrgan.py).
+
+`upscale(image, name, width, height)` is what extras, the CLI and the hires fix call. A model
+scales by its factor repeatedly (at most 3 passes, A1111's Upscaler.upscale) until the image
+reaches or exceeds width×height, then Lanczos resizes to exactly width×height. Loaded models
+are cached per file (path, size, mtime) and device.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import LimitError, NotFoundError, SdloomError
+from .models import esrgan
+
+BUILTIN = ("None", "Lanczos", "Nearest")
+MAX_PASSES = 3  # A1111 Upscaler.upscale
+TILE, TILE_OVERLAP = 192, 8  # A1111's ESRGAN_tile / ESRGAN_tile_overlap defaults
+CACHE_SIZE = 2
+
+
+@dataclass(frozen=True)
+class Upscaler:
+    """An entry of the list: a built-in resampler (path None) or a model file."""
+    name: str
+    path: Path | None = None
+    scale: int | None = None  # the model's factor, None if built in or unreadable
+
+    @property
+    def is_model(self) -> bool:
+        return self.path is not None
+
+
+_scales: dict[tuple[str, int, int], int | None] = {}
+
+
+def _key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _scale_of(path: Path) -> int | None:
+    key = _key(path)
+    if key not in _scales:
+        try:
+            _scales[key] = esrgan.file_config(path).scale
+        except SdloomError:
+            _scales[key] = None  # listed; using it gives the reason
+    return _scales[key]
+
+
+def available(upscaler_dir: str | Path | None = None) -> list[Upscaler]:
+    """None, Lanczos, Nearest, then the model files of upscaler_dir (.pth/.pt/.safetensors,
+    sorted; for one stem in several formats, .safetensors wins)."""
+    out = [Upscaler(n) for n in BUILTIN]
+    d = Path(upscaler_dir) if upscaler_dir else None
+    if d is None or not d.is_dir():
+        return out
+    files: dict[str, Path] = {}
+    for p in sorted(d.iterdir(), key=lambda p: (p.stem.lower(), p.suffix != ".safetensors")):
+        if p.suffix.lower() in esrgan.SUFFIXES and not p.name.startswith(".") and p.is_file():
+            if p.stem not in files and p.stem not in BUILTIN:
+                files[p.stem] = p
+    return out + [Upscaler(stem, p, _scale_of(p)) for stem, p in files.items()]
+
+
+def find(name: str, upscaler_dir: str | Path | None = None) -> Upscaler:
+    """The entry called `name` (exact, else case-insensitive); NotFoundError lists the names."""
+    if not isinstance(name, str):
+        raise SdloomError("upscaler name must be a string")
+    entries = available(upscaler_dir)
+    for match in (lambda e: e.name == name, lambda e: e.name.lower() == name.lower()):
+        for e in entries:
+            if match(e):
+                return e
+    shown = name if len(name) <= 80 else name[:80] + "…"
+    raise NotFoundError(f"upscaler not found: {shown!r}; available: "
+                        + ", ".join(e.name for e in entries))
+
+
+_cache: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+_lock = threading.Lock()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
+    """The network of an upscaler file on `device`, cached (the last CACHE_SIZE used)."""
+    path = Path(path)
+    dev = torch.device(device) if device is not None else default_device()
+    key = (*_key(path), str(dev))
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        model = esrgan.load_upscaler(path).to(dev)
+        _cache[key] = model
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+        return model
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image → [1, 3, H, W] in [0, 1]."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """[1, 3, H, W] in [0, 1] → RGB image, clamped and rounded to the nearest level."""
+    a = (x[0].clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(a, "RGB")
+
+
+def run_model(model: torch.nn.Module, img: Image.Image, *, tile: int = TILE,
+              overlap: int = TILE_OVERLAP) -> Image.Image:
+    """One pass of a network over an RGB image (tiled, models/esrgan.upscale_tensor)."""
+    return to_image(esrgan.upscale_tensor(model, to_tensor(img), tile=tile, overlap=overlap))
+
+
+def upscale(image: Image.Image, name: str, width: int, height: int, *,
+            upscaler_dir: str | Path | None = None, device: str | torch.device | None = None,
+            tile: int = TILE, overlap: int = TILE_OVERLAP,
+            max_pixels: int | None = None) -> Image.Image:
+    """`image` resized to exactly width×height by the upscaler `name` (A1111 semantics:
+    "None" and "Lanczos" resize with Lanczos, "Nearest" with nearest neighbour; a model runs
+    up to 3 passes until the size is reached, or once when the size is unchanged, then
+    Lanczos to the exact size). Transparency is resized with Lanczos and kept. `max_pixels`
+    bounds every intermediate image (LimitError before the pass that would exceed it)."""
+    if not (isinstance(width, int) and isinstance(height, int)) or width < 1 or height < 1:
+        raise SdloomError(f"upscale target must be positive integers, got {width}x{height}")
+    up = find(name, upscaler_dir)
+    alpha = image.getchannel("A") if "A" in image.getbands() else None
+    rgb = image.convert("RGB")
+    size = (width, height)
+    if not up.is_model:
+        resample = Image.NEAREST if up.name == "Nearest" else Image.LANCZOS
+        out = rgb.resize(size, resample) if rgb.size != size else rgb.copy()
+    else:
+        model = load(up.path, device)
+        s = model.config.scale
+        out = rgb
+        for i in range(MAX_PASSES):
+            if out.width >= width and out.height >= height and (i > 0 or size != rgb.size):
+                break
+            if max_pixels is not None and out.width * out.height * s * s > max_pixels:
+                raise LimitError(f"upscaling {out.width}x{out.height} with {up.name} (×{s}) "
+                                 f"makes {out.width * s}x{out.height * s} pixels, over the limit "
+                                 f"of {max_pixels}")
+            before = out.size
+            out = run_model(model, out, tile=tile, overlap=overlap)
+            if out.size == before:
+                break
+        if out.size != size:
+            out = out.resize(size, Image.LANCZOS)
+    if alpha is not None:
+        out = out.convert("RGBA")
+        out.putalpha(alpha.resize(size, Image.LANCZOS) if alpha.size != size else alpha)
+    return out
+
+
+def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """A1111's "upscale by" target (Upscaler.upscale): int(side·scale) rounded down to a
+    multiple of 8; a side under 8 pixels is kept unrounded (A1111 would ask for 0)."""
+    def side(n: int) -> int:
+        t = int(n * scale)
+        return t // 8 * 8 if t >= 8 else max(1, t)
+    return side(width), side(height)
