@@ -173,6 +173,106 @@ def _churn(x, s: float, n: int, noise: NoiseFn, s_churn: float, s_tmin: float, s
     return x + noise(s, s_hat) * s_noise * math.sqrt(s_hat ** 2 - s ** 2), s_hat
 
 
+# ---------------------------------------------------------------------- noise forms
+class NoiseForm:
+    """How x mixes data and noise at σ, x = α(σ)·x0 + σ·ε: what a sampler that re-injects
+    noise (ancestral, SDE) needs to know. The VE form (α = 1) is the default; its methods
+    return exactly the expressions the samplers used before forms existed, so VE sampling is
+    unchanged bit for bit."""
+    name = "ve"
+
+    def alpha(self, sigma: float) -> float:
+        return 1.0
+
+    def lam(self, sigma: float) -> float:
+        """Half-log-SNR λ = log(α/σ), DPM-Solver's time variable (Lu et al. 2022)."""
+        return -math.log(sigma)
+
+    def sigma_at(self, lam: float) -> float:
+        """The σ whose half-log-SNR is λ."""
+        return math.exp(-lam)
+
+    def ve_sigma(self, sigma: float) -> float:
+        """σ/α: the noise level of x/α, which is in VE form."""
+        return sigma
+
+    def ancestral(self, sigma: float, sigma_next: float,
+                  eta: float = 1.0) -> tuple[float, float, float]:
+        """(σ_down, σ_up, scale): step deterministically to σ_down, then x ← scale·x + σ_up·z
+        lands at σ_next."""
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        return down, up, 1.0
+
+    def for_lam(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The grid with λ finite at every positive sigma (VE: as given)."""
+        return sigmas
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        return x0 + noise * sigma
+
+
+class FlowForm(NoiseForm):
+    """Rectified flow, x = (1 − σ)·x0 + σ·ε (SD3; ComfyUI's CONST model sampling)."""
+    name = "flow"
+    # λ = log((1 − σ)/σ) is −∞ at σ = 1, where a txt2img flow grid starts; the samplers
+    # that step in λ start at 1 − 1e-4 instead (ComfyUI offset_first_sigma_for_snr): x is
+    # pure noise either way, to within 1e-4 of the data
+    first_sigma = 1 - 1e-4
+
+    def alpha(self, sigma: float) -> float:
+        return 1.0 - sigma
+
+    def lam(self, sigma: float) -> float:
+        return math.log1p(-sigma) - math.log(sigma)
+
+    def sigma_at(self, lam: float) -> float:
+        return 1.0 / (1.0 + math.exp(lam))
+
+    def ve_sigma(self, sigma: float) -> float:
+        return sigma / (1.0 - sigma)
+
+    def ancestral(self, sigma: float, sigma_next: float,
+                  eta: float = 1.0) -> tuple[float, float, float]:
+        # ComfyUI's RF ancestral step: σ_down = σ_next·(1 + (σ_next/σ − 1)·η) (η = 1: σ_next²/σ),
+        # then x·α_next/α_down has noise σ_down·α_next/α_down and fresh noise makes up σ_next
+        if not eta or not sigma_next:
+            return sigma_next, 0.0, 1.0
+        down = max(0.0, sigma_next * (1 + (sigma_next / sigma - 1) * eta))
+        scale = (1 - sigma_next) / (1 - down)
+        return down, math.sqrt(max(0.0, sigma_next ** 2 - (down * scale) ** 2)), scale
+
+    def for_lam(self, sigmas: torch.Tensor) -> torch.Tensor:
+        if len(sigmas) < 2 or float(sigmas[0]) < self.first_sigma:
+            return sigmas
+        out = sigmas.clone()
+        out[0] = self.first_sigma
+        return out
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        return x0 * (1 - sigma) + noise * sigma
+
+
+NOISE_FORMS: dict[str, NoiseForm] = {"ve": NoiseForm(), "flow": FlowForm()}
+
+
+def noise_form_of(name: str | NoiseForm) -> NoiseForm:
+    """A NoiseForm by name ("ve", "flow"), as the model samplings' `noise_form` names it."""
+    if isinstance(name, NoiseForm):
+        return name
+    form = NOISE_FORMS.get(name)
+    if form is None:
+        raise SdloomError(f"unknown noise form {name!r}; choose from: " + ", ".join(NOISE_FORMS))
+    return form
+
+
+def _renoise(x: torch.Tensor, noise: NoiseFn, s: float, sn: float, s_noise: float, up: float,
+             scale: float) -> torch.Tensor:
+    """x ← scale·x + s_noise·σ_up·z, the second half of an ancestral step."""
+    if scale != 1.0:
+        x = x * scale
+    return x + noise(s, sn) * s_noise * up
+
+
 # ---------------------------------------------------------------------- Euler family
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
@@ -191,16 +291,19 @@ def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, generat
 
 @torch.no_grad()
 def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None,
-                           generator=None, noise_sampler=None, eta=1.0, s_noise=1.0, **_):
-    """Ancestral Euler: an Euler step down to σ_down, then fresh noise up to σ_next."""
+                           generator=None, noise_sampler=None, eta=1.0, s_noise=1.0,
+                           noise_form="ve", **_):
+    """Ancestral Euler: an Euler step down to σ_down, then fresh noise up to σ_next (on flow,
+    ComfyUI's sample_euler_ancestral_RF)."""
     extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    form = noise_form_of(noise_form)
     for i, s, sn in _steps(sigmas):
         denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
-        down, up = ancestral_step(s, sn, eta)
+        down, up, scale = form.ancestral(s, sn, eta)
         x = x + to_d(x, s, denoised) * (down - s)
         if sn > 0:
-            x = x + noise(s, sn) * s_noise * up
+            x = _renoise(x, noise, s, sn, s_noise, up, scale)
     return x
 
 
@@ -248,18 +351,23 @@ def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, callback=None, generat
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None,
-                           generator=None, noise_sampler=None, eta=1.0, s_noise=1.0, **_):
+                           generator=None, noise_sampler=None, eta=1.0, s_noise=1.0,
+                           noise_form="ve", **_):
     """DPM-Solver-2 steps down to σ_down, then ancestral noise up to σ_next."""
+    # the step to σ_down solves the same ODE dx/dσ = (x − x̂0)/σ in both forms; only the
+    # split (σ_down, σ_up, scale) depends on the form
     extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    form = noise_form_of(noise_form)
     for i, s, sn in _steps(sigmas):
         denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
-        down, up = ancestral_step(s, sn, eta)
+        down, up, scale = form.ancestral(s, sn, eta)
         d = to_d(x, s, denoised)
         if down == 0:
             x = x + d * (down - s)
         else:
-            x = _dpm2_step(denoiser, x, d, s, down, extra) + noise(s, sn) * s_noise * up
+            x = _renoise(_dpm2_step(denoiser, x, d, s, down, extra), noise, s, sn, s_noise,
+                         up, scale)
     return x
 
 
@@ -325,31 +433,40 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None, **_)
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None,
-                              generator=None, noise_sampler=None, eta=1.0, s_noise=1.0, **_):
-    """DPM-Solver++(2S) single-step (Lu et al. 2022b, Alg. 1, r = ½) with ancestral noise."""
+                              generator=None, noise_sampler=None, eta=1.0, s_noise=1.0,
+                              noise_form="ve", **_):
+    """DPM-Solver++(2S) single-step (Lu et al. 2022b, Alg. 1, r = ½) with ancestral noise;
+    the step x_t = (σ_t/σ_s)·x − α_t·(e^−h − 1)·x̂0 in λ = log(α/σ) holds in either form."""
     extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    form = noise_form_of(noise_form)
+    sigmas = form.for_lam(sigmas)
     for i, s, sn in _steps(sigmas):
         denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
-        down, up = ancestral_step(s, sn, eta)
+        down, up, scale = form.ancestral(s, sn, eta)
         if down == 0:
             x = x + to_d(x, s, denoised) * (down - s)
         else:
-            h = _t(down) - _t(s)
-            s_mid = math.exp(-(_t(s) + h / 2))
-            x_mid = (s_mid / s) * x - math.expm1(-h / 2) * denoised
-            x = (down / s) * x - math.expm1(-h) * _den(denoiser, x_mid, s_mid, extra)
+            lam = form.lam(s)
+            h = form.lam(down) - lam
+            s_mid = form.sigma_at(lam + h / 2)
+            x_mid = (s_mid / s) * x - (form.alpha(s_mid) * math.expm1(-h / 2)) * denoised
+            x = (down / s) * x - (form.alpha(down) * math.expm1(-h)) * _den(
+                denoiser, x_mid, s_mid, extra)
         if sn > 0:
-            x = x + noise(s, sn) * s_noise * up
+            x = _renoise(x, noise, s, sn, s_noise, up, scale)
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
-                     noise_sampler=None, eta=1.0, s_noise=1.0, r=0.5, **_):
+                     noise_sampler=None, eta=1.0, s_noise=1.0, r=0.5, noise_form="ve", **_):
     """DPM-Solver++ SDE, two evaluations a step (Lu et al. 2022b; k-diffusion sample_dpmpp_sde)."""
-    # each sub-step is an ancestral data-prediction step; both draw from one Brownian path
-    extra = extra_args or {}
+    # each sub-step is an ancestral data-prediction step; both draw from one Brownian path.
+    # The steps are taken on x/α, which is in VE form at noise level σ/α = e^−λ, and scaled
+    # back by α (ComfyUI's CONST branch); in the VE form α = 1 and σ/α = σ
+    extra, form = extra_args or {}, noise_form_of(noise_form)
+    sigmas = form.for_lam(sigmas)
     noise = noise_sampler or _brownian(x, sigmas, generator)
     for i, s, sn in _steps(sigmas):
         denoised = _den(denoiser, x, s, extra)
@@ -357,28 +474,33 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, gen
         if sn == 0:
             x = x + to_d(x, s, denoised) * (sn - s)
             continue
-        t, h = _t(s), _t(sn) - _t(s)
-        s_mid = math.exp(-(t + h * r))
-        down, up = ancestral_step(s, s_mid, eta)
-        x_mid = (down / s) * x - math.expm1(t - _t(down)) * denoised
-        x_mid = x_mid + noise(s, s_mid) * s_noise * up
+        t, h = form.lam(s), form.lam(sn) - form.lam(s)
+        a, ve = form.alpha(s), form.ve_sigma(s)
+        s_mid = form.sigma_at(t + h * r)
+        a_mid = form.alpha(s_mid)
+        down, up = ancestral_step(ve, form.ve_sigma(s_mid), eta)
+        x_mid = (a_mid / a) * (down / ve) * x - (a_mid * math.expm1(t - _t(down))) * denoised
+        x_mid = x_mid + noise(s, s_mid) * s_noise * (a_mid * up)
         denoised_mid = _den(denoiser, x_mid, s_mid, extra)
-        down, up = ancestral_step(s, sn, eta)
+        a_next = form.alpha(sn)
+        down, up = ancestral_step(ve, form.ve_sigma(sn), eta)
         fac = 1 / (2 * r)
         d = (1 - fac) * denoised + fac * denoised_mid
-        x = (down / s) * x - math.expm1(t - _t(down)) * d
-        x = x + noise(s, sn) * s_noise * up
+        x = (a_next / a) * (down / ve) * x - (a_next * math.expm1(t - _t(down))) * d
+        x = x + noise(s, sn) * s_noise * (a_next * up)
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None,
                         generator=None, noise_sampler=None, eta=1.0, s_noise=1.0,
-                        solver_type="midpoint", **_):
-    """DPM-Solver++(2M) SDE, midpoint or Heun correction (Lu et al. 2022b; k-diffusion)."""
+                        solver_type="midpoint", noise_form="ve", **_):
+    """DPM-Solver++(2M) SDE, midpoint or Heun correction (Lu et al. 2022b; k-diffusion), in
+    λ = log(α/σ) with the data terms scaled by α_next (ComfyUI's CONST branch on flow)."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError("solver_type must be 'midpoint' or 'heun'")
-    extra = extra_args or {}
+    extra, form = extra_args or {}, noise_form_of(noise_form)
+    sigmas = form.for_lam(sigmas)
     noise = noise_sampler or _brownian(x, sigmas, generator)
     old, h_last = None, None
     for i, s, sn in _steps(sigmas):
@@ -387,16 +509,17 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None,
         if sn == 0:
             x = denoised
             continue
-        h = _t(sn) - _t(s)
+        h = form.lam(sn) - form.lam(s)
         eh = eta * h
-        x = (sn / s) * math.exp(-eh) * x - math.expm1(-h - eh) * denoised
+        a_next = form.alpha(sn)
+        x = (sn / s) * math.exp(-eh) * x - (a_next * math.expm1(-h - eh)) * denoised
         if old is not None:
             r = h_last / h
             if solver_type == "heun":
                 coef = -math.expm1(-h - eh) / (-h - eh) + 1
             else:
                 coef = -0.5 * math.expm1(-h - eh)
-            x = x + coef / r * (denoised - old)
+            x = x + a_next * coef / r * (denoised - old)
         if eta:
             x = x + noise(s, sn) * sn * math.sqrt(-math.expm1(-2 * eh)) * s_noise
         old, h_last = denoised, h
@@ -412,9 +535,12 @@ def sample_dpmpp_2m_sde_heun(denoiser, x, sigmas, **kw):
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None,
-                        generator=None, noise_sampler=None, eta=1.0, s_noise=1.0, **_):
-    """DPM-Solver++(3M) SDE (Lu et al. 2022b; k-diffusion): third-order multistep in λ."""
-    extra = extra_args or {}
+                        generator=None, noise_sampler=None, eta=1.0, s_noise=1.0,
+                        noise_form="ve", **_):
+    """DPM-Solver++(3M) SDE (Lu et al. 2022b; k-diffusion): third-order multistep in λ, the data
+    terms scaled by α_next (ComfyUI's CONST branch on flow)."""
+    extra, form = extra_args or {}, noise_form_of(noise_form)
+    sigmas = form.for_lam(sigmas)
     noise = noise_sampler or _brownian(x, sigmas, generator)
     d1 = d2 = None  # the previous two x̂0
     h1 = h2 = None  # the previous two step sizes in λ
@@ -424,17 +550,19 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None,
         if sn == 0:
             x = denoised
             continue
-        h = _t(sn) - _t(s)
+        h = form.lam(sn) - form.lam(s)
         he = h * (eta + 1)
-        x = math.exp(-he) * x - math.expm1(-he) * denoised
+        a, a_next = form.alpha(s), form.alpha(sn)
+        # (α_next/α)·e^−(1+η)h = (σ_next/σ)·e^−ηh
+        x = (a_next / a) * math.exp(-he) * x - (a_next * math.expm1(-he)) * denoised
         phi2 = math.expm1(-he) / he + 1
         if h2 is not None:
             r0, r1 = h1 / h, h2 / h
             e0, e1 = (denoised - d1) / r0, (d1 - d2) / r1
-            x = x + phi2 * (e0 + (e0 - e1) * r0 / (r0 + r1)) \
-                - (phi2 / he - 0.5) * (e0 - e1) / (r0 + r1)
+            x = x + (a_next * phi2) * (e0 + (e0 - e1) * r0 / (r0 + r1)) \
+                - (a_next * (phi2 / he - 0.5)) * (e0 - e1) / (r0 + r1)
         elif h1 is not None:
-            x = x + phi2 * (denoised - d1) / (h1 / h)
+            x = x + (a_next * phi2) * (denoised - d1) / (h1 / h)
         if eta:
             x = x + noise(s, sn) * sn * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
         d2, d1 = d1, denoised
@@ -584,10 +712,14 @@ def sample_dpm_adaptive(denoiser, x, sigmas, *, extra_args=None, callback=None, 
 # ---------------------------------------------------------------------- DDIM, PLMS, UniPC, LCM
 @torch.no_grad()
 def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
-                noise_sampler=None, eta=0.0, **_):
+                noise_sampler=None, eta=0.0, noise_form="ve", **_):
     """DDIM (Song et al. 2021, eq. 12) in σ: the VP update on x/√(1+σ²); eta = 0 equals Euler."""
     extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
     eta = 0.0 if eta is None else eta
+    if eta and noise_form_of(noise_form).name != "ve":
+        # its noise is the VE/VP form's; with eta = 0 it is Euler, which flow shares
+        raise SdloomError("DDIM with eta > 0 is not defined for flow-matching models here; "
+                          "use eta 0, or Euler a / DPM++ 2S a for an ancestral sampler")
     for i, s, sn in _steps(sigmas):
         denoised = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, denoised)
@@ -694,14 +826,15 @@ def sample_unipc(denoiser, x, sigmas, *, extra_args=None, callback=None, order=2
 
 @torch.no_grad()
 def sample_lcm(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
-               noise_sampler=None, **_):
+               noise_sampler=None, noise_form="ve", **_):
     """Latent consistency sampling (Luo et al. 2023): jump to x̂0, re-noise to the next σ."""
     extra, noise = extra_args or {}, noise_sampler or NoiseSampler(x, generator)
+    form = noise_form_of(noise_form)
     for i, s, sn in _steps(sigmas):
         x = _den(denoiser, x, s, extra)
         _cb(callback, i, x, s, x)
         if sn > 0:
-            x = x + noise(s, sn) * sn
+            x = form.noised(x, noise(s, sn), sn)
     return x
 
 
@@ -762,6 +895,14 @@ class SamplerSpec:
     # A1111 computes steps+1 sigmas and drops the next-to-last one for these, so the last step
     # is one big jump from a moderate σ to 0 rather than a tiny step to σ_min
     discard_penultimate_sigma: bool = False
+    # runs on rectified-flow models (x = (1 − σ)·x0 + σ·ε) when called with noise_form="flow":
+    # every deterministic sampler (they only solve dx/dσ = (x − x̂0)/σ, the same ODE in both
+    # forms) and the stochastic ones with a flow form of their noise
+    flow: bool = True
+
+    def supports(self, form: str) -> bool:
+        """Whether this sampler is defined for a model whose noise form is `form`."""
+        return form == "ve" or (form == "flow" and self.flow)
 
     def sigmas(self, scheduler: str, steps: int, schedule: DiscreteSchedule) -> torch.Tensor:
         """The sigmas A1111 would sample this sampler on: [steps + 1], ending in 0."""
@@ -795,10 +936,13 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in [
                 discard_penultimate_sigma=True),
     SamplerSpec("DPM2 a", sample_dpm_2_ancestral, "karras", ("k_dpm_2_a", "dpm_2_ancestral"),
                 True, discard_penultimate_sigma=True),
-    SamplerSpec("DPM fast", sample_dpm_fast, "uniform", ("k_dpm_fast", "dpm_fast"), True),
+    # DPM fast/adaptive (ε-form DPM-Solver with VE ancestral noise) and Restart (VE
+    # forward noising up to σ = 2) have no flow form here
+    SamplerSpec("DPM fast", sample_dpm_fast, "uniform", ("k_dpm_fast", "dpm_fast"), True,
+                flow=False),
     SamplerSpec("DPM adaptive", sample_dpm_adaptive, "uniform", ("k_dpm_ad", "dpm_adaptive"),
-                True),
-    SamplerSpec("Restart", sample_restart, "karras", ("restart",), True),
+                True, flow=False),
+    SamplerSpec("Restart", sample_restart, "karras", ("restart",), True, flow=False),
     SamplerSpec("DDIM", sample_ddim, "ddim_uniform", ("ddim",)),
     SamplerSpec("PLMS", sample_plms, "ddim_uniform", ("plms",)),
     SamplerSpec("UniPC", sample_unipc, "uniform", ("unipc", "uni_pc", "uni_pc_bh2")),
