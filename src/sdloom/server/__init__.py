@@ -29,6 +29,8 @@ def add_serve_args(p) -> None:
                    help="where requests with save_images write (txt2img-images/, img2img-images/)")
     p.add_argument("--lora-dir")
     p.add_argument("--embeddings")
+    p.add_argument("--upscaler-dir", help="folder of ESRGAN-family upscaler models "
+                   "(.pth/.safetensors), listed by file stem in /sdapi/v1/upscalers")
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -63,7 +65,7 @@ def run_serve(args) -> int:
     server = Server(args.model, models_dir=args.models_dir, device=args.device,
                     precision=args.precision, lora_dir=args.lora_dir,
                     embeddings_dir=args.embeddings, outdir=args.outdir, limits=limits,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, upscaler_dir=args.upscaler_dir)
     if args.host not in LOOPBACK and not args.api_auth:
         print(f"sdloom: serving on {args.host} without --api-auth: anyone who can reach this "
               "address can use the API", file=sys.stderr)

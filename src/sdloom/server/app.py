@@ -44,7 +44,8 @@ from ..sampling.samplers import SAMPLERS
 from ..sampling.schedules import LABELS
 from ..seeds import all_seeds, fix_seed
 from .guard import BodyTooLarge, Guard, error_body, log, parse_users
-from .schema import Body, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
+from .schema import (Body, ExtrasBaseRequest, ExtrasBatchImagesRequest,
+                     ExtrasSingleImageRequest, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest)
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 WEB = Path(__file__).parent / "web"  # the page: index.html, app.js, style.css
@@ -167,8 +168,9 @@ class Server:
                  device: str = "auto", precision: str = "auto", lora_dir: str | None = None,
                  embeddings_dir: str | None = None, outdir: str = "outputs",
                  limits: Limits = DEFAULT_LIMITS, max_queue: int = 8,
-                 loader: Callable[..., Engine] = Engine.load):
+                 loader: Callable[..., Engine] = Engine.load, upscaler_dir: str | None = None):
         self.models_dir = Path(models_dir) if models_dir else None
+        self.upscaler_dir = Path(upscaler_dir) if upscaler_dir else None
         self.device, self.precision = device, precision
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
         self.outdir = Path(outdir)  # where save_images writes, as A1111's outdir_*_samples
@@ -231,6 +233,7 @@ class Server:
         """An error message with the server's folders replaced by their role, so clients
         never learn the server's file layout."""
         dirs = [(self.models_dir, "models_dir"), (self.lora_dir, "lora_dir"),
+                (getattr(self, "upscaler_dir", None), "upscaler_dir"),
                 (self.embeddings_dir, "embeddings"), (self.outdir, "outdir"),
                 (EMBEDDED_MODEL.parent, "assets"), (Path.cwd(), "."), (Path.home(), "~")]
         if self.engine_path_dir():
@@ -462,6 +465,127 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
     return p, opts, model
 
 
+# ---------------------------------------------------------------------- extras (upscalers)
+def _upscaler(name: str | None, server: Server):
+    """The registry entry of an A1111 upscaler field; None for "None" or empty (no upscale)."""
+    from ..upscalers import find
+    if name is None or name in ("", "None"):
+        return None
+    return find(name, server.upscaler_dir)  # NotFoundError (404) naming it and the list
+
+
+def _extras_one(img: Image.Image, req: ExtrasBaseRequest, server: Server
+                ) -> tuple[Image.Image, dict[str, Any]]:
+    """A1111's postprocessing upscale (scripts/postprocessing_upscale.py) of one image and
+    its info: upscaler_1 by upscaling_resize (mode 0) or to w×h (mode 1, cropped centred
+    with upscaling_crop), then upscaler_2 on the original blended in by its visibility."""
+    from ..upscalers import target_size, upscale
+    up1, up2 = _upscaler(req.upscaler_1, server), _upscaler(req.upscaler_2, server)
+    info: dict[str, Any] = {}
+    if up1 is None:
+        return img, info
+    if req.resize_mode == 1:
+        w, h = req.upscaling_resize_w, req.upscaling_resize_h
+        by = max(w / img.width, h / img.height)
+        info["Postprocess upscale to"] = f"{w}x{h}"
+    else:
+        by = req.upscaling_resize
+        info["Postprocess upscale by"] = by
+    tw, th = target_size(img.width, img.height, by)
+    lim = server.limits
+    for what, v in (("upscaled width", tw), ("upscaled height", th)):
+        lim.check(what, v, "max_side")
+    lim.check("upscaled pixels", tw * th, "max_pixels")
+    eng = getattr(server, "engine", None)
+    kw = {"upscaler_dir": server.upscaler_dir, "device": getattr(eng, "device", None),
+          "max_pixels": 4 * lim.max_pixels}  # a model's last pass may overshoot the target
+
+    def one(up) -> Image.Image:
+        out = upscale(img, up.name, tw, th, **kw)
+        if req.resize_mode == 1 and req.upscaling_crop:
+            canvas = Image.new(out.mode, (w, h))
+            canvas.paste(out, (w // 2 - out.width // 2, h // 2 - out.height // 2))
+            out = canvas
+        return out
+
+    out = one(up1)
+    info["Postprocess upscaler"] = up1.name
+    if up2 is not None and req.extras_upscaler_2_visibility > 0:
+        second = one(up2)
+        if second.mode != out.mode:
+            second = second.convert(out.mode)
+        out = Image.blend(out, second, req.extras_upscaler_2_visibility)
+        info["Postprocess upscaler 2"] = up2.name
+    if req.resize_mode == 1 and req.upscaling_crop:
+        info["Postprocess crop to"] = f"{w}x{h}"
+    return out, info
+
+
+def _extras_text(info: dict[str, Any]) -> str:
+    from ..infotext import quote
+    return ", ".join(f"{k}: {quote(v)}" for k, v in info.items() if v is not None)
+
+
+def _encode_extras(img: Image.Image, fmt: str, parameters: str | None, pp: str) -> str:
+    """base64 of the result; PNG keeps the input's `parameters` chunk and adds A1111's
+    `postprocessing` chunk, other formats carry `parameters` as EXIF."""
+    if fmt == "png":
+        from PIL import PngImagePlugin
+        meta = PngImagePlugin.PngInfo()
+        if parameters:
+            meta.add_text("parameters", parameters)
+        if pp:
+            meta.add_text("postprocessing", pp)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", pnginfo=meta)
+        data = buf.getvalue()
+    else:
+        data = encode_image(img, fmt, parameters)
+    return base64.b64encode(data).decode("ascii")
+
+
+def run_extras(server: Server, req: ExtrasBaseRequest, images: list[tuple[Any, str]]
+               ) -> tuple[list[str], str]:
+    """Decode (with the server's limits), upscale one by one under the job lock, encode."""
+    if req.gfpgan_visibility > 0 or req.codeformer_visibility > 0:
+        raise SdloomError("not supported by sdloom: face restoration (gfpgan_visibility, "
+                          "codeformer_visibility)")
+    server.limits.check("images", len(images), "max_images")
+    _upscaler(req.upscaler_1, server)  # unknown names fail before decoding or waiting
+    _upscaler(req.upscaler_2, server)
+    decoded = [decode_image(data, what, server.limits) for data, what in images]
+    fmt = server.options.get("samples_format", "png")
+    with server.queue_lock:
+        if server.queued >= server.max_queue:
+            raise HTTPException(503, f"server busy: {server.queued} jobs queued "
+                                     f"(--max-queue {server.max_queue})")
+        server.queued += 1
+    try:
+        with server.lock:
+            out, text = [], ""
+            for img in decoded:
+                params = img.info.get("parameters")
+                try:
+                    src = img if img.mode in ("RGB", "RGBA") else img.convert(
+                        "RGBA" if "A" in img.getbands() or "transparency" in img.info
+                        else "RGB")
+                except (ValueError, OSError) as e:
+                    raise SdloomError(f"cannot convert a {img.mode} image ({e})") from None
+                try:
+                    res, info = _extras_one(src, req, server)
+                except MemoryError:
+                    raise LimitError("out of memory while upscaling; try a smaller size") \
+                        from None
+                text = _extras_text(info)
+                out.append(_encode_extras(res, fmt, params if isinstance(params, str)
+                                          else None, text))
+    finally:
+        with server.queue_lock:
+            server.queued -= 1
+    import html
+    return out, "<p>" + html.escape(text) + "</p>"
+
+
 # ---------------------------------------------------------------------- the app
 def create_app(server: Server, api_auth: str | None = None, *,
                allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -607,8 +731,26 @@ def create_app(server: Server, api_auth: str | None = None, *,
 
     @app.get(f"{api}/upscalers")
     def upscalers() -> list[dict[str, Any]]:
-        return [{"name": n, "model_name": None, "model_path": None, "model_url": None,
-                 "scale": 4} for n in ("None", "Lanczos", "Nearest")]
+        """None, Lanczos, Nearest, then upscaler_dir's models with their detected factor
+        (A1111 lists 4 for the built-ins; model_path is the file name, never the folder)."""
+        from ..upscalers import available
+        return [{"name": u.name, "model_name": "ESRGAN" if u.is_model else None,
+                 "model_path": u.path.name if u.path else None, "model_url": None,
+                 "scale": u.scale if u.is_model else 4}
+                for u in available(server.upscaler_dir)]
+
+    @app.post(f"{api}/extra-single-image")
+    def extra_single_image(req: ExtrasSingleImageRequest) -> dict[str, Any]:
+        if not req.image:
+            raise NotFoundError("Image not found")
+        images, html_info = run_extras(server, req, [(req.image, "image")])
+        return {"html_info": html_info, "image": images[0]}
+
+    @app.post(f"{api}/extra-batch-images")
+    def extra_batch_images(req: ExtrasBatchImagesRequest) -> dict[str, Any]:
+        images, html_info = run_extras(
+            server, req, [(f.data, f"imageList[{i}]") for i, f in enumerate(req.imageList)])
+        return {"html_info": html_info, "images": images}
 
     @app.get(f"{api}/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict[str, str]]:

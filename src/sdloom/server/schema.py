@@ -123,3 +123,35 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 class PngInfoRequest(Body):
     image: str
+
+
+class ExtrasBaseRequest(Body):
+    """A1111's ExtrasBaseRequest (`/extra-single-image`, `/extra-batch-images`)."""
+    resize_mode: Annotated[int, Field(ge=0, le=1)] = 0  # 0: by upscaling_resize, 1: to w×h
+    show_extras_results: bool = True
+    gfpgan_visibility: Unit = 0.0
+    codeformer_visibility: Unit = 0.0
+    codeformer_weight: Unit = 0.0
+    upscaling_resize: Annotated[float, Field(ge=1.0, le=8.0)] = 2.0
+    upscaling_resize_w: Annotated[int, Field(ge=1)] = 512
+    upscaling_resize_h: Annotated[int, Field(ge=1)] = 512
+    upscaling_crop: bool = True
+    upscaler_1: str | None = "None"
+    upscaler_2: str | None = "None"
+    extras_upscaler_2_visibility: Unit = 0.0
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasBaseRequest):
+    image: str = ""
+
+
+class FileData(BaseModel):
+    """One image of an extras batch: base64 data and a file name."""
+    model_config = ConfigDict(extra="allow")
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasBaseRequest):
+    imageList: list[FileData]
