@@ -77,6 +77,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "(e.g. eps for SD 2.x-base 512 checkpoints)")
     p.add_argument("--no-t5", action="store_true", help="SD3: leave T5-XXL out (less memory; "
                    "its part of the conditioning is zeros, as A1111 with T5 disabled)")
+    p.add_argument("--text-encoders", nargs="+", metavar="FILE",
+                   help="SD3: separate text encoder files (clip_l, clip_g, optional t5xxl "
+                   "fp16/fp8; any order, told apart by their shapes) or a folder of them, for "
+                   "a model file without its own; they replace the file's own of that kind")
     p.add_argument("--sampler", default="DPM++ 2M", help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras"')
     p.add_argument("--scheduler", default="automatic", help="automatic, karras, exponential, "
                    "uniform, sgm_uniform, simple, normal, ddim_uniform, …")
@@ -264,7 +268,8 @@ def cmd_generate(args, kind: str) -> int:
     t0 = time.perf_counter()
     engine = Engine.load(args.model, device=args.device, precision=args.precision, vae=args.vae,
                          prediction=args.prediction, embeddings_dir=args.embeddings,
-                         lora_dir=args.lora_dir, without=("t5",) if args.no_t5 else ())
+                         lora_dir=args.lora_dir, without=("t5",) if args.no_t5 else (),
+                         text_encoders=args.text_encoders)
     load_s = time.perf_counter() - t0
     bar = None
     if not args.quiet:

@@ -9,14 +9,14 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelFileError, NotFoundError, SdloomError
-from ..families import config_from_json, detect, family_for_pipeline, family_of
+from ..families import FAMILIES, config_from_json, detect, family_for_pipeline, family_of
 from ..families.base import ComponentReader
 from ..families.sd import SDFamily
 from ..io import display_name as _name
@@ -254,14 +254,74 @@ class LoadedModel:
     seconds: float
 
 
-def open_model_source(path: str | Path) -> tuple[object, TensorSource]:
-    """Config + lazy tensors of a single file or a diffusers folder, in the model's key names."""
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def component_paths(given: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The files of `text_encoders=`: a list of files, one file, or a folder (every checkpoint
+    file directly in it, sorted by name; which is which is read from their shapes)."""
+    items = [given] if isinstance(given, (str, Path)) else list(given)
+    out: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(f for f in item.iterdir()
+                           if f.is_file() and f.suffix in CHECKPOINT_SUFFIXES)
+            if not found:
+                raise NotFoundError(f"text encoder folder {_name(item)} holds no checkpoint "
+                                    f"files ({', '.join(CHECKPOINT_SUFFIXES)})")
+            out += found
+        else:
+            out.append(item)
+    if len(set(out)) != len(out):
+        raise SdloomError("a text encoder file is given twice")
+    return out
+
+
+def _with_component_files(src: TensorSource, paths: list[Path]) -> TensorSource:
+    """The single file with separate component files merged in under the model's key names, as
+    its family says (`Family.merge_component_files`); still lazy: each tensor is read from its
+    own file when the loader streams it."""
+    fam = next((f for f in FAMILIES if f.claims(src.shapes)), None)
+    if fam is None:
+        detect(src.shapes)  # raises the usual "not a model sdloom knows"
+    files = [open_file(p) for p in paths]
+    merge = fam.merge_component_files(src.shapes, [(_name(p), f.shapes)
+                                                   for p, f in zip(paths, files)])
+    shapes = {k: s for k, s in src.shapes.items() if not k.startswith(merge.replaces)}
+    where: dict[str, tuple[TensorSource, str]] = {}
+    for f, renames in zip(files, merge.renames):
+        for old, new in renames.items():
+            shapes[new] = tuple(f.shapes[old])
+            where[new] = (f, old)
+
+    def get(key: str) -> torch.Tensor:
+        f, old = where.get(key, (src, key))
+        return f.get(old)
+    return TensorSource(shapes, get, src.metadata, src.path)
+
+
+def open_model_source(path: str | Path,
+                      text_encoders: str | Path | Sequence[str | Path] | None = None
+                      ) -> tuple[object, TensorSource]:
+    """Config + lazy tensors of a single file or a diffusers folder, in the model's key names.
+    `text_encoders`: separate text-encoder files (or a folder of them) for a single file that
+    lacks its own (SD3 files as A1111 and ComfyUI users have them); given ones replace the
+    file's own of the same kind, as --vae replaces the VAE."""
     path = Path(path)
     if path.is_dir():
+        if text_encoders:
+            raise SdloomError(f"diffusers folder {_name(path)}: separate text encoder files "
+                              "apply to single-file models; a folder holds its own "
+                              "text_encoder*/ components")
         return open_diffusers(path)
     src = open_file(path)
+    if text_encoders:
+        try:
+            src = _with_component_files(src, component_paths(text_encoders))
+        except ModelFileError as e:
+            raise type(e)(f"{_name(path)}: {e}") from None
     if CONFIG_KEY in src.metadata:  # our own files carry their exact config
-        cfg = metadata_config(src)
+        cfg = metadata_config(src, components=bool(text_encoders))
     else:
         try:
             cfg = detect(src.shapes)
@@ -279,16 +339,22 @@ def _aliased(src: TensorSource, aliases: dict[str, str | None]) -> TensorSource:
     return TensorSource(shapes, lambda k: src.get(back.get(k, k)), src.metadata, src.path)
 
 
-def metadata_config(src: TensorSource):
+def metadata_config(src: TensorSource, components: bool = False):
     """The config a file's metadata declares, checked against its tensor shapes before anything
     is built from it: a hostile or stale config (200,000 layers over a few tensors) is refused
-    in milliseconds, naming the field."""
+    in milliseconds, naming the field. `components`: separate component files were merged in,
+    so their part of the config is read from their shapes."""
     where = _name(src.path) if src.path is not None else "checkpoint"
     try:
         cfg = config_from_json(src.metadata[CONFIG_KEY])
     except (ValueError, SdloomError, RecursionError) as e:  # bad JSON, missing/unknown fields
         raise ModelFileError(f"{where}: unreadable {CONFIG_KEY} metadata "
                              f"({_one_line(e)})") from None
+    if components:
+        try:
+            cfg = family_of(cfg).config_with_components(cfg, src.shapes)
+        except ModelFileError as e:
+            raise type(e)(f"{where}: {e}") from None
     problems = family_of(cfg).config_problems(cfg, src.shapes)
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -300,11 +366,13 @@ def metadata_config(src: TensorSource):
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", prediction: str | None = None,
                vae: str | Path | None = None, ema: bool = False,
-               without: tuple[str, ...] = ()) -> LoadedModel:
+               without: tuple[str, ...] = (),
+               text_encoders: str | Path | Sequence[str | Path] | None = None) -> LoadedModel:
     """Load any supported checkpoint into its family's model. `without` names optional
-    components to leave out (e.g. "t5" for SD3: never read, no memory)."""
+    components to leave out (e.g. "t5" for SD3: never read, no memory); `text_encoders` are
+    separate text-encoder files or a folder of them (`open_model_source`)."""
     t0 = time.perf_counter()
-    cfg, src = open_model_source(path)
+    cfg, src = open_model_source(path, text_encoders)
     if without:
         cfg, drop = family_of(cfg).without(cfg, without)
         src = TensorSource({k: s for k, s in src.shapes.items() if not k.startswith(drop)},

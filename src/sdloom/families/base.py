@@ -76,6 +76,14 @@ class ComponentReader:
 JsonReader = Callable[[str], dict]  # "unet/config.json" → the JSON object
 
 
+@dataclass(frozen=True)
+class ComponentMerge:
+    """What a family makes of separate component files: the single file's key prefixes they
+    replace, and per file (in the order given) its key → model key; keys left out are dropped."""
+    replaces: tuple[str, ...]
+    renames: tuple[dict[str, str], ...]
+
+
 class Family:
     """One model family. Subclasses implement every method; `name` is the config's family."""
     names: tuple[str, ...] = ()  # the `family` values of its configs
@@ -113,6 +121,18 @@ class Family:
     def key_aliases(self, shapes: Shapes) -> dict[str, str | None]:
         """File key → model key for alternative spellings a file may use (None: drop it)."""
         return {}
+
+    def merge_component_files(self, shapes: Shapes, files: Sequence[tuple[str, Shapes]]
+                              ) -> ComponentMerge:
+        """How components given as separate files (SD3's text encoders, as A1111 and ComfyUI
+        keep them) join a single file with `shapes`: `files` are (display name, shapes)."""
+        raise SdloomError("separate text-encoder files apply to SD3 models; this file holds "
+                          "its text encoders itself")
+
+    def config_with_components(self, cfg, shapes: Shapes):
+        """A stored config (file metadata) with the components that came as separate files
+        read again from the merged `shapes`."""
+        return cfg
 
     def open_diffusers(self, name: str, component: ComponentReader, json_of: JsonReader
                        ) -> tuple[object, StateDict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ from ..prompts import Conditioning, EmbeddingDB
 from ..sampling.model_sampling import FlowSampling
 from ..sd3_conditioning import T5_ALIAS, SD3PromptEncoder, SD3TextEncoders
 from ..tokenizer import get_tokenizer
-from .base import (ComponentReader, DetectionError, Family, JsonReader, LatentFormat, Shapes,
-                   StateDict, short_repr)
+from .base import (ComponentMerge, ComponentReader, DetectionError, Family, JsonReader,
+                   LatentFormat, Shapes, StateDict, short_repr)
 from .sd import DiffusionWrapper
 from .sd_detect import VAE_NOT_IN_SHAPES, detect_vae
 from .sd_diffusers import (_text_json, _vae_json, mapped, vae_config_from_diffusers,
@@ -139,8 +140,11 @@ class SD3Family(Family):
         text = {k[len(TEXT):]: tuple(v) for k, v in shapes.items() if k.startswith(TEXT)}
         if not text:
             raise DetectionError("this SD3 file holds no text encoders (text_encoders.clip_l, "
-                                 "clip_g, t5xxl): sdloom reads SD3 files that include them "
-                                 "(the *_incl_clips* files) or diffusers folders")
+                                 "clip_g, t5xxl): give them as separate files with "
+                                 "--text-encoders clip_l.safetensors clip_g.safetensors "
+                                 "[t5xxl_fp16.safetensors] (or a folder of them; library: "
+                                 "text_encoders=[...]), or use a file that includes them "
+                                 "(*_incl_clips*) or a diffusers folder")
         clip_l, clip_g, t5 = SD3TextEncoders.detect(text)
         return SD3Config("sd3", mm, vae, clip_l, clip_g, t5, name=_preset_name(mm))
 
@@ -204,6 +208,79 @@ class SD3Family(Family):
             return {}
         shared = TEXT + "t5xxl.transformer.shared.weight"
         return {alias: None} if shared in shapes else {alias: shared}
+
+    def merge_component_files(self, shapes: Shapes, files: Sequence[tuple[str, Shapes]]
+                              ) -> ComponentMerge:
+        """Text encoders given as separate files (A1111's and ComfyUI's clip_l, clip_g,
+        t5xxl_fp16 / t5xxl_fp8_e4m3fn): transformers layouts with or without a prefix such as
+        `transformer.`. Which file is which is read from shapes, never from file names: T5 by
+        `encoder.block`, the two CLIPs by width (CLIP-L is the narrower: 768 vs 1280; the
+        MMDiT's pooled input is their sum). A given encoder replaces the file's own of the same
+        kind (as --vae replaces the VAE), so an *_incl_clips* file takes a T5 file; T5 may be
+        missing (its part of the context is zeros), CLIP-L and CLIP-G may not."""
+        found = [_text_encoder_file(name, sh) for name, sh in files]
+        t5s = [i for i, f in enumerate(found) if f.kind == "t5"]
+        clips = sorted((i for i, f in enumerate(found) if f.kind == "clip"),
+                       key=lambda i: found[i].width)
+        if len(t5s) > 1:
+            raise ModelFileError("more than one T5 file given: "
+                                 + ", ".join(files[i][0] for i in t5s) + "; give one")
+        if len(clips) > 2:
+            raise ModelFileError("more than two CLIP files given: "
+                                 + ", ".join(files[i][0] for i in clips)
+                                 + "; SD3 takes one CLIP-L and one CLIP-G")
+        own = {enc: tuple(shapes[k])[1] for enc in ("clip_l", "clip_g")
+               if len(shapes.get(k := f"{TEXT}{enc}.transformer.{_CLIP_EMBED}", ())) == 2}
+        pooled = shapes.get(DIT + "y_embedder.mlp.0.weight", ())
+        role: dict[str, int] = {}
+        if len(clips) == 2:
+            if found[clips[0]].width == found[clips[1]].width:
+                raise ModelFileError(
+                    f"{files[clips[0]][0]} and {files[clips[1]][0]} are CLIPs of the same width "
+                    f"{found[clips[0]].width}: SD3 takes CLIP-L (768 wide) and CLIP-G (1280)")
+            role = {"clip_l": clips[0], "clip_g": clips[1]}
+        elif clips:
+            w = found[clips[0]].width
+            if own.get("clip_l") == w or ("clip_g" in own and own["clip_g"] != w):
+                enc = "clip_l"
+            elif "clip_g" in own or "clip_l" in own:
+                enc = "clip_g"
+            elif len(pooled) == 2:  # neither in the file: the pooled width is L + G, L narrower
+                enc = "clip_l" if w < pooled[1] - w else "clip_g"
+            else:
+                enc = "clip_l" if w <= 768 else "clip_g"
+            role = {enc: clips[0]}
+        if t5s:
+            role["t5xxl"] = t5s[0]
+        widths = {enc: found[i].width for enc, i in role.items()}
+        for enc, label, file in (("clip_l", "CLIP-L", "clip_l.safetensors (768 wide, 12 layers)"),
+                                 ("clip_g", "CLIP-G", "clip_g.safetensors (1280 wide, 32 layers, "
+                                                      "with text_projection)")):
+            if enc not in role and enc not in own:
+                raise ModelFileError(
+                    f"the {label} text encoder is missing: this SD3 file holds none and no "
+                    f"file given is one: add {file} to the text encoder files")
+            if enc not in widths:
+                widths[enc] = own[enc]
+        if len(pooled) == 2 and widths["clip_l"] + widths["clip_g"] != pooled[1]:
+            raise ModelFileError(
+                f"CLIP-L ({widths['clip_l']} wide) + CLIP-G ({widths['clip_g']} wide) do not give "
+                f"the MMDiT's pooled input of {pooled[1]}: these text encoders are not this "
+                "model's")
+        context = shapes.get(DIT + "context_embedder.weight", ())
+        if "t5xxl" in widths and len(context) == 2 and widths["t5xxl"] != context[1]:
+            raise ModelFileError(f"{files[t5s[0]][0]}: T5 is {widths['t5xxl']} wide, the MMDiT "
+                                 f"takes a context of {context[1]}: not this model's T5")
+        renames = [{} for _ in files]
+        for enc, i in role.items():
+            renames[i] = found[i].renames(f"{TEXT}{enc}.transformer.")
+        return ComponentMerge(tuple(f"{TEXT}{enc}." for enc in role), tuple(renames))
+
+    def config_with_components(self, cfg: SD3Config, shapes: Shapes) -> SD3Config:
+        # the text encoders came from the given files: their configs are those files' shapes
+        text = {k[len(TEXT):]: tuple(v) for k, v in shapes.items() if k.startswith(TEXT)}
+        clip_l, clip_g, t5 = SD3TextEncoders.detect(text)
+        return cfg.replace(clip_l=clip_l, clip_g=clip_g, t5=t5)
 
     def open_diffusers(self, name: str, component: ComponentReader, json_of: JsonReader
                        ) -> tuple[SD3Config, StateDict]:
@@ -341,6 +418,86 @@ class SD3Family(Family):
     def lora_targets(self, model: SD3Model) -> dict:
         from .sd3_lora import lora_targets  # kohya and diffusers/PEFT names (sd3_lora.py)
         return lora_targets(model)
+
+
+_CLIP_EMBED = "text_model.embeddings.token_embedding.weight"
+_T5_BLOCK = "encoder.block.0.layer.0.SelfAttention.q.weight"
+# in the file's own names: transformers ≥ 5 saves CLIPTextModel without `text_model.`
+_BARE_CLIP = ("embeddings.", "encoder.", "final_layer_norm.")
+# tensors inference never reads: buffers, a whole CLIPModel's image tower, a whole T5's decoder
+_UNUSED = re.compile(r"(^|\.)(position_ids|logit_scale)$"
+                     r"|^(vision_model|visual_projection|decoder|lm_head)(\.|$)")
+
+
+@dataclass(frozen=True)
+class _TextEncoderFile:
+    """One separate text-encoder file: kind ("clip" | "t5"), width, and where its keys sit."""
+    kind: str
+    width: int
+    prefix: str  # e.g. "" or "transformer.", before `text_model.` (CLIP) / `encoder.` (T5)
+    bare: bool  # CLIP keys without `text_model.`
+    keys: tuple[str, ...]
+    name: str
+
+    def renames(self, to: str) -> dict[str, str]:
+        """File key → model key under `to` (`text_encoders.<enc>.transformer.`)."""
+        out = {}
+        keys = set(self.keys)
+        for k in self.keys:
+            rest = k[len(self.prefix):] if k.startswith(self.prefix) else None
+            if _UNUSED.search(k) or (rest is not None and _UNUSED.search(rest)):
+                continue
+            if rest is None:
+                raise ModelFileError(f"{self.name}: key {k!r} is outside the text encoder "
+                                     f"(its keys start with {self.prefix!r})")
+            if self.bare and rest.startswith(_BARE_CLIP):
+                rest = "text_model." + rest
+            if self.kind == "t5" and rest == "encoder.embed_tokens.weight":
+                if self.prefix + "shared.weight" in keys:
+                    continue  # transformers' tied copy of `shared`
+                rest = "shared.weight"
+            out[k] = to + rest
+        return out
+
+
+def _text_encoder_file(name: str, shapes: Shapes) -> _TextEncoderFile:
+    """Which text encoder a separate file holds, from its key names and shapes."""
+    if "scaled_fp8" in shapes or any(k.endswith((".scale_weight", ".scale_input"))
+                                     for k in shapes):
+        raise ModelFileError(f"{name}: a scaled fp8 file (ComfyUI `scaled_fp8`): its weights "
+                             "need per-tensor scales sdloom does not apply; use the fp16 or the "
+                             "plain fp8_e4m3fn file")
+
+    def prefixes(anchor: str) -> list[str]:
+        return [k[:-len(anchor)] for k in shapes
+                if k.endswith(anchor) and (k == anchor or k[-len(anchor) - 1] == ".")]
+
+    kinds = []
+    for p in prefixes(_T5_BLOCK):
+        kinds.append(("t5", p, False))
+    clip = prefixes(_CLIP_EMBED)
+    for p in clip:
+        kinds.append(("clip", p, False))
+    bare = "embeddings.token_embedding.weight"
+    for p in prefixes(bare):
+        if not any(p == c + "text_model." for c in clip):
+            kinds.append(("clip", p, True))
+    if not kinds:
+        raise ModelFileError(f"{name}: not a text encoder SD3 uses (CLIP-L, CLIP-G or T5-XXL in "
+                             "transformers' layout): no `encoder.block` (T5) or "
+                             "`text_model.embeddings` (CLIP) tensors")
+    if len(kinds) > 1:
+        raise ModelFileError(f"{name}: holds {len(kinds)} text encoders (under "
+                             + ", ".join(repr(p) for _, p, _ in kinds) + "); give one per file")
+    kind, prefix, is_bare = kinds[0]
+    if kind == "t5":
+        width = tuple(shapes[prefix + _T5_BLOCK])[1]
+    else:
+        emb = tuple(shapes[prefix + ("" if is_bare else "text_model.") + bare])
+        if len(emb) != 2:
+            raise ModelFileError(f"{name}: CLIP token embedding of shape {list(emb)}")
+        width = emb[1]
+    return _TextEncoderFile(kind, width, prefix, is_bare, tuple(shapes), name)
 
 
 def _write_t5_tokenizer(folder: Path) -> None:

@@ -78,14 +78,16 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str = "auto",
              precision: str = "auto", vae: str | None = None, prediction: str | None = None,
-             without: tuple[str, ...] = (), **kw) -> Engine:
+             without: tuple[str, ...] = (), text_encoders=None, **kw) -> Engine:
+        """`text_encoders`: separate text-encoder files or a folder (SD3; `load_model`)."""
         dev = pick_device(device)
         path = Path(path) if path else EMBEDDED_MODEL
         if not path.exists() and path == EMBEDDED_MODEL:
             raise SdloomError("the embedded model is missing from this install "
                               f"({EMBEDDED_MODEL}); pass --model PATH")
         loaded: LoadedModel = load_model(path, dtype=pick_dtype(precision, dev), device=dev,
-                                         prediction=prediction, vae=vae, without=without)
+                                         prediction=prediction, vae=vae, without=without,
+                                         text_encoders=text_encoders)
         return cls(loaded.model, path=path, **kw)
 
     # ---------------------------------------------------------------- identity
