@@ -459,3 +459,31 @@ def test_extras_errors_are_never_500(client, body, status, text):
     assert text in r.text
     r = client.post(f"{API}/extra-batch-images", json={"imageList": [{"nodata": 1}]})
     assert r.status_code == 422
+
+
+def test_hires_fix_with_an_esrgan_model(updir, tmp_path, monkeypatch):
+    # the hires pass decodes, runs the registry's upscaler (here the tiny ×4 RRDBNet), resizes
+    # to the hires size and encodes again, as A1111 does for its non-latent upscalers
+    from sdloom.checkpoints.save import save_model
+    from sdloom.infotext import parse_infotext
+    from sdloom.pipelines.engine import Engine
+    from sdloom.pipelines.generate import generate
+    from sdloom.pipelines.params import GenerationParams
+
+    from tiny import TINY_SD1, tiny_model
+    save_model(tiny_model(), TINY_SD1, tmp_path / "m.safetensors")
+    eng = Engine.load(tmp_path / "m.safetensors", device="cpu", precision="fp32",
+                      upscaler_dir=updir)
+    seen = []
+    real = upscalers.run_model
+    monkeypatch.setattr(upscalers, "run_model", lambda m, im, **k: seen.append(im.size)
+                        or real(m, im, **k))
+    base = dict(prompt="x", seed=1, steps=2, width=64, height=64, enable_hr=True,
+                hr_scale=1.5, denoising_strength=0.5)
+    res = generate(eng, GenerationParams(**base, hr_upscaler="4x-tiny"))
+    assert res.images[0].size == (96, 96) and seen == [(64, 64)]
+    assert parse_infotext(res.infotexts[0])["Hires upscaler"] == "4x-tiny"
+    lanczos = generate(eng, GenerationParams(**base, hr_upscaler="Lanczos"))
+    assert lanczos.images[0].tobytes() != res.images[0].tobytes()
+    with pytest.raises(NotFoundError, match="nope"):
+        generate(eng, GenerationParams(**base, hr_upscaler="nope"))

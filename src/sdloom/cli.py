@@ -98,6 +98,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH:W",
                    help="apply a LoRA file at weight W (repeatable)")
     p.add_argument("--lora-dir", help="folder where <lora:name:w> names are looked up")
+    p.add_argument("--upscaler-dir", help="folder of ESRGAN-family models for --hires-upscaler")
     p.add_argument("--embeddings", help="folder of textual-inversion embeddings")
     p.add_argument("--output", "-o", default="outputs", help="output folder or .png file")
     p.add_argument("--grid", action="store_true", help="also save a grid of the batch")
@@ -268,7 +269,8 @@ def cmd_generate(args, kind: str) -> int:
     t0 = time.perf_counter()
     engine = Engine.load(args.model, device=args.device, precision=args.precision, vae=args.vae,
                          prediction=args.prediction, embeddings_dir=args.embeddings,
-                         lora_dir=args.lora_dir, without=("t5",) if args.no_t5 else (),
+                         lora_dir=args.lora_dir, upscaler_dir=args.upscaler_dir,
+                         without=("t5",) if args.no_t5 else (),
                          text_encoders=args.text_encoders)
     load_s = time.perf_counter() - t0
     bar = None

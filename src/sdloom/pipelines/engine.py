@@ -52,6 +52,7 @@ class Engine:
     path: Path | None = None
     embeddings_dir: Path | None = None
     lora_dir: Path | None = None
+    upscaler_dir: Path | None = None  # ESRGAN-family models for the hires fix
     _hash: str | None = field(default=None, repr=False)
 
     def __post_init__(self):

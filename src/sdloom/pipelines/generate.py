@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import __version__
+from .. import __version__, upscalers
 from ..errors import SdloomError
 from ..images import (crop_region, fill_masked, from_pil, image_grid, mask_from_image,
                       masked_overlay, resize_image, to_pil)
@@ -36,7 +36,6 @@ from .params import FILL_NAMES, GenerationParams
 LATENT_UPSCALERS = {"latent": "bilinear", "latent (antialiased)": "bilinear-aa",
                     "latent (bicubic)": "bicubic", "latent (bicubic antialiased)": "bicubic-aa",
                     "latent (nearest)": "nearest", "latent (nearest-exact)": "nearest-exact"}
-PIXEL_UPSCALERS = {"lanczos": Image.LANCZOS, "nearest": Image.NEAREST, "none": Image.LANCZOS}
 
 
 @dataclass
@@ -162,10 +161,8 @@ class _Job:
         self.hr_sigmas = None
         if self.hr:
             hp = self.hp
-            if hp.hr_upscaler.lower() not in LATENT_UPSCALERS | PIXEL_UPSCALERS:
-                raise SdloomError(f"unknown hires upscaler {p.hr_upscaler!r}; use one of: "
-                                  + ", ".join(["Latent", *[k.title() for k in LATENT_UPSCALERS][1:],
-                                               "Lanczos", "Nearest", "None"]))
+            if hp.hr_upscaler.lower() not in LATENT_UPSCALERS:  # else a pixel upscaler
+                upscalers.find(hp.hr_upscaler, engine.upscaler_dir)  # fail fast, naming them
             # A1111 runs exactly the requested hires steps (setup_img2img_steps with steps set)
             self.hr_sigmas = sampling_sigmas(hp.sampler_name, hp.scheduler, self.hr_steps,
                                              self.schedule, p.denoising_strength, fix_steps=True)
@@ -260,9 +257,9 @@ class _Job:
             m = mode.removesuffix("-aa")
             up = F.interpolate(lat.float(), size=(h // f, w // f), mode=m, antialias=aa,
                                **({} if m.startswith("nearest") else {"align_corners": False}))
-        else:
-            rs = PIXEL_UPSCALERS[hp.hr_upscaler.lower()]
-            imgs = [im.resize((w, h), rs) for im in to_pil(e.decode(lat))]
+        else:  # A1111: decode, upscale the pixels (Lanczos, Nearest, an ESRGAN model), encode
+            imgs = [upscalers.upscale(im, hp.hr_upscaler, w, h, upscaler_dir=e.upscaler_dir,
+                                      device=e.device) for im in to_pil(e.decode(lat))]
             up = e.encode(torch.cat([from_pil(im) for im in imgs]), seeds)
         rng = self._noise(seeds, subseeds, w, h)
         x = e.sampling.noised(up.to(e.device), rng.first().to(e.device), self.hr_sigmas[0])

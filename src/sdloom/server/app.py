@@ -190,7 +190,7 @@ class Server:
     def _load(self, model: str | Path | None) -> Engine:
         return self.loader(str(model) if model else None, device=self.device,
                            precision=self.precision, lora_dir=self.lora_dir,
-                           embeddings_dir=self.embeddings_dir)
+                           embeddings_dir=self.embeddings_dir, upscaler_dir=self.upscaler_dir)
 
     def models(self) -> list[Path]:
         """The embedded model, the loaded one, and the files and diffusers folders in
@@ -233,7 +233,7 @@ class Server:
         """An error message with the server's folders replaced by their role, so clients
         never learn the server's file layout."""
         dirs = [(self.models_dir, "models_dir"), (self.lora_dir, "lora_dir"),
-                (getattr(self, "upscaler_dir", None), "upscaler_dir"),
+                (self.upscaler_dir, "upscaler_dir"),
                 (self.embeddings_dir, "embeddings"), (self.outdir, "outdir"),
                 (EMBEDDED_MODEL.parent, "assets"), (Path.cwd(), "."), (Path.home(), "~")]
         if self.engine_path_dir():
