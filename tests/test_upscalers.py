@@ -298,7 +298,6 @@ def updir(tmp_path):
     sd = tiny_net(E.CompactConfig(nf=8, num_conv=1, scale=2), seed=7).state_dict()
     torch.save({"params": dict(sd)}, d / "2x-compact.pth")
     (d / "notes.txt").write_text("not a model")
-    upscalers.clear_cache()
     return d
 
 

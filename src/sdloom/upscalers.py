@@ -109,11 +109,6 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         return model
 
 
-def clear_cache() -> None:
-    with _lock:
-        _cache.clear()
-
-
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB image → [1, 3, H, W] in [0, 1]."""
     a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
