@@ -167,8 +167,14 @@ def test_modes_on_sd3(sd3):
     sized = generate(eng, GenerationParams(prompt="x", seed=1, steps=1, sampler_name="Euler",
                                            width=72, height=88))
     assert sized.images[0].size == (64, 80)  # rounded down to multiples of 16 (2×2 patches)
-    with pytest.raises(SdloomError, match="flow-matching"):
-        generate(eng, GenerationParams(prompt="x", steps=2, sampler_name="Euler a", width=64,
+    # ancestral and SDE samplers re-noise in the flow form (tests/test_samplers_flow.py)
+    anc = generate(eng, GenerationParams(prompt="x", seed=1, steps=3, sampler_name="Euler a",
+                                         width=64, height=64))
+    sde = generate(eng, GenerationParams(prompt="x", seed=1, steps=3, sampler_name="DPM++ 2M SDE",
+                                         width=64, height=64))
+    assert anc.images[0].tobytes() != sde.images[0].tobytes()
+    with pytest.raises(SdloomError, match="not defined for sd3 models"):
+        generate(eng, GenerationParams(prompt="x", steps=2, sampler_name="DPM fast", width=64,
                                        height=64))
 
 
@@ -243,5 +249,5 @@ def test_sd3_over_the_a1111_api(sd3, tmp_path):
     img = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert img.size == (64, 64) and json.loads(r.json()["info"])["seed"] == 2
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64,
-                                               "height": 64, "sampler_name": "Euler a"})
-    assert r.status_code == 422 and "flow-matching" in r.json()["detail"]
+                                               "height": 64, "sampler_name": "Restart"})
+    assert r.status_code == 422 and "not defined for sd3" in r.json()["detail"]

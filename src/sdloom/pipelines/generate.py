@@ -166,15 +166,14 @@ class _Job:
             # A1111 runs exactly the requested hires steps (setup_img2img_steps with steps set)
             self.hr_sigmas = sampling_sigmas(hp.sampler_name, hp.scheduler, self.hr_steps,
                                              self.schedule, p.denoising_strength, fix_steps=True)
-        if not engine.sampling.stochastic_ok:
-            for name, sched in [(p.sampler_name, p.scheduler)] + (
-                    [(self.hp.sampler_name, self.hp.scheduler)] if self.hr else []):
-                spec, _ = resolve_sampler(name, sched)
-                if spec.stochastic:
-                    raise SdloomError(f"sampler {spec.name!r} adds noise in a form that "
-                                      f"{engine.config.family} (a flow-matching model) does not "
-                                      "use; choose a deterministic one: Euler, Heun, DPM++ 2M, "
-                                      "LMS, DPM2, UniPC, DDIM")
+        form = engine.sampling.noise_form
+        for name, sched in [(p.sampler_name, p.scheduler)] + (
+                [(self.hp.sampler_name, self.hp.scheduler)] if self.hr else []):
+            spec, _ = resolve_sampler(name, sched)
+            if not spec.supports(form):  # fail before any work, naming the sampler
+                raise SdloomError(f"sampler {spec.name!r} is not defined for "
+                                  f"{engine.config.family} models ({form} noise form); choose "
+                                  "another, e.g. Euler, Euler a, DPM++ 2M or DPM++ 2M SDE")
         self.per_batch = len(self.sigmas) - 1 + (len(self.hr_sigmas) - 1 if self.hr else 0)
         self.total = p.n_iter * self.per_batch
         self.lora_names = engine.set_loras(list(p.loras), tagged)
@@ -195,7 +194,8 @@ class _Job:
                 self.progress(done + d["i"] + 1, self.total, d.get("denoised"))
 
         return sample(p.sampler_name, p.scheduler, den, x, sigmas, generator=rng.generators,
-                      extra_args=extra, callback=cb, eta=p.eta, s_noise=p.s_noise)
+                      extra_args=extra, callback=cb, eta=p.eta, s_noise=p.s_noise,
+                      noise_form=self.engine.sampling.noise_form)
 
     def _conditioning(self, init_px: torch.Tensor | None, mask: torch.Tensor | None,
                       seeds: list[int], w: int, h: int) -> dict:

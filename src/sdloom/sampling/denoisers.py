@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from ..errors import SdloomError
 from .samplers import Callback, Generators, resolve_sampler
 from .schedules import DiscreteSchedule
 
@@ -167,9 +168,13 @@ def sample(sampler_name: str | None, scheduler: str | None,
            denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor, *,
            generator: Generators = None, extra_args: dict | None = None,
            callback: Callback | None = None, eta: float | None = None,
-           s_noise: float | None = None) -> torch.Tensor:
-    """Run a named A1111 sampler on x (already noised to sigmas[0]) down to sigmas[-1]."""
+           s_noise: float | None = None, noise_form: str = "ve") -> torch.Tensor:
+    """Run a named A1111 sampler on x (already noised to sigmas[0]) down to sigmas[-1];
+    `noise_form` is the model sampling's ("ve" or "flow"), for samplers that add noise."""
     spec, _ = resolve_sampler(sampler_name, scheduler)
+    if not spec.supports(noise_form):
+        raise SdloomError(f"sampler {spec.name!r} is not defined for {noise_form} models; "
+                          "choose another (e.g. Euler, Euler a, DPM++ 2M, DPM++ 2M SDE)")
     opts = {k: v for k, v in (("eta", eta), ("s_noise", s_noise)) if v is not None}
     return spec.fn(denoiser, x, sigmas.to(x.device), extra_args=extra_args, callback=callback,
-                   generator=generator, **opts)
+                   generator=generator, noise_form=noise_form, **opts)

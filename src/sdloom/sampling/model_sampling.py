@@ -21,7 +21,6 @@ from .schedules import DiscreteSchedule
 class DiscreteSampling:
     """eps- or v-prediction on the DDPM sigma table (VE form: x = x0 + σ·ε)."""
     noise_form = "ve"  # what samplers that re-inject noise are told (samplers.NOISE_FORMS)
-    stochastic_ok = True  # ancestral and SDE samplers are defined for this form
 
     def __init__(self, schedule: DiscreteSchedule, prediction: str):
         self.schedule, self.prediction = schedule, prediction
@@ -63,11 +62,7 @@ class FlowSchedule:
 
 class FlowSampling:
     """Rectified flow (SD3): x = (1 − σ)·x0 + σ·ε, velocity prediction at t = σ·1000."""
-    noise_form = "flow"
-    # the samplers have flow forms of their noise (SamplerSpec.supports("flow"), called with
-    # noise_form="flow"), but the pipeline's sample() does not pass the form yet, and without
-    # it they would re-noise in the VE form: refused, not faked, until it does
-    stochastic_ok = False
+    noise_form = "flow"  # ancestral/SDE samplers re-noise with α = 1 − σ (samplers.py)
 
     def __init__(self, shift: float = 3.0, multiplier: float = 1000.0):
         self.schedule = FlowSchedule(shift)
