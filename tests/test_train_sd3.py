@@ -1,6 +1,7 @@
 """`sdloom train` on SD3 (rectified flow, Esser et al. 2024) with a tiny random
 StableDiffusion3Pipeline: the first step's loss by hand, a falling loss, a saved single file that
-loads and generates, an exact resume, a VAE run, and what is refused."""
+loads and generates, an exact resume, a VAE run, LoRA on the MMDiT (kohya file that merges to the
+trained model), and what is refused."""
 import json
 
 import pytest
@@ -176,7 +177,7 @@ def test_vae_trains_on_the_16_channel_vae(sd3_folder, data, tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(what="full"), "text encoders frozen"),
-    (dict(what="lora"), "LoRA training for SD3"),
+    (dict(what="lora", lora_text_encoder=True), "text encoder LoRA"),
     (dict(prediction="v"), "rectified-flow"),
     (dict(min_snr_gamma=5.0), "min_snr_gamma"),
     (dict(grad_checkpointing=True), "grad_checkpointing"),
@@ -192,4 +193,127 @@ def test_sd3_refusal_lines():
     fam = family_of(type("C", (), {"family": "sd3"})())
     assert fam.training_refusal(None, "unet") is None and fam.training_refusal(None, "vae") is None
     assert "full" in fam.training_refusal(None, "full")
-    assert "LoRA" in fam.training_refusal(None, "lora")
+    assert fam.training_refusal(None, "lora") is None
+    assert "what=lora" in fam.training_refusal(None, "dreambooth")
+
+
+# ------------------------------------------------------------------ LoRA on the MMDiT
+
+def _mmdit_inputs(net, seed=0):
+    """One fixed (x, t, context, pooled) for the tiny MMDiT."""
+    g = torch.Generator().manual_seed(seed)
+    c = net.config
+    return (torch.randn(2, c.in_channels, 8, 8, generator=g), torch.tensor([250.0, 800.0]),
+            torch.randn(2, 10, c.context_dim, generator=g),
+            torch.randn(2, c.pooled_dim, generator=g))
+
+
+# the tiny fixture (2 blocks, no dual attention): block 0 has both streams whole, block 1's
+# context stream is pre-only (attn.qkv alone)
+TINY_LORA = {f"lora_unet_joint_blocks_{b}_{s}_{m}" for b in (0, 1)
+             for s in ("x_block", "context_block")
+             for m in ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2")} \
+    - {f"lora_unet_joint_blocks_1_context_block_{m}" for m in ("attn_proj", "mlp_fc1", "mlp_fc2")}
+
+
+def test_lora_trains_only_adapters_and_its_file_merges_to_the_trained_model(sd3_folder, data,
+                                                                             tmp_path):
+    c = cfg(sd3_folder, what="lora", steps=4, lr=1e-2, lora_rank=4, lora_alpha=2.0,
+            save_dtype="fp32")
+    res = train(c, data, tmp_path, progress=False)
+    assert not (tmp_path / "model.safetensors").exists()
+    base = load_model(sd3_folder).model
+    trained = res["model"].eval()
+    # (1) everything but the adapters is bit-identical: MMDiT, text encoders, VAE
+    before = base.state_dict()
+    after = {k.replace(".base.", "."): v for k, v in trained.state_dict().items()
+             if ".lora_" not in k}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sum(k.startswith("text_encoders.") for k in before) > 50
+    # the kohya file: the chosen MMDiT linears, original paths with `_`, rank 4, alpha 2
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "lora.safetensors"))
+    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+            for k in sd} == TINY_LORA
+    assert len(sd) == 3 * len(TINY_LORA)
+    qkv = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    assert sd[qkv + ".lora_down.weight"].shape == (4, 32)
+    assert sd[qkv + ".lora_up.weight"].shape == (96, 4)
+    assert sd[qkv + ".alpha"].item() == 2.0
+    assert all(sd[k].abs().sum() > 0 for k in sd if k.endswith(".lora_up.weight"))
+    with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    # sd-scripts' model_type for an MMDiT without qk-norm (SD3-medium-like)
+    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"],
+            meta["ss_base_model_version"], meta["ss_v2"]) == \
+        ("networks.lora", "4", "2.0", "medium", "False")
+    # (2) merged into the base through the engine, the MMDiT computes what the adapters did
+    from sdloom.pipelines.engine import Engine
+    eng = Engine.load(sd3_folder, device="cpu", precision="fp32")
+    net = eng.model.model.diffusion_model
+    inputs = _mmdit_inputs(net)
+    with torch.no_grad():
+        plain = net(*inputs)
+        assert eng.set_loras([(str(tmp_path / "lora.safetensors"), 1.0)]) == ["lora"]
+        merged = net(*inputs)
+        adapted = trained.model.diffusion_model(*inputs)
+    assert (merged - plain).abs().max() > 1e-3  # the LoRA does change the output
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+
+
+def test_lora_loss_decreases(sd3_folder, data, tmp_path):
+    c = cfg(sd3_folder, what="lora", steps=20, batch_size=8, lr=3e-2, lora_rank=4,
+            lora_alpha=4.0)
+    losses = train(c, data, tmp_path, progress=False)["losses"]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert len(losses) == 20 and last < 0.8 * first, (first, last)
+
+
+def test_lora_resume_reproduces_the_uninterrupted_run(sd3_folder, data, tmp_path):
+    c = cfg(sd3_folder, what="lora", steps=5, batch_size=2, grad_accum=2, ema_decay=0.9,
+            flip=True, caption_dropout=0.3, offset_noise=0.1, save_every=2, lora_rank=4,
+            cache_latents=False, save_dtype="fp32")
+    full = train(c, data, tmp_path / "a", progress=False)["losses"]
+    part = train(c, data, tmp_path / "b", progress=False, stop_after=3)["losses"]
+    assert torch.load(find_state(tmp_path / "b") / "trainer.pt", weights_only=True)["step"] == 3
+    rest = train(c, data, tmp_path / "b", resume=True, progress=False)["losses"]
+    assert len(part) == 3 and len(rest) == 2
+    torch.testing.assert_close(torch.tensor(part + rest), torch.tensor(full), rtol=0, atol=1e-6)
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "a" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "b" / "lora.safetensors"))
+    assert a.keys() == b.keys() == {k for k in a}  # same names
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    shadow = torch.load(find_state(tmp_path / "a") / "trainer.pt", weights_only=True)["ema"]
+    assert shadow["shadow"] and all(".lora_" in k for k in shadow["shadow"])  # adapters only
+
+
+def test_lora_targets_of_an_sd35_medium_like_mmdit():
+    """Dual-attention blocks get attn2 adapters too; the version is sd-scripts' "5-medium"
+    (qk-norm + dual attention), "5-large" (qk-norm only), "medium" (neither); no adaLN,
+    embedder or final-layer adapters; every name is one the SD3 LoRA reader maps."""
+    from types import SimpleNamespace
+    from sdloom.families.sd3_lora import lora_targets
+    from sdloom.models.mmdit import MMDiT, MMDiTConfig
+    from sdloom.training.lora_train import inject_lora, lora_metadata, mmdit_model_version
+    mc = MMDiTConfig(depth=2, hidden_size=32, num_heads=2, context_dim=16, pooled_dim=8,
+                     pos_embed_max_size=8, qk_norm=True, dual_attention_layers=(0,))
+    torch.manual_seed(0)
+    net = MMDiT(mc)
+    reader = SimpleNamespace(model=SimpleNamespace(diffusion_model=MMDiT(mc)),
+                             text_encoders=SimpleNamespace(clip_l=None, clip_g=None, t5xxl=None))
+    known = lora_targets(reader)
+    model = SimpleNamespace(model=SimpleNamespace(diffusion_model=net),
+                            config=SimpleNamespace(family="sd3"))
+    adapters = inject_lora(model, 2, 1.0)
+    want = TINY_LORA | {"lora_unet_joint_blocks_0_x_block_attn2_qkv",
+                        "lora_unet_joint_blocks_0_x_block_attn2_proj"}
+    assert set(adapters) == want and want <= set(known)
+    assert not any("adaLN" in k or "embedder" in k or "final" in k for k in adapters)
+    assert lora_metadata(model, 2, 1.0)["ss_base_model_version"] == "5-medium"
+    import dataclasses
+    assert mmdit_model_version(dataclasses.replace(mc, dual_attention_layers=())) == "5-large"
+    assert mmdit_model_version(dataclasses.replace(mc, qk_norm=False,
+                                                   dual_attention_layers=())) == "medium"

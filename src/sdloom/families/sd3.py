@@ -405,15 +405,17 @@ class SD3Family(Family):
         return {"context": c.context.to(device, dtype), "y": c.pooled.to(device, dtype)}
 
     def training_refusal(self, cfg: SD3Config, what: str) -> str | None:
-        """`what=unet` trains the MMDiT (rectified flow, text encoders frozen), `what=vae` the
+        """`what=unet` trains the MMDiT (rectified flow, text encoders frozen), `what=lora`
+        LoRA adapters on the MMDiT (the same objective; kohya `lora_unet_` file), `what=vae` the
         16-channel VAE (a KL autoencoder like SD's); the rest is refused."""
-        if what in ("unet", "vae"):
+        if what in ("unet", "lora", "vae"):
             return None
         if what == "full":
             return ("SD3 models train with their text encoders frozen: what=unet trains the "
-                    "MMDiT (the denoiser), what=vae the VAE; what=full is not supported")
-        return (f"what={what} is not supported for SD3 models (LoRA training for SD3 is not "
-                "implemented; what=unet fine-tunes the whole MMDiT)")
+                    "MMDiT (the denoiser), what=lora LoRA on it, what=vae the VAE; what=full is "
+                    "not supported")
+        return (f"what={what} is not supported for SD3 models (what=unet fine-tunes the whole "
+                "MMDiT, what=lora trains LoRA on it)")
 
     def lora_targets(self, model: SD3Model) -> dict:
         from .sd3_lora import lora_targets  # kohya and diffusers/PEFT names (sd3_lora.py)

@@ -113,6 +113,9 @@ def trainable(cfg: TrainConfig, model: nn.Module) -> tuple[list[dict], dict]:
         model.first_stage_model.requires_grad_(True)
         return [{"params": list(model.first_stage_model.parameters()), "lr": cfg.lr}], adapters
     if cfg.what == "lora":
+        # the adapters' random `down` init from the run's seed: a model read from a file has
+        # not seeded the generator, and two runs of one config must start alike (resume)
+        torch.manual_seed(cfg.seed)
         adapters = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_text_encoder)
         ps = lora_parameters(adapters)
         for p in ps:
