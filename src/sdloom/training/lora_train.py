@@ -23,7 +23,8 @@ UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "att
 # attention q/k/v and output projection, SD3.5-medium's second image self-attention (attn2) and
 # the MLP. This is sd-scripts' lora_sd3 default (every Linear in each SingleDiTBlock) less
 # adaLN_modulation: that layer sees only the timestep + pooled-text vector, not the tokens, and
-# is the widest linear of a block (c → 6c or 9c: +44% adapter parameters in a plain block at equal rank);
+# is the widest linear of a block (c → 6c or 9c: in a plain block +44% adapter parameters at
+# equal rank);
 # diffusers' SD3 LoRA trainer leaves it out too. Like both, the embedders and the final layer
 # stay frozen. The last block's context stream is pre-only: it has attn.qkv and nothing else.
 MMDIT_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")
