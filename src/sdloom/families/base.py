@@ -178,6 +178,11 @@ class Family:
         None when it can."""
         return f"training {cfg.family} models is not supported yet"
 
+    def trains_text_encoder(self, model: nn.Module) -> bool:
+        """Whether training reads captions as CLIP ids through a text encoder it can train
+        (what=full); otherwise captions go through the frozen prompt encoder."""
+        return False
+
     def lora_targets(self, model: nn.Module) -> dict:
         """LoRA module name → models.lora.Target, for the LoRA files this family reads."""
         raise SdloomError(f"LoRA files for {model.config.family} models are not supported yet")

@@ -195,6 +195,9 @@ class SDFamily(Family):
             return "training inpainting U-Nets is not supported"
         return None
 
+    def trains_text_encoder(self, model: LatentDiffusion) -> bool:
+        return len(model.text_encoders) == 1  # SD1/SD2's one CLIP (SDXL is refused above)
+
     def lora_targets(self, model: LatentDiffusion) -> dict:
         return lora_targets(model)
 

@@ -158,8 +158,7 @@ class PromptConditioning:
 def conditioning_for(family, model) -> TokenConditioning | PromptConditioning:
     """CLIP ids through the text encoder for the one-encoder SD layout (SD1/SD2, where
     what=full trains it), the family's frozen prompt encoder otherwise (SD3)."""
-    from ..families.sd import LatentDiffusion
-    if isinstance(model, LatentDiffusion) and len(model.text_encoders) == 1:
+    if family.trains_text_encoder(model):
         return TokenConditioning(model)
     if any(p.requires_grad for p in _text_parameters(model)):
         raise SdloomError("the text encoders of this model train frozen only")
