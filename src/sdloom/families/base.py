@@ -190,3 +190,9 @@ class Family:
     def inpaint_channels(self, cfg) -> bool:
         """Whether the denoiser takes inpainting's mask + masked-image latent channels."""
         return False
+
+    def preview_factors(self, cfg) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """A1111's "Approx cheap" live preview (sd_vae_approx.cheap_approximation): a [C, 3]
+        matrix and an optional [3] bias taking the model's normalised latents to RGB in
+        [-1, 1]; None when they are unknown for this model (no preview)."""
+        return None

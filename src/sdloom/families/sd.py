@@ -110,6 +110,13 @@ class UNetAdapter(nn.Module):
         return self.unet(x, t, context, y=y)
 
 
+# latent → RGB in [-1, 1] (A1111 sd_vae_approx.cheap_approximation), rows = latent channels
+SD_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264),
+          (-0.184, -0.271, -0.473))
+SDXL_RGB = ((0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250), (0.1074, 0.0886, -0.0163),
+            (-0.3730, -0.2499, -0.2088))
+
+
 class SDFamily(Family):
     """SD1, SD2, SDXL (+ refiner, inpaint) and the embedded model."""
     names = ("sd1", "sd2", "sdxl", "sdxl-refiner")
@@ -170,6 +177,11 @@ class SDFamily(Family):
     def denoiser_model(self, model: LatentDiffusion) -> nn.Module:
         return UNetAdapter(model.unet)
 
+    def controlled_model(self, model: LatentDiffusion, control) -> nn.Module:
+        """denoiser_model with ControlNet residuals (sd_controlnet.ControlSet) added."""
+        from .sd_controlnet import ControlledUNet
+        return ControlledUNet(model.unet, control)
+
     def prompt_encoder(self, model: LatentDiffusion, embeddings: EmbeddingDB) -> PromptEncoder:
         return PromptEncoder(get_tokenizer(), model.text_encoders,
                              list(model.config.text_encoders), embeddings)
@@ -203,3 +215,10 @@ class SDFamily(Family):
 
     def inpaint_channels(self, cfg: ModelConfig) -> bool:
         return cfg.is_inpaint
+
+    def preview_factors(self, cfg: ModelConfig) -> tuple[torch.Tensor, None] | None:
+        """A1111's Approx cheap factors: SDXL's for SDXL VAEs, SD1's (shared by SD2) else. The
+        embedded model has its own VAE, whose factors nobody measured: no preview."""
+        if cfg.name == "embedded" or cfg.vae.embed_dim != 4:
+            return None
+        return torch.tensor(SDXL_RGB if cfg.is_sdxl else SD_RGB), None

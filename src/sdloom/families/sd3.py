@@ -43,6 +43,14 @@ VAE = "first_stage_model."
 TEXT = "text_encoders."
 CLAIM_KEY = DIT + "joint_blocks.0.context_block.adaLN_modulation.1.bias"
 VAE_SCALE, VAE_SHIFT = 1.5305, 0.0609  # SD3's latent normalisation: z = (x − shift)·scale
+# latent → RGB in [-1, 1] for the live preview (ComfyUI latent_formats.SD3), rows = channels
+SD3_RGB = ((-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458),
+           (0.0856, 0.0339, 0.0902), (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309),
+           (0.0978, 0.0306, 0.0427), (-0.0042, 0.1038, 0.1358), (-0.0194, 0.0020, 0.0669),
+           (-0.0488, 0.0130, -0.0268), (0.0922, 0.0988, 0.0951), (-0.0278, 0.0524, -0.0542),
+           (0.0332, 0.0456, 0.0895), (-0.0069, -0.0030, -0.0810), (-0.0596, -0.0465, -0.0293),
+           (-0.1448, -0.1463, -0.1189))
+SD3_RGB_BIAS = (0.2394, 0.2135, 0.1925)
 
 
 @dataclass(frozen=True)
@@ -388,6 +396,12 @@ class SD3Family(Family):
 
     def size_multiple(self, cfg: SD3Config) -> int:
         return cfg.vae.downscale * cfg.mmdit.patch_size  # latents are cut in 2×2 patches
+
+    def preview_factors(self, cfg: SD3Config) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """ComfyUI's SD3 latent → RGB factors and bias (latent_formats.SD3)."""
+        if cfg.vae.embed_dim != len(SD3_RGB):
+            return None
+        return torch.tensor(SD3_RGB), torch.tensor(SD3_RGB_BIAS)
 
     def model_sampling(self, cfg: SD3Config) -> FlowSampling:
         return FlowSampling(cfg.shift)
