@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import save_file
 
-import sdloom.server.app as app_mod
+import sdloom.server.jobs as jobs_mod
 from sdloom.checkpoints.save import save_model
 from sdloom.cli import main
 from sdloom.infotext import encode_image
@@ -112,7 +112,7 @@ def test_validation_errors_and_unknown_routes_have_the_same_shape(client):
 def test_an_unexpected_failure_is_a_json_500_without_traceback_or_paths(client, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("/very/secret/server/path exploded")
-    monkeypatch.setattr(app_mod, "generate", boom)
+    monkeypatch.setattr(jobs_mod, "generate", boom)
     r = client.post(f"{API}/txt2img", json=small())
     b = assert_shape(r, 500)
     assert "/very/secret" not in r.text and "exploded" not in r.text
@@ -272,16 +272,16 @@ def test_a_failed_job_leaves_no_lora_merged(client):
 
 def test_a_job_that_fails_mid_sampling_leaves_no_lora_merged(client, monkeypatch):
     base = pixels(client.post(f"{API}/txt2img", json=small()))
-    real = app_mod.generate
+    real = jobs_mod.generate
 
     def fail_after_loras(engine, p, cb=None):
         def bad_cb(*a):
             raise MemoryError("out of memory")
         return real(engine, p, bad_cb)
-    monkeypatch.setattr(app_mod, "generate", fail_after_loras)
+    monkeypatch.setattr(jobs_mod, "generate", fail_after_loras)
     r = client.post(f"{API}/txt2img", json=small(prompt="x <lora:good:1>"))
     assert 400 <= r.status_code < 600 and "Traceback" not in r.text
-    monkeypatch.setattr(app_mod, "generate", real)
+    monkeypatch.setattr(jobs_mod, "generate", real)
     assert pixels(client.post(f"{API}/txt2img", json=small())) == base
 
 
@@ -361,7 +361,7 @@ def test_control_routes_answer_at_once_while_a_job_runs(client, server, monkeypa
             cb(i, 3000, None)
             time.sleep(0.005)
         raise AssertionError("not interrupted")
-    monkeypatch.setattr(app_mod, "generate", slow)
+    monkeypatch.setattr(jobs_mod, "generate", slow)
     seen = {}
     jobs = [threading.Thread(target=lambda k=k: seen.__setitem__(
         k, client.post(f"{API}/txt2img", json=small()))) for k in range(3)]
@@ -375,7 +375,7 @@ def test_control_routes_answer_at_once_while_a_job_runs(client, server, monkeypa
     assert client.get(f"{API}/progress").json()["state"]["job_count"] == 1
     for k in range(3):  # one interrupt per job: each of the three queued jobs stops at once
         deadline = time.time() + 30
-        while not server.state["job_count"] and time.time() < deadline:
+        while not server.jobs.running() and time.time() < deadline:
             time.sleep(0.01)
         t0 = time.perf_counter()
         assert client.post(f"{API}/interrupt").status_code == 200
@@ -397,6 +397,9 @@ def test_control_routes_never_take_the_job_lock_or_a_worker_thread(server):
             assert inspect.iscoroutinefunction(r.endpoint), r.path
             found += 1
     assert found == 3
+    # generation routes wait for their job on the event loop too: waiting holds no thread
+    waits = [r for r in a.routes if getattr(r, "path", "") in (f"{API}/txt2img", f"{API}/img2img")]
+    assert len(waits) == 2 and all(inspect.iscoroutinefunction(r.endpoint) for r in waits)
 
 
 # ------------------------------------------------------------------ 7. auth and hosts

@@ -1,25 +1,24 @@
-"""`sdloom serve`: A1111's HTTP API (`/sdapi/v1/…`) over one Engine, one job at a time, and a
-small web page over that API at `/`.
+"""`sdloom serve`: A1111's HTTP API (`/sdapi/v1/…`) over one Engine, and a small web page over
+that API at `/`. Routes validate, queue a job (jobs.py) and wait for its result.
 
 Request and response fields are A1111's (docs/a1111.md), so its clients work unchanged.
 Differences, each deliberate: width/height default to the model's own size (A1111: 512 for
 every model); face restoration, tiling, styles and scripts are refused with a 422 naming the
 field rather than ignored; image URLs are refused (only base64 and data URLs are read);
-/interrupt keeps the batches already finished and drops the one in progress; every error,
-validation errors included, has A1111's error body (`error`, `detail`, `body`, `errors`).
+/skip drops the batch in progress (A1111 keeps its partial image); every error, validation
+errors included, has A1111's error body (`error`, `detail`, `body`, `errors`).
 
 What one request may do is bounded (SECURITY.md): the body and images are measured before
 they are read, per-request settings last one job, names resolve only inside their folders,
-and /progress, /interrupt and /skip never wait for the job.
+and /progress, /interrupt and /skip never wait for a job.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import inspect
 import io
 import json
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,12 +38,14 @@ from ..infotext import encode_image, parse_infotext
 from ..limits import DEFAULT_LIMITS, Limits
 from ..models.lora import extract_prompt_loras
 from ..pipelines.engine import EMBEDDED_MODEL, Engine
-from ..pipelines.generate import LATENT_UPSCALERS, generate
+from ..pipelines.generate import LATENT_UPSCALERS
 from ..pipelines.params import GenerationParams
 from ..sampling.samplers import SAMPLERS
 from ..sampling.schedules import LABELS
 from ..seeds import all_seeds, fix_seed
 from .guard import BodyTooLarge, Guard, error_body, log, parse_users
+from .jobs import (PREVIEW_EVERY, Cancelled, Generated, Job, JobQueue, QueueFull, _accepts,
+                   run_batches)
 from .schema import (Body, ExtrasBaseRequest, ExtrasBatchImagesRequest,
                      ExtrasSingleImageRequest, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest)
 
@@ -56,19 +58,21 @@ SAMPLE_FORMATS = ("png", "jpg", "jpeg", "webp")
 CLIP_SKIP_MAX = 12  # A1111's "Clip skip" slider range is 1..12
 
 
-class Stop(Exception):
-    """Raised from the progress callback: the job was interrupted or its batch skipped."""
-
-
 class OptionsRequest(Body):
     """POST /options: any A1111 option names; the ones sdloom has are checked (OPTIONS)."""
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+class InternalProgressRequest(Body):
+    """A1111's ProgressRequest (POST /internal/progress)."""
+    id_task: str | None = None
+    id_live_preview: int = -1
+    live_preview: bool = True
+
+
+# A1111's shared.state.dict() when no job runs
+IDLE_STATE = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+              "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+              "sampling_steps": 0}
 
 
 # ---------------------------------------------------------------------- images
@@ -152,6 +156,9 @@ OPTIONS: dict[str, Callable[[Any], Any]] = {
     "samples_format": _samples_format,
     "eta_noise_seed_delta": lambda v: _int_option("eta_noise_seed_delta", v, 0, 2 ** 32),
     "sd_vae": _sd_vae,
+    # A1111's "Live preview display period": every N steps; -1 (or 0) = no preview
+    "show_progress_every_n_steps": lambda v: _int_option("show_progress_every_n_steps", v,
+                                                         -1, 1000),
 }
 
 
@@ -162,7 +169,7 @@ def check_options(values: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- the server
 class Server:
-    """The loaded model, the job lock and the progress state shared by the routes."""
+    """The loaded model, the options and the job queue shared by the routes."""
 
     def __init__(self, model: str | None = None, *, models_dir: str | None = None,
                  device: str = "auto", precision: str = "auto", lora_dir: str | None = None,
@@ -176,15 +183,12 @@ class Server:
         self.outdir = Path(outdir)  # where save_images writes, as A1111's outdir_*_samples
         self.limits, self.max_queue = limits, max_queue
         self.loader = loader
-        self.lock = threading.Lock()  # one job at a time: the model is not re-entrant
-        self.queue_lock = threading.Lock()
-        self.queued = 0  # jobs running or waiting for the lock
         self.options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png",
-                                        "eta_noise_seed_delta": 0, "sd_vae": "Automatic"}
-        self.state: dict[str, Any] = {}
-        self.stop: str | None = None  # "interrupt" | "skip", read by the progress callback
-        self.reset_state()
+                                        "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
+                                        "show_progress_every_n_steps": PREVIEW_EVERY}
         self.engine = self._load(model)
+        # one worker: the engine is used by one job at a time, model switches among them
+        self.jobs = JobQueue(max_queue, workers=1)
 
     # ------------------------------------------------------------------ models
     def _load(self, model: str | Path | None) -> Engine:
@@ -221,13 +225,18 @@ class Server:
     def is_loaded(self, path: Path) -> bool:
         return bool(self.engine.path) and Path(self.engine.path) == path
 
-    def select_model(self, name: Any) -> None:
-        """Switch to a listed model (POST /options sd_model_checkpoint); a model that fails to
-        load leaves the current one in place."""
+    def select_model_job(self, name: Any) -> Job | None:
+        """A job switching to a listed model (POST /options sd_model_checkpoint), queued with
+        the generation jobs so no job sees the switch half-way; a model that fails to load
+        leaves the current one in place. None when it is loaded already."""
         p = self.find_model(name)
-        if not self.is_loaded(p):
-            with self.lock:
+        if self.is_loaded(p):
+            return None
+
+        def load(job: Job) -> None:
+            if not self.is_loaded(p):
                 self.engine = self._load(p)
+        return self.jobs.submit(Job("load", load, keep_on_disconnect=True))
 
     def scrub(self, message: str) -> str:
         """An error message with the server's folders replaced by their role, so clients
@@ -253,24 +262,28 @@ class Server:
         return Path(eng.path).parent if eng is not None and eng.path else None
 
     # ------------------------------------------------------------------ progress
-    def reset_state(self) -> None:
-        self.state = {"skipped": False, "interrupted": False, "stopping_generation": False,
-                      "job": "", "job_count": 0, "job_timestamp": "0", "job_no": 0,
-                      "sampling_step": 0, "sampling_steps": 0}
-        self.started = 0.0
-
-    def progress(self) -> dict[str, Any]:
-        s = dict(self.state)  # one read of the job's state object: no lock needed
-        p = 0.0
-        if s["job_count"] > 0:
-            p = 0.01 + s["job_no"] / s["job_count"]
-            if s["sampling_steps"] > 0:
-                p += s["sampling_step"] / s["sampling_steps"] / s["job_count"]
-        p = min(p, 1.0)
-        elapsed = time.time() - self.started if self.started else 0.0
-        eta = elapsed / p - elapsed if p > 0 else 0.0
-        return {"progress": p, "eta_relative": eta, "state": s, "current_image": None,
-                "textinfo": None}
+    def progress(self, id_task: str | None = None, skip_current_image: bool = False
+                 ) -> dict[str, Any]:
+        """A1111's ProgressResponse for job `id_task`, default the running one. A waiting job
+        reports its place in the queue in textinfo (as A1111's /internal/progress), an
+        unknown one "Waiting..."; a finished one progress 1."""
+        running = self.jobs.running()
+        job = self.jobs.find(id_task) if id_task else (running[0] if running else None)
+        out: dict[str, Any] = {"progress": 0.0, "eta_relative": 0.0, "state": IDLE_STATE,
+                               "current_image": None, "textinfo": None,
+                               "current_task": running[0].id if running else None}
+        if job is None:
+            if id_task:
+                out["textinfo"] = "Waiting..."
+            return out
+        out["progress"], out["eta_relative"] = job.progress()
+        out["state"] = job.state()
+        place = self.jobs.position(job)
+        if place is not None:
+            out["textinfo"] = f"In queue: {place[0]}/{place[1]}"
+        if not skip_current_image and job.status == "running":
+            out["current_image"] = job.preview_png()
+        return out
 
     # ------------------------------------------------------------------ generation
     def validate(self, params: GenerationParams, engine: Engine) -> None:
@@ -279,75 +292,38 @@ class Server:
         else:
             params.validate(engine.config.default_size)
 
-    def run(self, params: GenerationParams, job: str, model: Path | None = None,
-            keep_model: bool = False) -> tuple[Engine, list, list[str], list[int], list[int]]:
-        """Run a job batch by batch (n_iter batches of batch_size): /skip drops the batch in
-        progress, /interrupt also the batches still to come. `model` runs the job on another
-        listed model (override_settings), kept afterwards only with keep_model."""
+    def submit(self, params: GenerationParams, kind: str, model: Path | None = None,
+               keep_model: bool = False, *, opts: dict[str, Any] | None = None,
+               task_id: str | None = None, save: bool = False) -> Job:
+        """Queue a generation job (n_iter batches of batch_size) and return it; its result is
+        (engine, Generated). `model` runs the job on another listed model
+        (override_settings), kept afterwards only with keep_model; `save` writes the images
+        under outdir (save_images) whether or not the client waits for them."""
         self.validate(params, self.engine)  # a bad request fails before it waits
         seed = fix_seed(params.seed)
         subseed = fix_seed(params.subseed) if params.subseed_strength else -1
-        bs, n = params.batch_size, params.n_iter
-        seeds, subseeds = all_seeds(seed, bs * n, subseed, params.subseed_strength)
-        with self.queue_lock:
-            if self.queued >= self.max_queue:
-                raise HTTPException(503, f"server busy: {self.queued} jobs queued "
-                                         f"(--max-queue {self.max_queue})")
-            self.queued += 1
-        try:
-            with self.lock:
-                engine = self.engine
-                if model is not None and not self.is_loaded(model):
-                    engine = self._load(model)
-                    if keep_model:
-                        self.engine = engine
-                self.stop = None
-                self.reset_state()
-                self.started = time.time()
-                self.state.update(job=job, job_count=n,
-                                  job_timestamp=time.strftime("%Y%m%d%H%M%S"))
-                try:
-                    return (engine, *self._batches(engine, params, seeds, subseeds))
-                finally:
-                    self.stop = None
-                    self.reset_state()
-                    self._restore(engine)
-        finally:
-            with self.queue_lock:
-                self.queued -= 1
+        seeds, subseeds = all_seeds(seed, params.batch_size * params.n_iter, subseed,
+                                    params.subseed_strength)
+        opts = opts or self.options
+        every = opts.get("show_progress_every_n_steps", PREVIEW_EVERY)
 
-    def _batches(self, engine: Engine, params: GenerationParams, seeds: list[int],
-                 subseeds: list[int]) -> tuple[list, list[str], list[int], list[int]]:
-        bs, n = params.batch_size, params.n_iter
-        images, infos, done_seeds, done_subseeds = [], [], [], []
-        state = self.state  # this job's state object; /progress reads it, never waits
-
-        def callback(step: int, total: int, _x) -> None:
-            state.update(sampling_step=step, sampling_steps=total)
-            if self.stop:
-                raise Stop(self.stop)
-
-        kw = {"limits": self.limits} if _accepts(generate, "limits") else {}
-        for k in range(n):
-            state.update(job_no=k, sampling_step=0)
-            if self.stop == "interrupt":
-                break
-            self.stop = None
-            one = GenerationParams(**{**params.__dict__, "n_iter": 1, "seed": seeds[k * bs],
-                                      "subseed": subseeds[k * bs]})
-            if params.all_prompts is not None:
-                one.all_prompts = params.all_prompts[k * bs:(k + 1) * bs]
+        def work(job: Job) -> tuple[Engine, Generated]:
+            engine = self.engine
+            if model is not None and not self.is_loaded(model):
+                engine = self._load(model)
+                if keep_model:
+                    self.engine = engine
             try:
-                res = generate(engine, one, callback, **kw)
-            except Stop:
-                if self.stop == "interrupt":
-                    break
-                continue  # skipped: on to the next batch
-            images += res.images
-            infos += res.infotexts
-            done_seeds += res.seeds
-            done_subseeds += res.subseeds
-        return images, infos, done_seeds, done_subseeds
+                out = run_batches(job, engine, params, seeds, subseeds, limits=self.limits,
+                                  preview_every=every)
+            finally:
+                self._restore(engine)
+            if save:
+                self.save(out.images, out.infotexts, out.seeds, kind == "img2img",
+                          opts["samples_format"])
+            return engine, out
+
+        return self.jobs.submit(Job(kind, work, id=task_id, keep_on_disconnect=save))
 
     def _restore(self, engine: Engine) -> None:
         """Undo the job's per-request state (prompt LoRAs), after success or failure alike,
@@ -544,9 +520,9 @@ def _encode_extras(img: Image.Image, fmt: str, parameters: str | None, pp: str) 
     return base64.b64encode(data).decode("ascii")
 
 
-def run_extras(server: Server, req: ExtrasBaseRequest, images: list[tuple[Any, str]]
-               ) -> tuple[list[str], str]:
-    """Decode (with the server's limits), upscale one by one under the job lock, encode."""
+def extras_job(server: Server, req: ExtrasBaseRequest, images: list[tuple[Any, str]]) -> Job:
+    """Decode (with the server's limits), then queue a job that upscales one by one and
+    encodes."""
     if req.gfpgan_visibility > 0 or req.codeformer_visibility > 0:
         raise SdloomError("not supported by sdloom: face restoration (gfpgan_visibility, "
                           "codeformer_visibility)")
@@ -555,34 +531,30 @@ def run_extras(server: Server, req: ExtrasBaseRequest, images: list[tuple[Any, s
     _upscaler(req.upscaler_2, server)
     decoded = [decode_image(data, what, server.limits) for data, what in images]
     fmt = server.options.get("samples_format", "png")
-    with server.queue_lock:
-        if server.queued >= server.max_queue:
-            raise HTTPException(503, f"server busy: {server.queued} jobs queued "
-                                     f"(--max-queue {server.max_queue})")
-        server.queued += 1
-    try:
-        with server.lock:
-            out, text = [], ""
-            for img in decoded:
-                params = img.info.get("parameters")
-                try:
-                    src = img if img.mode in ("RGB", "RGBA") else img.convert(
-                        "RGBA" if "A" in img.getbands() or "transparency" in img.info
-                        else "RGB")
-                except (ValueError, OSError) as e:
-                    raise SdloomError(f"cannot convert a {img.mode} image ({e})") from None
-                try:
-                    res, info = _extras_one(src, req, server)
-                except MemoryError:
-                    raise LimitError("out of memory while upscaling; try a smaller size") \
-                        from None
-                text = _extras_text(info)
-                out.append(_encode_extras(res, fmt, params if isinstance(params, str)
-                                          else None, text))
-    finally:
-        with server.queue_lock:
-            server.queued -= 1
+
+    def work(job: Job) -> tuple[list[str], str]:
+        out, text = [], ""
+        for img in decoded:
+            params = img.info.get("parameters")
+            try:
+                src = img if img.mode in ("RGB", "RGBA") else img.convert(
+                    "RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
+            except (ValueError, OSError) as e:
+                raise SdloomError(f"cannot convert a {img.mode} image ({e})") from None
+            try:
+                res, info = _extras_one(src, req, server)
+            except MemoryError:
+                raise LimitError("out of memory while upscaling; try a smaller size") from None
+            text = _extras_text(info)
+            out.append(_encode_extras(res, fmt, params if isinstance(params, str) else None,
+                                      text))
+        return out, text
+    return server.jobs.submit(Job("extras", work))
+
+
+def extras_result(result: tuple[list[str], str]) -> tuple[list[str], str]:
     import html
+    out, text = result
     return out, "<p>" + html.escape(text) + "</p>"
 
 
@@ -602,6 +574,11 @@ def create_app(server: Server, api_auth: str | None = None, *,
     async def sdloom_error(_r: Request, e: SdloomError) -> JSONResponse:
         return JSONResponse(error_body(type(e).__name__, server.scrub(str(e))),
                             status_code=e.http_status)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_r: Request, e: QueueFull) -> JSONResponse:
+        return JSONResponse(error_body("QueueFull", str(e)), status_code=503,
+                            headers={"Retry-After": str(e.retry_after)})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_r: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -627,12 +604,40 @@ def create_app(server: Server, api_auth: str | None = None, *,
 
     api = "/sdapi/v1"
 
-    def respond(req: Txt2ImgRequest, img2img: bool) -> dict[str, Any]:
-        p, opts, model = to_params(req, server, img2img)
+    async def wait(job: Job, request: Request) -> Any:
+        """The job's result, awaited on the event loop (no thread held while it waits). A
+        client that goes away cancels its job (unless the job must finish without it, as
+        save_images): a waiting job leaves the queue, a running one stops at its next step."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        job.add_done_callback(lambda: loop.call_soon_threadsafe(done.set))
+        cancelled = False
+        while not done.is_set():
+            try:
+                await asyncio.wait_for(done.wait(), 0.25)
+            except asyncio.TimeoutError:
+                if not cancelled and not job.keep_on_disconnect \
+                        and await request.is_disconnected():
+                    log.info("client of %s went away; cancelling it", job.id)
+                    server.jobs.cancel(job)
+                    cancelled = True
+        return job.outcome()
+
+    async def respond(req: Txt2ImgRequest, request: Request, img2img: bool) -> dict[str, Any]:
+        kind = "img2img" if img2img else "txt2img"
+        p, opts, model = await run_in_threadpool(to_params, req, server, img2img)
+        job = server.submit(p, kind, model, keep_model=not req.override_settings_restore_afterwards,
+                            opts=opts, task_id=req.force_task_id, save=req.save_images)
+        try:
+            eng, out = await wait(job, request)
+        except Cancelled:  # interrupted while it waited: no images, as an early interrupt
+            eng, out = server.engine, Generated([], [], [], [])
+        return await run_in_threadpool(response_body, req, p, opts, eng, out, img2img)
+
+    def response_body(req: Txt2ImgRequest, p: GenerationParams, opts: dict[str, Any],
+                      eng: Engine, out: Generated, img2img: bool) -> dict[str, Any]:
+        images, infos, seeds, subseeds = out.images, out.infotexts, out.seeds, out.subseeds
         fmt = opts["samples_format"]
-        eng, images, infos, seeds, subseeds = server.run(
-            p, "img2img" if img2img else "txt2img", model,
-            keep_model=not req.override_settings_restore_afterwards)
         info = {
             "prompt": p.prompt, "all_prompts": [p.prompt] * len(images),
             "negative_prompt": p.negative_prompt,
@@ -656,19 +661,17 @@ def create_app(server: Server, api_auth: str | None = None, *,
         params = req.model_dump()
         if img2img and not params.get("include_init_images"):
             params["init_images"], params["mask"] = None, None
-        if req.save_images:
-            server.save(images, infos, seeds, img2img, fmt)
-        out = [base64.b64encode(encode_image(im, fmt, t)).decode("ascii")
-               for im, t in zip(images, infos)] if req.send_images else []
-        return {"images": out, "parameters": params, "info": json.dumps(info)}
+        images_b64 = [base64.b64encode(encode_image(im, fmt, t)).decode("ascii")
+                      for im, t in zip(images, infos)] if req.send_images else []
+        return {"images": images_b64, "parameters": params, "info": json.dumps(info)}
 
     @app.post(f"{api}/txt2img")
-    def txt2img(req: Txt2ImgRequest) -> dict[str, Any]:
-        return respond(req, img2img=False)
+    async def txt2img(req: Txt2ImgRequest, request: Request) -> dict[str, Any]:
+        return await respond(req, request, img2img=False)
 
     @app.post(f"{api}/img2img")
-    def img2img(req: Img2ImgRequest) -> dict[str, Any]:
-        return respond(req, img2img=True)
+    async def img2img(req: Img2ImgRequest, request: Request) -> dict[str, Any]:
+        return await respond(req, request, img2img=True)
 
     @app.post(f"{api}/png-info")
     def png_info(req: PngInfoRequest) -> dict[str, Any]:
@@ -681,25 +684,63 @@ def create_app(server: Server, api_auth: str | None = None, *,
         return {"info": text or "", "items": items,
                 "parameters": parse_infotext(text) if text else {}}
 
-    # control routes are coroutines on the event loop: they take neither the job lock nor a
-    # worker thread, so they answer at once however many jobs run or wait
+    # control routes are coroutines on the event loop: they take no worker thread and never
+    # wait for a job, so they answer at once however many jobs run or wait. id_task (sdloom's
+    # extension; A1111 has one global state) names a job; the default is the running one.
+    def target(id_task: str | None) -> list[Job]:
+        if id_task:
+            job = server.jobs.find(id_task)
+            return [job] if job is not None and not job.done else []
+        return server.jobs.running()
+
     @app.get(f"{api}/progress")
-    async def progress(skip_current_image: bool = False) -> dict[str, Any]:
-        return server.progress()
+    async def progress(skip_current_image: bool = False, id_task: str | None = None
+                       ) -> dict[str, Any]:
+        return server.progress(id_task, skip_current_image)
 
     @app.post(f"{api}/interrupt")
-    async def interrupt() -> dict[str, Any]:
-        if server.state["job_count"]:
-            server.stop = "interrupt"
-            server.state.update(interrupted=True, stopping_generation=True)
+    async def interrupt(id_task: str | None = None) -> dict[str, Any]:
+        for job in target(id_task):
+            server.jobs.cancel(job)
         return {}
 
     @app.post(f"{api}/skip")
-    async def skip() -> dict[str, Any]:
-        if server.state["job_count"] and server.stop is None:
-            server.stop = "skip"
-            server.state.update(skipped=True)
+    async def skip(id_task: str | None = None) -> dict[str, Any]:
+        for job in target(id_task):
+            job.skip()
         return {}
+
+    @app.get("/internal/ping")
+    async def ping() -> dict[str, Any]:
+        return {}
+
+    @app.get("/internal/pending-tasks")
+    async def pending_tasks() -> dict[str, Any]:
+        """A1111's queue view: the ids of the jobs waiting for a worker, first first."""
+        ids = [j.id for j in server.jobs.pending()]
+        return {"size": len(ids), "tasks": ids}
+
+    @app.post("/internal/progress")
+    async def internal_progress(body: InternalProgressRequest) -> dict[str, Any]:
+        """A1111's web UI progress (modules/progress.py progressapi) for one task."""
+        job = server.jobs.find(body.id_task) if body.id_task else None
+        place = server.jobs.position(job) if job is not None else None
+        active = job is not None and job.status == "running"
+        out: dict[str, Any] = {"active": active, "queued": place is not None,
+                               "completed": job is not None and job.done,
+                               "progress": None, "eta": None, "live_preview": None,
+                               "id_live_preview": -1, "textinfo": None}
+        if not active:
+            out["textinfo"] = f"In queue: {place[0]}/{place[1]}" if place else "Waiting..."
+            return out
+        out["progress"], out["eta"] = job.progress()
+        out["id_live_preview"] = body.id_live_preview
+        if body.live_preview and job.preview_id != body.id_live_preview:
+            data = job.preview_png()
+            if data is not None:
+                out["live_preview"] = "data:image/png;base64," + data
+                out["id_live_preview"] = job.preview_id
+        return out
 
     @app.get(f"{api}/options")
     def get_options() -> dict[str, Any]:
@@ -708,14 +749,16 @@ def create_app(server: Server, api_auth: str | None = None, *,
                 "sd_checkpoint_hash": server.engine.hash}
 
     @app.post(f"{api}/options")
-    def set_options(body: OptionsRequest) -> dict[str, Any]:
-        """sd_model_checkpoint switches the model; the options in OPTIONS are checked, then
-        kept; other keys are ignored (options sdloom does not have). Nothing is stored unless
-        every value is valid."""
+    async def set_options(body: OptionsRequest, request: Request) -> dict[str, Any]:
+        """sd_model_checkpoint switches the model (a job in the queue); the options in OPTIONS
+        are checked, then kept; other keys are ignored (options sdloom does not have).
+        Nothing is stored unless every value is valid and the model loaded."""
         values = dict(body.model_extra or {})
         checked = check_options(values)
         if "sd_model_checkpoint" in values:
-            server.select_model(values["sd_model_checkpoint"])
+            job = server.select_model_job(values["sd_model_checkpoint"])
+            if job is not None:
+                await wait(job, request)
         server.options.update(checked)
         return {}
 
@@ -740,16 +783,21 @@ def create_app(server: Server, api_auth: str | None = None, *,
                 for u in available(server.upscaler_dir)]
 
     @app.post(f"{api}/extra-single-image")
-    def extra_single_image(req: ExtrasSingleImageRequest) -> dict[str, Any]:
+    async def extra_single_image(req: ExtrasSingleImageRequest, request: Request
+                                 ) -> dict[str, Any]:
         if not req.image:
             raise NotFoundError("Image not found")
-        images, html_info = run_extras(server, req, [(req.image, "image")])
+        job = await run_in_threadpool(extras_job, server, req, [(req.image, "image")])
+        images, html_info = extras_result(await wait(job, request))
         return {"html_info": html_info, "image": images[0]}
 
     @app.post(f"{api}/extra-batch-images")
-    def extra_batch_images(req: ExtrasBatchImagesRequest) -> dict[str, Any]:
-        images, html_info = run_extras(
-            server, req, [(f.data, f"imageList[{i}]") for i, f in enumerate(req.imageList)])
+    async def extra_batch_images(req: ExtrasBatchImagesRequest, request: Request
+                                 ) -> dict[str, Any]:
+        job = await run_in_threadpool(
+            extras_job, server, req,
+            [(f.data, f"imageList[{i}]") for i, f in enumerate(req.imageList)])
+        images, html_info = extras_result(await wait(job, request))
         return {"html_info": html_info, "images": images}
 
     @app.get(f"{api}/latent-upscale-modes")

@@ -104,6 +104,7 @@ class Txt2ImgRequest(Body):
     alwayson_scripts: dict[str, Any] = {}
     send_images: bool = True
     save_images: bool = False
+    force_task_id: Annotated[str | None, Field(max_length=200)] = None  # else task(<kind>-…)
 
 
 class Img2ImgRequest(Txt2ImgRequest):
