@@ -22,7 +22,7 @@ def add_serve_args(p) -> None:
                    help="change a request limit, e.g. max_steps=150 (repeatable; "
                         "sdloom.limits.Limits lists them)")
     p.add_argument("--max-queue", type=int, default=8,
-                   help="jobs that may run or wait at once; more get a 503")
+                   help="jobs that may run or wait at once; more get a 503 with Retry-After")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--outdir", default="outputs",

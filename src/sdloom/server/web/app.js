@@ -78,21 +78,29 @@ async function request() {
 }
 
 let polling = null;
+let task = null;  // this page's job: progress, interrupt and skip name it, never another's
 function setBusy(busy) {
   $("generate").disabled = busy;
   $("skip").disabled = $("interrupt").disabled = !busy;
   $("progress").hidden = !busy;
+  $("live").hidden = true;
   clearInterval(polling);
   if (busy) {
     $("progress").value = 0;
     polling = setInterval(async () => {
       try {
-        const p = await api("progress");
+        const p = await api("progress?id_task=" + encodeURIComponent(task));
         $("progress").value = p.progress;
         const s = p.state;
-        if (s.job_count) {
+        if (p.textinfo) {
+          status(p.textinfo);  // e.g. "In queue: 2/3" while other users' jobs run
+        } else if (s.job_count) {
           status(`batch ${s.job_no + 1}/${s.job_count}, step ${s.sampling_step}/${s.sampling_steps}` +
                  (p.eta_relative > 0 ? `, ~${p.eta_relative.toFixed(1)} s left` : ""));
+        }
+        if (p.current_image) {
+          $("live").src = "data:image/png;base64," + p.current_image;
+          $("live").hidden = false;
         }
       } catch (e) { /* the next poll will tell */ }
     }, 400);
@@ -113,6 +121,8 @@ async function generate() {
     status(e.message, true);
     return;
   }
+  task = `task(web-${Math.random().toString(36).slice(2, 12)})`;
+  body.force_task_id = task;
   setBusy(true);
   status("starting…");
   const t0 = performance.now();
@@ -173,8 +183,8 @@ function sendToTxt2img() {
 function wire() {
   document.querySelectorAll(".tab").forEach((b) => b.onclick = () => setMode(b.dataset.tab));
   $("generate").onclick = generate;
-  $("interrupt").onclick = () => api("interrupt", {});
-  $("skip").onclick = () => api("skip", {});
+  $("interrupt").onclick = () => api("interrupt?id_task=" + encodeURIComponent(task), {});
+  $("skip").onclick = () => api("skip?id_task=" + encodeURIComponent(task), {});
   $("random-seed").onclick = () => { $("seed").value = -1; };
   $("reuse-seed").onclick = () => { if (results[selected]) $("seed").value = results[selected].seed; };
   document.addEventListener("keydown", (e) => {
