@@ -30,6 +30,10 @@ class UNetConfig:
     adm_in_channels: int | None = None  # SDXL: pooled text + size/crop embeddings
     time_embed_mult: int = 4
     num_groups: int = 32
+    num_classes: int | None = None  # class-label embedding `label_emb` (x4: the noise level)
+    # per level: whether attn1 attends to the text context instead of the image (LDM's
+    # disable_self_attentions; the x4 upscaler's first levels); None = self-attention everywhere
+    disable_self_attentions: tuple[bool, ...] | None = None
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of a transformer at `channels` width."""

@@ -1,5 +1,6 @@
 """One registry of image upscalers, named as A1111 names them: "None", "Lanczos", "Nearest",
-and every ESRGAN-family model file in the upscaler folder by its stem (models/esrgan.py).
+and every model file in the upscaler folder by its stem: ESRGAN-family networks
+(models/esrgan.py) and SD x4 upscaler checkpoints (families/x4_upscaler.py, told by shapes).
 
 `upscale(image, name, width, height)` is what extras, the CLI and the hires fix call. A model
 scales by its factor repeatedly (at most 3 passes, A1111's Upscaler.upscale) until the image
@@ -23,6 +24,10 @@ from .models import esrgan
 BUILTIN = ("None", "Lanczos", "Nearest")
 MAX_PASSES = 3  # A1111 Upscaler.upscale
 TILE, TILE_OVERLAP = 192, 8  # A1111's ESRGAN_tile / ESRGAN_tile_overlap defaults
+# SD x4: tiles of the model's native 128 low-res pixels (512 out); no prompt, diffusers'
+# default noise level, 20 DDIM steps (diffusers' published scheduler is DDIM, 75 steps)
+X4_TILE, X4_OVERLAP, X4_STEPS, X4_SAMPLER = 128, 16, 20, "DDIM"
+SUFFIXES = (*esrgan.SUFFIXES, ".ckpt")
 CACHE_SIZE = 2
 
 
@@ -32,13 +37,14 @@ class Upscaler:
     name: str
     path: Path | None = None
     scale: int | None = None  # the model's factor, None if built in or unreadable
+    x4: bool = False  # an SD x4 upscaler checkpoint (a diffusion model), not an ESRGAN network
 
     @property
     def is_model(self) -> bool:
         return self.path is not None
 
 
-_scales: dict[tuple[str, int, int], int | None] = {}
+_scales: dict[tuple[str, int, int], tuple[int | None, bool]] = {}
 
 
 def _key(path: Path) -> tuple[str, int, int]:
@@ -46,29 +52,46 @@ def _key(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
-def _scale_of(path: Path) -> int | None:
+def _is_x4(path: Path) -> bool:
+    """Whether a file is an SD x4 upscaler, from its tensor names and shapes."""
+    from .checkpoints.load import open_file
+    from .families.x4_upscaler import X4UpscalerFamily
+    try:
+        return X4UpscalerFamily().claims(open_file(path).shapes)
+    except SdloomError:
+        return False
+
+
+def _scale_of(path: Path) -> tuple[int | None, bool]:
+    """(factor, is an SD x4 upscaler) of a model file; (None, False) if unreadable."""
     key = _key(path)
     if key not in _scales:
-        try:
-            _scales[key] = esrgan.file_config(path).scale
-        except SdloomError:
-            _scales[key] = None  # listed; using it gives the reason
+        if _is_x4(path):
+            _scales[key] = (4, True)
+        else:
+            try:
+                _scales[key] = (esrgan.file_config(path).scale, False)
+            except SdloomError:
+                _scales[key] = (None, False)  # listed; using it gives the reason
     return _scales[key]
 
 
 def available(upscaler_dir: str | Path | None = None) -> list[Upscaler]:
     """None, Lanczos, Nearest, then the model files of upscaler_dir (.pth/.pt/.safetensors,
-    sorted; for one stem in several formats, .safetensors wins)."""
+    and .ckpt for SD x4 upscalers; sorted; for one stem in several formats, .safetensors
+    wins)."""
     out = [Upscaler(n) for n in BUILTIN]
     d = Path(upscaler_dir) if upscaler_dir else None
     if d is None or not d.is_dir():
         return out
     files: dict[str, Path] = {}
     for p in sorted(d.iterdir(), key=lambda p: (p.stem.lower(), p.suffix != ".safetensors")):
-        if p.suffix.lower() in esrgan.SUFFIXES and not p.name.startswith(".") and p.is_file():
+        if p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and p.is_file():
             if p.stem not in files and p.stem not in BUILTIN:
                 files[p.stem] = p
-    return out + [Upscaler(stem, p, _scale_of(p)) for stem, p in files.items()]
+    entries = [Upscaler(stem, p, *_scale_of(p)) for stem, p in files.items()]
+    # a .ckpt is listed only when it is an SD x4 upscaler (other .ckpt files are SD models)
+    return out + [e for e in entries if e.x4 or e.path.suffix.lower() != ".ckpt"]
 
 
 def find(name: str, upscaler_dir: str | Path | None = None) -> Upscaler:
@@ -102,7 +125,12 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-        model = esrgan.load_upscaler(path).to(dev)
+        if _scale_of(path)[1]:
+            from .checkpoints.load import load_model
+            dtype = torch.float16 if dev.type == "cuda" else torch.float32
+            model = load_model(path, dtype=dtype, device=dev).model.eval()
+        else:
+            model = esrgan.load_upscaler(path).to(dev)
         _cache[key] = model
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
@@ -127,6 +155,18 @@ def run_model(model: torch.nn.Module, img: Image.Image, *, tile: int = TILE,
     return to_image(esrgan.upscale_tensor(model, to_tensor(img), tile=tile, overlap=overlap))
 
 
+def run_x4(model: torch.nn.Module, img: Image.Image, *, prompt: str = "",
+           noise_level: int | None = None, steps: int = X4_STEPS, seed: int = 0,
+           tile: int = X4_TILE, overlap: int = X4_OVERLAP) -> Image.Image:
+    """One 4× pass of an SD x4 upscaler over an RGB image (tiled over the low-res image)."""
+    from .families.x4_upscaler import DEFAULT_NOISE_LEVEL, upscale_image
+    x = to_tensor(img) * 2 - 1
+    y = upscale_image(model, x, prompt=prompt, steps=steps, sampler=X4_SAMPLER, seed=seed,
+                      noise_level=DEFAULT_NOISE_LEVEL if noise_level is None else noise_level,
+                      tile=tile, overlap=overlap)
+    return to_image((y + 1) / 2)
+
+
 def upscale(image: Image.Image, name: str, width: int, height: int, *,
             upscaler_dir: str | Path | None = None, device: str | torch.device | None = None,
             tile: int = TILE, overlap: int = TILE_OVERLAP,
@@ -147,7 +187,7 @@ def upscale(image: Image.Image, name: str, width: int, height: int, *,
         out = rgb.resize(size, resample) if rgb.size != size else rgb.copy()
     else:
         model = load(up.path, device)
-        s = model.config.scale
+        s = 4 if up.x4 else model.config.scale
         out = rgb
         for i in range(MAX_PASSES):
             if out.width >= width and out.height >= height and (i > 0 or size != rgb.size):
@@ -157,7 +197,8 @@ def upscale(image: Image.Image, name: str, width: int, height: int, *,
                                  f"makes {out.width * s}x{out.height * s} pixels, over the limit "
                                  f"of {max_pixels}")
             before = out.size
-            out = run_model(model, out, tile=tile, overlap=overlap)
+            out = (run_x4(model, out) if up.x4
+                   else run_model(model, out, tile=tile, overlap=overlap))
             if out.size == before:
                 break
         if out.size != size:

@@ -10,8 +10,10 @@ from ..errors import ModelFileError
 from .base import DetectionError, Family, Shapes
 from .sd import SDFamily
 from .sd3 import SD3Family
+from .x4_upscaler import X4UpscalerFamily
 
-FAMILIES: tuple[Family, ...] = (SDFamily(), SD3Family())
+# the x4 upscaler before SD: both have model.diffusion_model.input_blocks.*
+FAMILIES: tuple[Family, ...] = (X4UpscalerFamily(), SDFamily(), SD3Family())
 
 
 def family_of(cfg) -> Family:

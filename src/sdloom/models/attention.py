@@ -60,11 +60,16 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention, GEGLU feed-forward; each residual."""
+    """Pre-norm self-attention, cross-attention, GEGLU feed-forward; each residual.
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
+    `disable_self_attn` (LDM): attn1 attends to the context too, so both are cross-attention."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int,
+                 disable_self_attn: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, head_dim)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads,
+                                    head_dim)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim)
         self.norm1 = nn.LayerNorm(dim)
@@ -72,7 +77,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -83,7 +88,7 @@ class SpatialTransformer(nn.Module):
     SD1 projects with 1×1 convolutions; SD2/SDXL with linear layers (`use_linear`)."""
 
     def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int,
-                 use_linear: bool, num_groups: int = 32):
+                 use_linear: bool, num_groups: int = 32, disable_self_attn: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.use_linear = use_linear
@@ -95,7 +100,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, head_dim, context_dim, disable_self_attn)
+            for _ in range(depth))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

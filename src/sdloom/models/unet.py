@@ -101,11 +101,15 @@ class UNetModel(nn.Module):
         if cfg.adm_in_channels is not None:
             self.label_emb = nn.Sequential(nn.Sequential(
                 nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
+        elif cfg.num_classes is not None:  # LDM `num_classes`: y holds integer labels
+            self.label_emb = nn.Embedding(cfg.num_classes, ted)
 
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int, level: int | None = None) -> SpatialTransformer:
             heads, hd = cfg.heads_for(ch)
+            no_self = (level is not None and cfg.disable_self_attentions is not None
+                       and bool(cfg.disable_self_attentions[level]))
             return SpatialTransformer(ch, heads, hd, depth, cfg.context_dim,
-                                      cfg.use_linear_in_transformer, g)
+                                      cfg.use_linear_in_transformer, g, no_self)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -117,7 +121,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc, g)]
                 ch = mult * mc
                 if cfg.transformer_depth[level]:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                    layers.append(transformer(ch, cfg.transformer_depth[level], level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != levels - 1:
@@ -136,7 +140,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_chans.pop(), ted, mult * mc, g)]
                 ch = mult * mc
                 if cfg.transformer_depth[level]:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                    layers.append(transformer(ch, cfg.transformer_depth[level], level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -161,6 +165,11 @@ class UNetModel(nn.Module):
                 raise SdloomError("this U-Net needs the ADM vector y (pooled text + size "
                                   "conditioning)")
             emb = emb + self.label_emb(y.to(dtype))
+        elif self.config.num_classes is not None:
+            if y is None:
+                raise SdloomError("this U-Net needs class labels y (the x4 upscaler's noise "
+                                  "level)")
+            emb = emb + self.label_emb(y.long().expand(x.shape[0])).to(dtype)
         h = x.to(dtype)
         context = context.to(dtype)
         skips = []
