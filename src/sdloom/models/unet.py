@@ -155,7 +155,11 @@ class UNetModel(nn.Module):
         return block(h, emb, context, out_size)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`control`: ControlNet residuals, one per skip connection and the middle block's
+        last; added as the original ControlLDM does (to `h` after the middle block and to each
+        skip as the decoder pops it)."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         dtype = self.time_embed[0].weight.dtype
@@ -177,8 +181,14 @@ class UNetModel(nn.Module):
             h = self._run(block, h, emb, context)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        control = list(control) if control is not None else None
+        if control is not None:
+            h = h + control.pop().to(h.dtype)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            skip = skips.pop()
+            if control is not None:
+                skip = skip + control.pop().to(skip.dtype)
+            h = torch.cat([h, skip], dim=1)
             h = self._run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h)
 
