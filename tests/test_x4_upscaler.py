@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from sdloom import upscalers
 from sdloom.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from sdloom.families import FAMILIES, detect
+from sdloom.families import FAMILIES, config_from_json, detect
 from sdloom.families.keymaps.unet import unet_ldm_to_diffusers
 from sdloom.families.sd import LatentDiffusion
 from sdloom.families.sd_presets import OPENCLIP_H, PRESETS
@@ -27,7 +27,8 @@ diffusers = pytest.importorskip("diffusers")
 TINY_UNET = UNetConfig(in_channels=7, out_channels=4, model_channels=32, channel_mult=(1, 2, 2),
                        num_res_blocks=1, transformer_depth=(0, 1, 1), transformer_depth_middle=1,
                        num_heads=8, context_dim=48, use_linear_in_transformer=True,
-                       num_groups=32, num_classes=1000, disable_self_attentions=(False, True, False))
+                       num_groups=32, num_classes=1000,
+                       disable_self_attentions=(False, True, False))
 TINY = ModelConfig(
     FAMILY, TINY_UNET,
     VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=16, scale_factor=0.08333),
@@ -186,13 +187,16 @@ def test_detection_from_shapes():
     shapes = _shapes(published)
     assert "model.diffusion_model.input_blocks.10.0.skip_connection.bias" in shapes
     assert detect(shapes) == published
-    # SD models are not claimed; an x4 file is claimed by no other family
-    fam = FAMILIES[0]
-    assert isinstance(fam, X4UpscalerFamily)
-    assert not fam.claims(_shapes(PRESETS["sd2-v"])) and not fam.claims(_shapes(PRESETS["sdxl-base"]))
-    assert [f for f in FAMILIES if f.claims(shapes)] == [fam] + [
-        f for f in FAMILIES[1:] if f.claims(shapes)]
-    assert detect(_shapes(PRESETS["sd2-v"])).family == "sd2"
+    # SD models (SDXL's ADM label_emb.0.0.* included) stay SD's
+    fam = next(f for f in FAMILIES if isinstance(f, X4UpscalerFamily))
+    for name in ("sd2-v", "sdxl-base"):
+        assert not fam.claims(_shapes(PRESETS[name]))
+        assert detect(_shapes(PRESETS[name])).family == PRESETS[name].family
+    # our metadata config round-trips, family included
+    assert config_from_json(TINY.to_json()) == TINY
+    assert fam.config_problems(TINY, _shapes(TINY)) == []
+    assert fam.config_problems(dataclasses.replace(TINY, unet=dataclasses.replace(
+        TINY_UNET, disable_self_attentions=(False, False, False))), _shapes(TINY))
 
 
 def test_noise_augmentation_is_diffusers_low_res_scheduler():
