@@ -227,3 +227,138 @@ def test_unit_checks_and_pixel_perfect():
     img = Image.new("RGB", (300, 200))
     assert pixel_perfect_res(img, 512, 512, 1) == 512  # cover: the short side to 512
     assert pixel_perfect_res(img, 512, 512, 2) == 341  # fit: scaled by 512/300
+
+
+# ---------------------------------------------------------------- whole images and the CLI
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """(our single file, diffusers folder, diffusers ControlNet folder, pipeline parts)."""
+    from sdloom.checkpoints.save import save_model
+    from sdloom.cli import main
+    from tiny import TINY_SD1, tiny_model
+    root = tmp_path_factory.mktemp("cn")
+    save_model(tiny_model(TINY_SD1, seed=3), TINY_SD1, root / "m.safetensors")
+    assert main(["convert", str(root / "m.safetensors"), str(root / "folder")]) == 0
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(root / "folder")
+    cn = diffusers.ControlNetModel.from_unet(pipe.unet)
+    randomize_(cn, seed=9)
+    with torch.no_grad():
+        for p in cn.parameters():
+            if p.ndim > 1:
+                p.mul_(0.15)
+    cn.save_pretrained(root / "cn")
+    hint = Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8))
+    hint.save(root / "hint.png")
+    return root, pipe, cn, hint
+
+
+def _generate(root, hint, **unit):
+    from sdloom.pipelines.engine import Engine
+    from sdloom.pipelines.generate import generate
+    from sdloom.pipelines.params import GenerationParams
+    eng = Engine.load(root / "m.safetensors", device="cpu")
+    final = []
+    units = [ControlUnit(str(root / "cn"), hint, resize_mode=0, **unit)] if unit is not None \
+        else []
+    p = GenerationParams(prompt="a cat", seed=7, steps=4, cfg_scale=5.0, width=64, height=64,
+                         sampler_name="Euler", controlnets=units)
+    res = generate(eng, p, lambda i, n, x0: final.append(x0))
+    return res, final[-1]
+
+
+def test_whole_image_matches_stable_diffusion_controlnet_pipeline(sd1):
+    from sdloom.infotext import parse_infotext
+    from sdloom.seeds import ImageRNG
+    root, pipe, cn, hint = sd1
+    sched = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                         timestep_spacing="linspace")
+    cpipe = diffusers.StableDiffusionControlNetPipeline(
+        **{**pipe.components, "scheduler": sched}, controlnet=cn)
+    cpipe.set_progress_bar_config(disable=True)
+    noise = ImageRNG((4, 8, 8), [7]).first()
+
+    def theirs(**kw):
+        with torch.no_grad():
+            return cpipe("a cat", negative_prompt="", image=hint, num_inference_steps=4,
+                         guidance_scale=5.0, height=64, width=64, latents=noise,
+                         output_type="latent", **kw).images
+
+    res, lat = _generate(root, hint)
+    want = theirs()
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(lat, want, atol=1e-3 * float(want.abs().max()), rtol=0)
+    # negative control: without the ControlNet's residuals (scale 0) the latents differ
+    assert (theirs(controlnet_conditioning_scale=0.0) - lat).abs().max() > 1e-2
+    info = parse_infotext(res.infotexts[0])
+    h = legacy_hash(root / "cn" / "diffusion_pytorch_model.safetensors")
+    assert info["ControlNet 0"] == (
+        f"Module: none, Model: cn [{h}], Weight: 1.0, Resize Mode: Just Resize, Low Vram: "
+        "False, Processor Res: 512, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: "
+        "False, Control Mode: Balanced, Hr Option: Both")
+
+
+def test_guidance_end_zero_and_modes_in_the_pipeline(sd1):
+    root, _, _, hint = sd1
+    _, plain = _generate(root, hint, weight=0.0)
+    _, full = _generate(root, hint)
+    _, early = _generate(root, hint, guidance_end=0.25)  # counter 0, 0, 1 of 4: steps 0-2
+    _, prompt = _generate(root, hint, control_mode=1)
+    _, cnet = _generate(root, hint, control_mode=2)
+    for a in (early, prompt, cnet):
+        assert (a - full).abs().max() > 1e-3 and (a - plain).abs().max() > 1e-3
+    assert (cnet - prompt).abs().max() > 1e-3
+
+
+def test_controlnet_in_img2img_inpaint_and_hires(sd1):
+    from sdloom.pipelines.engine import Engine
+    from sdloom.pipelines.generate import generate
+    from sdloom.pipelines.params import GenerationParams
+    root, _, _, hint = sd1
+    eng = Engine.load(root / "m.safetensors", device="cpu")
+    unit = ControlUnit(str(root / "cn"), None, module="canny")  # img2img: the init image
+    base = dict(prompt="a cat", seed=3, steps=2, width=64, height=64, sampler_name="Euler")
+    for kw in (dict(init_image=hint), dict(init_image=hint, mask=Image.new("L", (64, 64), 255))):
+        with_cn = generate(eng, GenerationParams(**base, **kw, controlnets=[unit]))
+        without = generate(eng, GenerationParams(**base, **kw))
+        assert "ControlNet 0" in with_cn.infotexts[0]
+        assert (np.asarray(with_cn.images[0], float) - np.asarray(without.images[0])).any()
+    hr = dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.5)
+    imgs = {opt: generate(eng, GenerationParams(**base, **hr, controlnets=[ControlUnit(
+        str(root / "cn"), hint, hr_option=opt)])).images[0] for opt in
+        ("Both", "Low res only", "High res only")}
+    assert imgs["Both"].size == (96, 96)
+    a = {k: np.asarray(v, float) for k, v in imgs.items()}
+    assert (a["Both"] != a["Low res only"]).any() and (a["Both"] != a["High res only"]).any()
+    with pytest.raises(SdloomError, match="has no image"):
+        generate(eng, GenerationParams(**base, controlnets=[unit]))
+
+
+def test_cli_control(sd1, tmp_path, capsys):
+    from sdloom.cli import main
+    from sdloom.infotext import parse_infotext
+    root, _, _, _ = sd1
+    common = ["generate", "a cat", "--model", str(root / "m.safetensors"), "--steps", "1",
+              "--width", "64", "--height", "64", "--sampler", "Euler"]
+    out = tmp_path / "o.png"
+    assert main([*common, "--control", f"{root / 'hint.png'}:{root / 'cn'}:0.8:0:0.5",
+                 "--control-module", "canny", "--control-mode", "prompt",
+                 "--output", str(out)]) == 0
+    info = parse_infotext(Image.open(out).info["parameters"])["ControlNet 0"]
+    assert info.startswith("Module: canny, Model: cn [") and "Weight: 0.8" in info
+    assert "Guidance End: 0.5" in info and "My prompt is more important" in info
+    assert "Threshold A: 100" in info
+    capsys.readouterr()
+    # bad input: one clear line each
+    from test_controlnet import _diffusers_pair  # an SDXL-shaped ControlNet
+    _, xl, _, _ = _diffusers_pair("sdxl")
+    xl.save_pretrained(tmp_path / "xl")
+    for control, module, want in (
+            (f"{root / 'hint.png'}:{tmp_path / 'nope.safetensors'}", "none", "no such ControlNet"),
+            (f"{root / 'hint.png'}:{root / 'cn'}", "depth_midas", "annotator weights"),
+            (f"{root / 'hint.png'}:{root / 'cn'}", "sobel", "unknown ControlNet preprocessor"),
+            (f"{root / 'hint.png'}:{tmp_path / 'xl'}", "none", "is for SDXL")):
+        assert main([*common, "--control", control, "--control-module", module,
+                     "--output", str(tmp_path / "x.png")]) != 0
+        err = capsys.readouterr().err.strip()
+        assert want in err and "Traceback" not in err and len(err.splitlines()) == 1, err

@@ -67,6 +67,54 @@ def _lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _control_arg(text: str) -> tuple[str, str, list[float]]:
+    """IMAGE:MODEL[:WEIGHT[:START[:END]]] → (image, model, numbers); paths may hold ':'."""
+    parts = text.split(":")
+    nums: list[float] = []
+    while len(parts) > 2 and len(nums) < 3:
+        try:
+            nums.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    if len(parts) < 2:
+        raise SdloomError(f"--control takes IMAGE:MODEL[:WEIGHT[:START[:END]]], got {text!r}")
+    cut = next((i for i in range(1, len(parts)) if Path(":".join(parts[:i])).is_file()), 1)
+    return ":".join(parts[:cut]), ":".join(parts[cut:]), nums
+
+
+def _control_units(args) -> list:
+    """ControlUnits from --control and its per-unit options (one value applies to all)."""
+    from .controlnet import ControlUnit
+    from .images import load_image
+    units = []
+    for i, text in enumerate(args.control):
+        image, model, nums = _control_arg(text)
+
+        def pick(values, default):
+            if not values:
+                return default
+            if len(values) not in (1, len(args.control)):
+                raise SdloomError(f"give one value for all --control units or one per unit "
+                                  f"({len(args.control)}), got {len(values)}")
+            return values[0] if len(values) == 1 else values[i]
+        weight, start, end = (nums + [1.0, 0.0, 1.0][len(nums):])[:3]
+        units.append(ControlUnit(
+            model, load_image(image) if image else None,
+            module=pick(args.control_module, "none"), weight=weight, guidance_start=start,
+            guidance_end=end,
+            control_mode=CONTROL_MODES[pick(args.control_mode, "balanced")],
+            resize_mode=CONTROL_RESIZE[pick(args.control_resize, "crop")],
+            pixel_perfect=args.control_pixel_perfect,
+            hr_option=HR_CHOICES[pick(args.control_hr, "both")]))
+    return units
+
+
+CONTROL_MODES = {"balanced": 0, "prompt": 1, "controlnet": 2}
+CONTROL_RESIZE = {"just": 0, "crop": 1, "fill": 2}
+HR_CHOICES = {"both": "Both", "low": "Low res only", "high": "High res only"}
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [a:b:N], BREAK, <lora:name:w>)")
     p.add_argument("--negative", default="", help="negative prompt")
@@ -98,6 +146,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH:W",
                    help="apply a LoRA file at weight W (repeatable)")
     p.add_argument("--lora-dir", help="folder where <lora:name:w> names are looked up")
+    p.add_argument("--control", action="append", default=[],
+                   metavar="IMAGE:MODEL[:W[:START[:END]]]",
+                   help="a ControlNet unit (repeatable; units add): control image, ControlNet "
+                        "file or diffusers folder, weight (1), guidance start and end as "
+                        "fractions of the steps (0, 1); img2img/inpaint default to the init "
+                        "image when IMAGE is empty")
+    p.add_argument("--control-module", action="append", default=[],
+                   help="preprocessor per unit (one for all, or one per --control): none, "
+                        "canny, invert, threshold, shuffle, tile_resample (default none)")
+    p.add_argument("--control-mode", action="append", default=[], choices=CONTROL_MODES,
+                   help="balanced, prompt (my prompt is more important) or controlnet "
+                        "(ControlNet is more important); one for all or one per unit")
+    p.add_argument("--control-resize", action="append", default=[], choices=CONTROL_RESIZE,
+                   help="fit the control image: just (resize), crop (and resize, default), "
+                        "fill (resize and fill)")
+    p.add_argument("--control-hr", action="append", default=[], choices=HR_CHOICES,
+                   help="with --hires-scale: apply the unit in both passes (default), the "
+                        "low-res one or the high-res one")
+    p.add_argument("--control-pixel-perfect", action="store_true",
+                   help="preprocess at the resolution the image is resized to")
     p.add_argument("--upscaler-dir", help="folder of ESRGAN-family models for --hires-upscaler")
     p.add_argument("--embeddings", help="folder of textual-inversion embeddings")
     p.add_argument("--output", "-o", default="outputs", help="output folder or .png file")
@@ -206,7 +274,7 @@ def _params(args, kind: str):
         steps=args.steps, cfg_scale=args.cfg, sampler_name=args.sampler, scheduler=args.scheduler,
         seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength,
         batch_size=args.batch_size, n_iter=args.n_iter, clip_skip=args.clip_skip, eta=args.eta,
-        loras=[_lora_arg(x) for x in args.lora])
+        loras=[_lora_arg(x) for x in args.lora], controlnets=_control_units(args))
     if kind == "generate" and args.hires_scale:
         p.enable_hr, p.hr_scale = True, args.hires_scale
         p.hr_second_pass_steps, p.hr_upscaler = args.hires_steps, args.hires_upscaler

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import __version__, upscalers
+from ..controlnet import ControlClock, ControlSet, prepare_units
 from ..errors import SdloomError
 from ..images import (crop_region, fill_masked, from_pil, image_grid, mask_from_image,
                       masked_overlay, resize_image, to_pil)
@@ -178,6 +179,14 @@ class _Job:
         self.total = p.n_iter * self.per_batch
         self.lora_names = engine.set_loras(list(p.loras), tagged)
         self.loras = list(p.loras) + tagged
+        self.units = []  # ControlNet units, loaded and preprocessed in run()
+        self.clock: ControlClock | None = None  # the running pass's A1111 step counter
+        if p.controlnets:
+            if getattr(engine.family, "controlled_model", None) is None:
+                raise SdloomError(f"ControlNet applies to SD1.x/SD2.x/SDXL models, not to "
+                                  f"{engine.config.family} models")
+            for u in p.controlnets:
+                u.resolved()  # fail before any work, naming the field
 
     # ------------------------------------------------------------------ passes
     def _noise(self, seeds: list[int], subseeds: list[int], w: int, h: int) -> ImageRNG:
@@ -190,6 +199,8 @@ class _Job:
     def _sample(self, p: GenerationParams, den, x: torch.Tensor, sigmas: torch.Tensor,
                 rng: ImageRNG, extra: dict, done: int) -> torch.Tensor:
         def cb(d: dict) -> None:
+            if self.clock is not None:  # A1111's callback_state: state.sampling_step = i
+                self.clock.step = d["i"]
             if self.progress is not None:
                 self.progress(done + d["i"] + 1, self.total, d.get("denoised"))
 
@@ -221,6 +232,7 @@ class _Job:
         noise = rng.first().to(e.device)
         den = e.cfg_denoiser(prompts, negs, p.steps, p.cfg_scale, p.clip_skip, w, h,
                              p.aesthetic_score)
+        den = self._controlled(den, "low", w, h, len(self.sigmas) - 1)
         if init_img is None:
             x = e.sampling.noised(torch.zeros_like(noise), noise, self.sigmas[0])
             return self._sample(p, den, x, self.sigmas, rng, self._conditioning(None, None, seeds,
@@ -265,6 +277,7 @@ class _Job:
         x = e.sampling.noised(up.to(e.device), rng.first().to(e.device), self.hr_sigmas[0])
         den = e.cfg_denoiser(prompts, negs, self.p.steps, hp.cfg_scale, hp.clip_skip, w, h,
                              hp.aesthetic_score, hires_steps=self.hr_steps)
+        den = self._controlled(den, "high", w, h, len(self.hr_sigmas) - 1)
         extra = self._conditioning(None, None, seeds, w, h)
         return self._sample(hp, den, x, self.hr_sigmas, rng, extra, done)
 
@@ -275,6 +288,10 @@ class _Job:
         subseed = fix_seed(p.subseed) if p.subseed_strength else -1
         seeds, subseeds = all_seeds(seed, p.batch_size * p.n_iter, subseed, p.subseed_strength)
         init_img, inp = _prepare_init(p) if self.img2img else (None, None)
+        if p.controlnets:
+            self.units = prepare_units(p.controlnets, e.config.unet, e.latent_format.channels,
+                                       e.device, e.dtype, p.width, p.height, p.init_image,
+                                       self.hr, seeds[0])
         extra = self._extra_params(inp)
         images, infotexts = [], []
         for k in range(p.n_iter):
@@ -339,7 +356,26 @@ class _Job:
         if self.lora_names:
             extra["Lora weights"] = ", ".join(f"{n}: {w:g}" for n, (_, w)
                                               in zip(self.lora_names, self.loras))
+        for i, u in enumerate(self.units):  # sd-webui-controlnet's Infotext.write_infotext
+            extra[f"ControlNet {i}"] = u.infotext()
         return extra
+
+    def _controlled(self, den, which: str, w: int, h: int, steps: int):
+        """The pass's CFG denoiser with the units that act in it (`which`: "low" or "high"
+        by hr_option), its hints at w×h, and cond/uncond rows marked for "ControlNet is more
+        important". Guidance start/end read A1111's step counter as the extension does
+        (state.sampling_step / state.sampling_steps: the last finished step over the pass's
+        sampler steps), not sigmas, so a unit stops at the step it stops at in A1111."""
+        active = [u.active(w, h) for u in self.units if which in u.passes]
+        self.clock = None
+        if not active:
+            return den
+        e = self.engine
+        self.clock = ControlClock(0, steps, hires=which == "high")
+        den.denoiser = e.sampling.denoiser(
+            e.family.controlled_model(e.model, ControlSet(active, self.clock)))
+        den.cond, den.uncond = _marked(den.cond, 1.0), _marked(den.uncond, 0.0)
+        return den
 
     def _infotext(self, prompt: str, seed: int, subseed: int, extra: dict) -> str:
         p, e = self.p, self.engine
@@ -363,6 +399,16 @@ class _Job:
         params.update(extra)
         params["Version"] = f"sdloom {__version__}"
         return format_infotext(prompt, p.negative_prompt, params)
+
+
+def _marked(at, mark: float):
+    """Conditioning at a step with `cond_mark` (1 on cond rows, 0 on uncond rows): the
+    extension's prompt marks, which its "ControlNet is more important" mode reads."""
+    def kwargs(step: int) -> dict:
+        c = dict(at(step))
+        c["cond_mark"] = torch.full((c["context"].shape[0],), mark)
+        return c
+    return kwargs
 
 
 def _blend(den, init_lat: torch.Tensor, nmask: torch.Tensor):

@@ -72,6 +72,8 @@ class GenerationParams:
     # A1111's processing object (what its prompt-matrix and X/Y scripts use); LoRA tags in
     # them are not applied (only `prompt`'s and `loras` are)
     all_prompts: list[str] | None = None
+    # ControlNet units (sdloom.controlnet.ControlUnit), applied together: their residuals add
+    controlnets: list = field(default_factory=list)
 
     def validate(self, default_size: int, limits: Limits = DEFAULT_LIMITS,
                  multiple: int = 8) -> None:
