@@ -246,3 +246,13 @@ def test_registry_lists_and_runs_an_x4_file(tmp_path):
     diff = np.abs(np.asarray(out, np.int16) - np.asarray(want, np.int16))
     assert diff.max() <= 1
     assert np.asarray(out).std() > 1  # not a blank image
+
+
+def test_generate_refuses_the_upscaler_with_a_clear_line():
+    from sdloom.errors import SdloomError
+    from sdloom.pipelines.engine import Engine
+    from sdloom.pipelines.generate import generate
+    from sdloom.pipelines.params import GenerationParams
+    eng = Engine(tiny_x4())
+    with pytest.raises(SdloomError, match="upscales images rather than generating"):
+        generate(eng, GenerationParams(prompt="x", steps=1))

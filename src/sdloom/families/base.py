@@ -160,6 +160,20 @@ class Family:
         """model(x_in, t, **cond) → the network's raw prediction."""
         raise NotImplementedError
 
+    def control_base(self, cfg):
+        """The denoiser config ControlNets must fit (SD's U-Net); refuses families without."""
+        raise SdloomError(f"ControlNet applies to SD1.x/SD2.x/SDXL models, not to "
+                          f"{cfg.family} models")
+
+    def controlled_model(self, model: nn.Module, control) -> nn.Module:
+        """denoiser_model with ControlNet residuals added (families that have control_base)."""
+        raise SdloomError(f"ControlNet applies to SD1.x/SD2.x/SDXL models, not to "
+                          f"{model.config.family} models")
+
+    def generation_refusal(self, cfg) -> str | None:
+        """Why txt2img/img2img cannot run this model (e.g. an upscaler), or None."""
+        return None
+
     def prompt_encoder(self, model: nn.Module, embeddings):
         """A prompts.PromptEncoder (or subclass) over the model's text encoders."""
         raise NotImplementedError

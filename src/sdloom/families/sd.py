@@ -177,6 +177,9 @@ class SDFamily(Family):
     def denoiser_model(self, model: LatentDiffusion) -> nn.Module:
         return UNetAdapter(model.unet)
 
+    def control_base(self, cfg: ModelConfig):
+        return cfg.unet
+
     def controlled_model(self, model: LatentDiffusion, control) -> nn.Module:
         """denoiser_model with ControlNet residuals (sd_controlnet.ControlSet) added."""
         from .sd_controlnet import ControlledUNet

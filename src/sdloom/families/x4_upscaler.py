@@ -322,6 +322,16 @@ class X4UpscalerFamily(Family):
     def training_refusal(self, cfg, what: str) -> str | None:
         return "training the SD x4 upscaler is not supported"
 
+    def generation_refusal(self, cfg) -> str | None:
+        return ("the SD x4 upscaler upscales images rather than generating them: put it in "
+                "--upscaler-dir and use `sdloom upscale` or --hires-upscaler")
+
+    def control_base(self, cfg):
+        raise SdloomError("ControlNet does not apply to the SD x4 upscaler")
+
+    def controlled_model(self, model, control):
+        raise SdloomError("ControlNet does not apply to the SD x4 upscaler")
+
 
 # ---------------------------------------------------------------- upscaling
 

@@ -182,9 +182,7 @@ class _Job:
         self.units = []  # ControlNet units, loaded and preprocessed in run()
         self.clock: ControlClock | None = None  # the running pass's A1111 step counter
         if p.controlnets:
-            if getattr(engine.family, "controlled_model", None) is None:
-                raise SdloomError(f"ControlNet applies to SD1.x/SD2.x/SDXL models, not to "
-                                  f"{engine.config.family} models")
+            engine.family.control_base(engine.config)  # refuses families without ControlNet
             for u in p.controlnets:
                 u.resolved()  # fail before any work, naming the field
 
@@ -289,7 +287,8 @@ class _Job:
         seeds, subseeds = all_seeds(seed, p.batch_size * p.n_iter, subseed, p.subseed_strength)
         init_img, inp = _prepare_init(p) if self.img2img else (None, None)
         if p.controlnets:
-            self.units = prepare_units(p.controlnets, e.config.unet, e.latent_format.channels,
+            self.units = prepare_units(p.controlnets, e.family.control_base(e.config),
+                                       e.latent_format.channels,
                                        e.device, e.dtype, p.width, p.height, p.init_image,
                                        self.hr, seeds[0])
         extra = self._extra_params(inp)
@@ -422,6 +421,9 @@ def _blend(den, init_lat: torch.Tensor, nmask: torch.Tensor):
 def generate(engine: Engine, p: GenerationParams, progress: ProgressFn | None = None,
              limits: Limits = DEFAULT_LIMITS) -> GenerationResult:
     """Run one job (txt2img, img2img or inpaint; hires fix optional) and return the images."""
+    why = engine.family.generation_refusal(engine.config)
+    if why:
+        raise SdloomError(why)
     p.validate(engine.config.default_size, limits, engine.family.size_multiple(engine.config))
     texts = [p.prompt, p.negative_prompt, p.hr_prompt, p.hr_negative_prompt,
              *(p.all_prompts or [])]
