@@ -297,7 +297,8 @@ def test_lora_targets_of_an_sd35_medium_like_mmdit():
     from types import SimpleNamespace
     from sdloom.families.sd3_lora import lora_targets
     from sdloom.models.mmdit import MMDiT, MMDiTConfig
-    from sdloom.training.lora_train import inject_lora, lora_metadata, mmdit_model_version
+    from sdloom.families.sd3_lora import MMDIT_TARGETS, mmdit_model_version
+    from sdloom.training.lora_train import inject_lora
     mc = MMDiTConfig(depth=2, hidden_size=32, num_heads=2, context_dim=16, pooled_dim=8,
                      pos_embed_max_size=8, qk_norm=True, dual_attention_layers=(0,))
     torch.manual_seed(0)
@@ -307,12 +308,12 @@ def test_lora_targets_of_an_sd35_medium_like_mmdit():
     known = lora_targets(reader)
     model = SimpleNamespace(model=SimpleNamespace(diffusion_model=net),
                             config=SimpleNamespace(family="sd3"))
-    adapters = inject_lora(model, 2, 1.0)
+    adapters = inject_lora(model, MMDIT_TARGETS, 2, 1.0)
     want = TINY_LORA | {"lora_unet_joint_blocks_0_x_block_attn2_qkv",
                         "lora_unet_joint_blocks_0_x_block_attn2_proj"}
     assert set(adapters) == want and want <= set(known)
     assert not any("adaLN" in k or "embedder" in k or "final" in k for k in adapters)
-    assert lora_metadata(model, 2, 1.0)["ss_base_model_version"] == "5-medium"
+    assert mmdit_model_version(mc) == "5-medium"
     import dataclasses
     assert mmdit_model_version(dataclasses.replace(mc, dual_attention_layers=())) == "5-large"
     assert mmdit_model_version(dataclasses.replace(mc, qk_norm=False,

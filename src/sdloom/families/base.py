@@ -192,6 +192,14 @@ class Family:
         None when it can."""
         return f"training {cfg.family} models is not supported yet"
 
+    def lora_train_targets(self, cfg) -> tuple[str, ...]:
+        """Module-path suffixes in the denoiser that `sdloom train` puts LoRA adapters on."""
+        raise SdloomError(f"LoRA training for {cfg.family} models is not supported")
+
+    def kohya_base_version(self, cfg) -> str:
+        """kohya's `ss_base_model_version` for LoRA files trained on this model."""
+        return cfg.family
+
     def trains_text_encoder(self, model: nn.Module) -> bool:
         """Whether training reads captions as CLIP ids through a text encoder it can train
         (what=full); otherwise captions go through the frozen prompt encoder."""

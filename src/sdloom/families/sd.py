@@ -26,7 +26,7 @@ from ..tokenizer import get_tokenizer
 from .base import ComponentReader, Family, JsonReader, LatentFormat, Shapes, StateDict
 from .sd_detect import UNET, config_problems, detect
 from .sd_diffusers import open_sd_diffusers, save_sd_diffusers
-from .sd_lora import lora_targets
+from .sd_lora import UNET_TARGETS, lora_targets
 
 
 class DiffusionWrapper(nn.Module):
@@ -209,6 +209,13 @@ class SDFamily(Family):
         if cfg.is_inpaint and what != "vae":
             return "training inpainting U-Nets is not supported"
         return None
+
+    def lora_train_targets(self, cfg: ModelConfig) -> tuple[str, ...]:
+        return UNET_TARGETS
+
+    def kohya_base_version(self, cfg: ModelConfig) -> str:
+        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(cfg.family,
+                                                                             cfg.family)
 
     def trains_text_encoder(self, model: LatentDiffusion) -> bool:
         return len(model.text_encoders) == 1  # SD1/SD2's one CLIP (SDXL is refused above)

@@ -431,6 +431,14 @@ class SD3Family(Family):
         return (f"what={what} is not supported for SD3 models (what=unet fine-tunes the whole "
                 "MMDiT, what=lora trains LoRA on it)")
 
+    def lora_train_targets(self, cfg: SD3Config) -> tuple[str, ...]:
+        from .sd3_lora import MMDIT_TARGETS
+        return MMDIT_TARGETS
+
+    def kohya_base_version(self, cfg: SD3Config) -> str:
+        from .sd3_lora import mmdit_model_version
+        return mmdit_model_version(cfg.mmdit)
+
     def lora_targets(self, model: SD3Model) -> dict:
         from .sd3_lora import lora_targets  # kohya and diffusers/PEFT names (sd3_lora.py)
         return lora_targets(model)

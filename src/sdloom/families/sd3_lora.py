@@ -69,3 +69,23 @@ def lora_targets(model: torch.nn.Module) -> dict[str, Target]:
                 _put(out, kohya + name.replace(".", "_"), t)
                 _put(out, peft + name, t)
     return out
+
+
+# The MMDiT's token-wise linears in every joint block, both streams (x_block, context_block):
+# attention q/k/v and output projection, SD3.5-medium's second image self-attention (attn2) and
+# the MLP. This is sd-scripts' lora_sd3 default (every Linear in each SingleDiTBlock) less
+# adaLN_modulation: that layer sees only the timestep + pooled-text vector, not the tokens, and
+# is the widest linear of a block (c → 6c or 9c: in a plain block +44% adapter parameters at
+# equal rank);
+# diffusers' SD3 LoRA trainer leaves it out too. Like both, the embedders and the final layer
+# stay frozen. The last block's context stream is pre-only: it has attn.qkv and nothing else.
+MMDIT_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")
+
+
+def mmdit_model_version(cfg) -> str:
+    """sd-scripts' `ss_base_model_version` for an MMDiT (its `model_type`, the suffix of
+    `stable-diffusion-3-…`): "medium" without qk-norm (SD3), "5-medium" with qk-norm and
+    dual-attention blocks, "5-large" with qk-norm only."""
+    if not cfg.qk_norm:
+        return "medium"
+    return "5-medium" if cfg.dual_attention_layers else "5-large"

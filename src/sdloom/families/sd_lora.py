@@ -7,6 +7,11 @@ import torch
 from ..models.lora import Target
 from .keymaps.unet import RESNET, unet_prefix_table
 
+# the U-Net layers `sdloom train` puts LoRA adapters on (kohya's defaults for SD1/SD2)
+UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
+                "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
+                "proj_in", "proj_out")
+
 # OpenCLIP keeps q, k, v in one in_proj matrix: (hf name, openclip name, row slice index)
 _OPENCLIP = [("self_attn.q_proj", "attn.in_proj", 0), ("self_attn.k_proj", "attn.in_proj", 1),
              ("self_attn.v_proj", "attn.in_proj", 2), ("self_attn.out_proj", "attn.out_proj", None),

@@ -16,18 +16,6 @@ from torch import nn
 
 from ..errors import SdloomError
 
-UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
-                "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
-                "proj_in", "proj_out")
-# The MMDiT's token-wise linears in every joint block, both streams (x_block, context_block):
-# attention q/k/v and output projection, SD3.5-medium's second image self-attention (attn2) and
-# the MLP. This is sd-scripts' lora_sd3 default (every Linear in each SingleDiTBlock) less
-# adaLN_modulation: that layer sees only the timestep + pooled-text vector, not the tokens, and
-# is the widest linear of a block (c → 6c or 9c: in a plain block +44% adapter parameters at
-# equal rank);
-# diffusers' SD3 LoRA trainer leaves it out too. Like both, the embedders and the final layer
-# stay frozen. The last block's context stream is pre-only: it has attn.qkv and nothing else.
-MMDIT_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                 "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
@@ -71,24 +59,13 @@ def _inject(root: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, 
     return found
 
 
-def denoiser_targets(net: nn.Module) -> tuple[str, ...]:
-    """The module-path suffixes that get adapters, chosen by the denoiser's class (the model's
-    structure, not its family name: every family with an MMDiT gets the MMDiT's)."""
-    from ..models.mmdit import MMDiT
-    from ..models.unet import UNetModel
-    for cls, targets in ((UNetModel, UNET_TARGETS), (MMDiT, MMDIT_TARGETS)):
-        if isinstance(net, cls):
-            return targets
-    raise SdloomError(f"LoRA training does not know the layers of a {type(net).__name__}")
-
-
-def inject_lora(model, rank: int, alpha: float, text_encoder: bool = False
-                ) -> dict[str, LoRAModule]:
-    """Wrap the targeted layers of `model` (the denoiser at model.model.diffusion_model: a
-    U-Net or an MMDiT); returns {kohya name: adapter}. Only the adapters are meant to train:
+def inject_lora(model, targets: tuple[str, ...], rank: int, alpha: float,
+                text_encoder: bool = False) -> dict[str, LoRAModule]:
+    """Wrap the denoiser's layers whose module paths end in `targets` (the family's
+    lora_train_targets); returns {kohya name: adapter}. Only the adapters are meant to train:
     the caller freezes everything else."""
     net = model.model.diffusion_model
-    found = _inject(net, denoiser_targets(net), rank, alpha, "")
+    found = _inject(net, targets, rank, alpha, "")
     out = {"lora_unet_" + n.replace(".", "_"): a for n, a in found.items()}
     if not out:
         raise SdloomError(f"no LoRA targets found in the {type(net).__name__}")
@@ -120,24 +97,9 @@ def lora_state_dict(adapters: dict[str, LoRAModule], dtype: torch.dtype = torch.
     return out
 
 
-def lora_metadata(model, rank: int, alpha: float) -> dict[str, str]:
-    """kohya's `ss_*` metadata that A1111 and other tools read."""
-    family = model.config.family
-    base = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(family, family)
-    from ..models.mmdit import MMDiT
-    net = model.model.diffusion_model
-    if isinstance(net, MMDiT):  # sd-scripts names the MMDiT's variant, not the family
-        base = mmdit_model_version(net.config)
+def lora_metadata(base_version: str, rank: int, alpha: float) -> dict[str, str]:
+    """kohya's `ss_*` metadata that A1111 and other tools read (`base_version`: the family's
+    kohya_base_version)."""
     return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-            "ss_network_alpha": str(alpha), "ss_base_model_version": base,
-            "ss_v2": str(base == "sd_v2"), "sdloom_key_layout": "sgm"}
-
-
-
-def mmdit_model_version(cfg) -> str:
-    """sd-scripts' `ss_base_model_version` for an MMDiT (its `model_type`, the suffix of
-    `stable-diffusion-3-…`): "medium" without qk-norm (SD3), "5-medium" with qk-norm and
-    dual-attention blocks, "5-large" with qk-norm only."""
-    if not cfg.qk_norm:
-        return "medium"
-    return "5-medium" if cfg.dual_attention_layers else "5-large"
+            "ss_network_alpha": str(alpha), "ss_base_model_version": base_version,
+            "ss_v2": str(base_version == "sd_v2"), "sdloom_key_layout": "sgm"}

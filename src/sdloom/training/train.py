@@ -116,7 +116,8 @@ def trainable(cfg: TrainConfig, model: nn.Module) -> tuple[list[dict], dict]:
         # the adapters' random `down` init from the run's seed: a model read from a file has
         # not seeded the generator, and two runs of one config must start alike (resume)
         torch.manual_seed(cfg.seed)
-        adapters = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_text_encoder)
+        adapters = inject_lora(model, family_of(model.config).lora_train_targets(model.config),
+                               cfg.lora_rank, cfg.lora_alpha, cfg.lora_text_encoder)
         ps = lora_parameters(adapters)
         for p in ps:
             p.requires_grad_(True)
@@ -314,9 +315,10 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, adapters: dic
             std = latent_std(model.first_stage_model, calib, model.device)
             set_vae_scale(model, 1.0 / max(std, 1e-6))
         if adapters:
+            version = family_of(model.config).kohya_base_version(model.config)
             save_safetensors(lora_state_dict(adapters, DTYPES[cfg.save_dtype]),
                              out / "lora.safetensors",
-                             {**lora_metadata(model, cfg.lora_rank, cfg.lora_alpha), **meta})
+                             {**lora_metadata(version, cfg.lora_rank, cfg.lora_alpha), **meta})
         else:
             save_model(model, model.config, out / "model.safetensors",
                        dtype=DTYPES[cfg.save_dtype], extra_metadata=meta)
