@@ -20,7 +20,8 @@ from .families.sd_controlnet import (MODES, ActiveControl, ControlClock, Control
                                      build_controlnet, controlnet_keys, detect_controlnet,
                                      fit_to_unet)
 
-__all__ = ["ControlClock", "ControlSet", "ControlUnit", "prepare_units"]
+__all__ = ["ControlClock", "ControlSet", "ControlUnit", "find_controlnet", "list_controlnets",
+           "prepare_units"]
 from .images import resize_image
 from .io import display_name
 from .models.controlnet import ControlNet
@@ -348,3 +349,50 @@ def prepare_units(units, base, latent_channels: int, device: torch.device, dtype
         out.append(PreparedUnit(u, net, preprocess(u, image, seed),
                                 f"{name} [{legacy_hash(path)}]", passes))
     return out
+
+
+# ---------------------------------------------------------------- models by name
+
+MODEL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def list_controlnets(folder: str | Path | None) -> dict[str, Path]:
+    """ControlNet models under `folder` by the name the extension shows, "name [hash]" (file
+    stem, or a diffusers folder's name; legacy hash of the weights). Only files whose real
+    path is inside the folder are listed, so a symlink cannot lead a request elsewhere."""
+    out: dict[str, Path] = {}
+    if not folder or not Path(folder).is_dir():
+        return out
+    root = Path(folder).resolve()
+    found: list[tuple[str, Path]] = []
+    for f in sorted(root.rglob("*")):
+        if not f.is_file() or not f.resolve().is_relative_to(root):
+            continue
+        if f.name in DIFFUSERS_WEIGHTS and (f.parent / "config.json").is_file() \
+                and f.parent != root:
+            found.append((f.parent.name, f.parent))
+        elif f.suffix.lower() in MODEL_SUFFIXES and f.name not in DIFFUSERS_WEIGHTS:
+            found.append((f.stem, f))
+    for name, path in found:
+        try:
+            title = f"{name} [{legacy_hash(_weights_file(path))}]"
+        except OSError:
+            continue
+        out.setdefault(title, path)
+    return out
+
+
+def find_controlnet(name: str, folder: str | Path | None) -> Path:
+    """The listed ControlNet whose "name [hash]" or name is `name` (the hash part is optional,
+    as clients send either); never a path: anything else is "not found", the same answer for
+    a traversal attempt as for a missing file."""
+    models = list_controlnets(folder)
+    if name in models:
+        return models[name]
+    stem = name.rsplit(" [", 1)[0] if name.endswith("]") else name
+    for title, path in models.items():
+        if title.rsplit(" [", 1)[0] == stem:
+            return path
+    raise NotFoundError(f"ControlNet model not found: {name!r}" +
+                        ("" if folder else " (no --controlnet-dir is set)"))

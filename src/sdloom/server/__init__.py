@@ -31,6 +31,9 @@ def add_serve_args(p) -> None:
     p.add_argument("--embeddings")
     p.add_argument("--upscaler-dir", help="folder of ESRGAN-family upscaler models "
                    "(.pth/.safetensors), listed by file stem in /sdapi/v1/upscalers")
+    p.add_argument("--controlnet-dir", help="folder of ControlNet models that requests name "
+                   "in alwayson_scripts.controlnet (listed as \"name [hash]\" in "
+                   "/controlnet/model_list; names only, never paths)")
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -65,7 +68,8 @@ def run_serve(args) -> int:
     server = Server(args.model, models_dir=args.models_dir, device=args.device,
                     precision=args.precision, lora_dir=args.lora_dir,
                     embeddings_dir=args.embeddings, outdir=args.outdir, limits=limits,
-                    max_queue=args.max_queue, upscaler_dir=args.upscaler_dir)
+                    max_queue=args.max_queue, upscaler_dir=args.upscaler_dir,
+                    controlnet_dir=args.controlnet_dir)
     if args.host not in LOOPBACK and not args.api_auth:
         print(f"sdloom: serving on {args.host} without --api-auth: anyone who can reach this "
               "address can use the API", file=sys.stderr)

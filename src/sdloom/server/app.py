@@ -4,7 +4,8 @@ that API at `/`. Routes validate, queue a job (jobs.py) and wait for its result.
 Request and response fields are A1111's (docs/a1111.md), so its clients work unchanged.
 Differences, each deliberate: width/height default to the model's own size (A1111: 512 for
 every model); face restoration, tiling, styles and scripts are refused with a 422 naming the
-field rather than ignored; image URLs are refused (only base64 and data URLs are read);
+field rather than ignored (the one always-on script served is ControlNet,
+controlnet_api.py); image URLs are refused (only base64 and data URLs are read);
 /skip drops the batch in progress (A1111 keeps its partial image); every error, validation
 errors included, has A1111's error body (`error`, `detail`, `body`, `errors`).
 
@@ -43,6 +44,7 @@ from ..pipelines.params import GenerationParams
 from ..sampling.samplers import SAMPLERS
 from ..sampling.schedules import LABELS
 from ..seeds import all_seeds, fix_seed
+from .controlnet_api import add_controlnet_routes, units_from_scripts
 from .guard import BodyTooLarge, Guard, error_body, log, parse_users
 from .jobs import (PREVIEW_EVERY, Cancelled, Generated, Job, JobQueue, QueueFull, _accepts,
                    run_batches)
@@ -175,9 +177,11 @@ class Server:
                  device: str = "auto", precision: str = "auto", lora_dir: str | None = None,
                  embeddings_dir: str | None = None, outdir: str = "outputs",
                  limits: Limits = DEFAULT_LIMITS, max_queue: int = 8,
-                 loader: Callable[..., Engine] = Engine.load, upscaler_dir: str | None = None):
+                 loader: Callable[..., Engine] = Engine.load, upscaler_dir: str | None = None,
+                 controlnet_dir: str | None = None):
         self.models_dir = Path(models_dir) if models_dir else None
         self.upscaler_dir = Path(upscaler_dir) if upscaler_dir else None
+        self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
         self.device, self.precision = device, precision
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
         self.outdir = Path(outdir)  # where save_images writes, as A1111's outdir_*_samples
@@ -242,7 +246,7 @@ class Server:
         """An error message with the server's folders replaced by their role, so clients
         never learn the server's file layout."""
         dirs = [(self.models_dir, "models_dir"), (self.lora_dir, "lora_dir"),
-                (self.upscaler_dir, "upscaler_dir"),
+                (self.upscaler_dir, "upscaler_dir"), (self.controlnet_dir, "controlnet_dir"),
                 (self.embeddings_dir, "embeddings"), (self.outdir, "outdir"),
                 (EMBEDDED_MODEL.parent, "assets"), (Path.cwd(), "."), (Path.home(), "~")]
         if self.engine_path_dir():
@@ -382,7 +386,7 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
     has = set(GenerationParams.__dataclass_fields__)
     unsupported = [name for name, on in (
         ("restore_faces", req.restore_faces), ("tiling", req.tiling), ("styles", req.styles),
-        ("script_name", req.script_name), ("alwayson_scripts", req.alwayson_scripts),
+        ("script_name", req.script_name),
         ("seed_resize_from_w/h", "seed_resize_from_w" not in has
          and (req.seed_resize_from_w > 0 or req.seed_resize_from_h > 0)))
         if on]
@@ -394,13 +398,15 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
     if "sd_model_checkpoint" in overrides:
         model = server.find_model(overrides["sd_model_checkpoint"])
     _prompt_loras([req.prompt, req.negative_prompt, req.hr_prompt, req.hr_negative_prompt])
+    units = units_from_scripts(req.alwayson_scripts, server, decode_image, img2img)
     p = GenerationParams(
         prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
         height=req.height, steps=req.steps, cfg_scale=req.cfg_scale,
         sampler_name=req.sampler_name or req.sampler_index or "Euler",
         scheduler=req.scheduler or "automatic", seed=req.seed, subseed=req.subseed,
         subseed_strength=req.subseed_strength, batch_size=req.batch_size, n_iter=req.n_iter,
-        clip_skip=opts["CLIP_stop_at_last_layers"], eta=req.eta, s_noise=req.s_noise)
+        clip_skip=opts["CLIP_stop_at_last_layers"], eta=req.eta, s_noise=req.s_noise,
+        controlnets=units)
     if "seed_resize_from_w" in has:
         p.seed_resize_from_w, p.seed_resize_from_h = req.seed_resize_from_w, \
             req.seed_resize_from_h
@@ -439,6 +445,14 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
         p.inpaint_full_res_padding = req.inpaint_full_res_padding
         p.inpainting_mask_invert = bool(req.inpainting_mask_invert)
     return p, opts, model
+
+
+def _extra_params(infos: list[str]) -> dict[str, Any]:
+    """A1111's extra_generation_params of the first image: here the ControlNet N entries
+    the extension adds (the infotext has them all)."""
+    if not infos:
+        return {}
+    return {k: v for k, v in parse_infotext(infos[0]).items() if k.startswith("ControlNet ")}
 
 
 # ---------------------------------------------------------------------- extras (upscalers)
@@ -653,7 +667,8 @@ def create_app(server: Server, api_auth: str | None = None, *,
             "sd_vae_hash": None,
             "seed_resize_from_w": getattr(p, "seed_resize_from_w", -1),
             "seed_resize_from_h": getattr(p, "seed_resize_from_h", -1),
-            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infos,
+            "extra_generation_params": _extra_params(infos),
+            "index_of_first_image": 0, "infotexts": infos,
             "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": p.clip_skip,
             "is_using_inpainting_conditioning": eng.family.inpaint_channels(eng.config),
@@ -825,6 +840,8 @@ def create_app(server: Server, api_auth: str | None = None, *,
             if d and d.is_dir() else []
         return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
                 for p in files]
+
+    add_controlnet_routes(app, server, decode_image)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
