@@ -257,7 +257,7 @@ def _generate(root, hint, **unit):
     from sdloom.pipelines.engine import Engine
     from sdloom.pipelines.generate import generate
     from sdloom.pipelines.params import GenerationParams
-    eng = Engine.load(root / "m.safetensors", device="cpu")
+    eng = Engine.load(root / "m.safetensors", device="cpu", precision="fp32")
     final = []
     units = [ControlUnit(str(root / "cn"), hint, resize_mode=0, **unit)] if unit is not None \
         else []
@@ -315,7 +315,7 @@ def test_controlnet_in_img2img_inpaint_and_hires(sd1):
     from sdloom.pipelines.generate import generate
     from sdloom.pipelines.params import GenerationParams
     root, _, _, hint = sd1
-    eng = Engine.load(root / "m.safetensors", device="cpu")
+    eng = Engine.load(root / "m.safetensors", device="cpu", precision="fp32")
     unit = ControlUnit(str(root / "cn"), None, module="canny")  # img2img: the init image
     base = dict(prompt="a cat", seed=3, steps=2, width=64, height=64, sampler_name="Euler")
     for kw in (dict(init_image=hint), dict(init_image=hint, mask=Image.new("L", (64, 64), 255))):
