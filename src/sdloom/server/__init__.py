@@ -31,6 +31,10 @@ def add_serve_args(p) -> None:
     p.add_argument("--embeddings")
     p.add_argument("--upscaler-dir", help="folder of ESRGAN-family upscaler models "
                    "(.pth/.safetensors), listed by file stem in /sdapi/v1/upscalers")
+    p.add_argument("--styles-file", action="append", default=[], metavar="PATH",
+                   help="A1111 styles.csv (name, prompt, negative_prompt) that requests name "
+                        "in `styles`; repeatable, later names replace earlier ones "
+                        "(default: none)")
     p.add_argument("--controlnet-dir", help="folder of ControlNet models that requests name "
                    "in alwayson_scripts.controlnet (listed as \"name [hash]\" in "
                    "/controlnet/model_list; names only, never paths)")
@@ -69,7 +73,10 @@ def run_serve(args) -> int:
                     precision=args.precision, lora_dir=args.lora_dir,
                     embeddings_dir=args.embeddings, outdir=args.outdir, limits=limits,
                     max_queue=args.max_queue, upscaler_dir=args.upscaler_dir,
-                    controlnet_dir=args.controlnet_dir)
+                    controlnet_dir=args.controlnet_dir,
+                    styles_file=getattr(args, "styles_file", None) or None,
+                    flags={k: getattr(args, k, None) for k in
+                           ("host", "port", "api_auth", "allowed_hosts", "limit")})
     if args.host not in LOOPBACK and not args.api_auth:
         print(f"sdloom: serving on {args.host} without --api-auth: anyone who can reach this "
               "address can use the API", file=sys.stderr)

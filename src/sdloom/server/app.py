@@ -3,11 +3,14 @@ that API at `/`. Routes validate, queue a job (jobs.py) and wait for its result.
 
 Request and response fields are A1111's (docs/a1111.md), so its clients work unchanged.
 Differences, each deliberate: width/height default to the model's own size (A1111: 512 for
-every model); face restoration, tiling, styles and scripts are refused with a 422 naming the
+every model); face restoration, tiling and scripts are refused with a 422 naming the
 field rather than ignored (the one always-on script served is ControlNet,
 controlnet_api.py); image URLs are refused (only base64 and data URLs are read);
 /skip drops the batch in progress (A1111 keeps its partial image); every error, validation
 errors included, has A1111's error body (`error`, `detail`, `body`, `errors`).
+Prompt styles (`--styles-file`, styles.py) apply as A1111's, unknown names ignored as A1111
+does. The start-up probes clients call (cmd-flags, embeddings, memory, scripts, …) answer
+from what sdloom has; unload-checkpoint frees the model and the next job loads it again.
 
 What one request may do is bounded (SECURITY.md): the body and images are measured before
 they are read, per-request settings last one job, names resolve only inside their folders,
@@ -18,13 +21,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gc
 import io
 import json
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -44,6 +51,7 @@ from ..pipelines.params import GenerationParams
 from ..sampling.samplers import SAMPLERS
 from ..sampling.schedules import LABELS
 from ..seeds import all_seeds, fix_seed
+from ..styles import StyleDB
 from .controlnet_api import add_controlnet_routes, units_from_scripts
 from .guard import BodyTooLarge, Guard, error_body, log, parse_users
 from .jobs import (PREVIEW_EVERY, Cancelled, Generated, Job, JobQueue, QueueFull, _accepts,
@@ -170,6 +178,14 @@ def check_options(values: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the server
+@dataclass(frozen=True)
+class Unloaded:
+    """What the routes still need to know of a model unloaded by /unload-checkpoint."""
+    path: Path | None
+    hash: str | None
+    config: Any
+
+
 class Server:
     """The loaded model, the options and the job queue shared by the routes."""
 
@@ -178,7 +194,14 @@ class Server:
                  embeddings_dir: str | None = None, outdir: str = "outputs",
                  limits: Limits = DEFAULT_LIMITS, max_queue: int = 8,
                  loader: Callable[..., Engine] = Engine.load, upscaler_dir: str | None = None,
-                 controlnet_dir: str | None = None):
+                 controlnet_dir: str | None = None,
+                 styles_file: str | list[str] | None = None,
+                 flags: dict[str, Any] | None = None):
+        # the styles file is read first: a broken one fails before the model loads
+        self.styles_files = [styles_file] if isinstance(styles_file, str) else \
+            list(styles_file or [])
+        self.styles = StyleDB.load(self.styles_files)
+        self.flags = dict(flags or {})  # the serve options, for /cmd-flags
         self.models_dir = Path(models_dir) if models_dir else None
         self.upscaler_dir = Path(upscaler_dir) if upscaler_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
@@ -190,11 +213,131 @@ class Server:
         self.options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png",
                                         "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
                                         "show_progress_every_n_steps": PREVIEW_EVERY}
+        self._engine: Engine | None = None
+        self._unloaded: Unloaded | None = None
+        self._engine_lock = threading.Lock()
         self.engine = self._load(model)
         # one worker: the engine is used by one job at a time, model switches among them
         self.jobs = JobQueue(max_queue, workers=1)
 
     # ------------------------------------------------------------------ models
+    @property
+    def engine(self) -> Engine:
+        """The loaded model; after /unload-checkpoint it is loaded again here, on first use
+        (by the next job, so a generation after an unload just works)."""
+        eng = self._engine
+        if eng is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    path = self._unloaded.path if self._unloaded else None
+                    self._engine = self._load(path)
+                    self._unloaded = None
+                eng = self._engine
+        return eng
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self._engine, self._unloaded = engine, None
+
+    def loaded_path(self) -> Path | None:
+        """The model's file, loaded or unloaded (never loads it)."""
+        if self._engine is not None:
+            return Path(self._engine.path) if self._engine.path else None
+        return self._unloaded.path if self._unloaded else None
+
+    def loaded_hash(self) -> str | None:
+        if self._engine is not None:
+            return self._engine.hash
+        return self._unloaded.hash if self._unloaded else None
+
+    def loaded_config(self):
+        if self._engine is not None:
+            return self._engine.config
+        return self._unloaded.config if self._unloaded else self.engine.config
+
+    def unload(self) -> None:
+        """Drop the model (A1111's unload_model_weights); the routes that only list or
+        name it keep answering, and the next job loads it again."""
+        with self._engine_lock:
+            eng = self._engine
+            if eng is None:
+                return
+            self._unloaded = Unloaded(Path(eng.path) if eng.path else None, eng.hash,
+                                      eng.config)
+            self._engine = None
+            del eng
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def unload_job(self) -> Job:
+        return self.jobs.submit(Job("unload", lambda job: self.unload(),
+                                    keep_on_disconnect=True))
+
+    def reload_job(self) -> Job:
+        """A1111's reload-checkpoint: the model back on its device (loaded if unloaded)."""
+        return self.jobs.submit(Job("reload", lambda job: self.engine is None,
+                                    keep_on_disconnect=True))
+
+    def refresh_embeddings_job(self) -> Job:
+        """Re-read the embeddings folder into the loaded model's EmbeddingDB (in the queue, so
+        no job sees a half-read folder). An unloaded model reads it when it loads again."""
+        def work(job: Job) -> None:
+            eng = self._engine
+            if eng is None:
+                return
+            db = eng.prompt_encoder.embeddings
+            db.embeddings.clear()
+            db.errors.clear()
+            if self.embeddings_dir and Path(self.embeddings_dir).is_dir():
+                db.load_dir(self.embeddings_dir)
+            db.version += 1  # always a new version: encoders rebuild their lookup tables
+            for why in db.errors.values():
+                log.warning("embedding not loaded: %s", why)
+        return self.jobs.submit(Job("refresh-embeddings", work, keep_on_disconnect=True))
+
+    def embeddings(self) -> dict[str, dict[str, Any]]:
+        """A1111's EmbeddingsResponse: {loaded, skipped}, each {name: EmbeddingItem}; empty
+        while the model is unloaded. sdloom's files carry no training step or checkpoint."""
+        eng = self._engine
+        if eng is None:
+            return {"loaded": {}, "skipped": {}}
+        enc = eng.prompt_encoder
+        skipped = set(enc.skipped_embeddings)
+        out: dict[str, dict[str, Any]] = {"loaded": {}, "skipped": {}}
+        for e in list(enc.embeddings):
+            vecs = list(e.vectors.values())
+            # as A1111: SDXL files ({clip_l, clip_g}) count vectors and widths over both
+            item = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                    "shape": sum(int(v.shape[-1]) for v in vecs),
+                    "vectors": sum(int(v.shape[0]) for v in vecs)}
+            out["skipped" if e.name in skipped else "loaded"][e.name] = item
+        return out
+
+    def cmd_flags(self) -> dict[str, Any]:
+        """The serve options under A1111's names where it has them (`ckpt`, `ckpt_dir`,
+        `lora_dir`, …), sdloom's own under theirs; the --api-auth value is never shown."""
+        f = self.flags
+        auth = f.get("api_auth")
+        host = f.get("host", "127.0.0.1")
+        return {
+            "api": True, "nowebui": False, "listen": host == "0.0.0.0",
+            "server_name": host, "port": f.get("port", 7860),
+            "api_auth": "*****" if auth else None,  # A1111 shows it; a secret stays here
+            "allowed_hosts": f.get("allowed_hosts"),
+            "ckpt": str(self.loaded_path()) if self.loaded_path() else None,
+            "ckpt_dir": str(self.models_dir) if self.models_dir else None,
+            "lora_dir": str(self.lora_dir) if self.lora_dir else None,
+            "embeddings_dir": str(self.embeddings_dir) if self.embeddings_dir else None,
+            "esrgan_models_path": str(self.upscaler_dir) if self.upscaler_dir else None,
+            "controlnet_dir": str(self.controlnet_dir) if self.controlnet_dir else None,
+            "styles_file": [str(p) for p in self.styles_files],
+            "outdir": str(self.outdir),
+            "device": self.device, "precision": self.precision,
+            "no_half": self.precision == "fp32",
+            "max_queue": self.max_queue, "limit": list(f.get("limit") or []),
+        }
+
     def _load(self, model: str | Path | None) -> Engine:
         return self.loader(str(model) if model else None, device=self.device,
                            precision=self.precision, lora_dir=self.lora_dir,
@@ -208,13 +351,14 @@ class Server:
             for p in sorted(self.models_dir.iterdir()):
                 if p.suffix.lower() in MODEL_SUFFIXES or (p / "model_index.json").exists():
                     found.append(p)
-        if self.engine.path and Path(self.engine.path) not in found:
-            found.append(Path(self.engine.path))
+        loaded = self.loaded_path()
+        if loaded and loaded not in found:
+            found.append(loaded)
         return found
 
     def title(self, path: Path) -> str:
-        same = self.engine.path and Path(self.engine.path) == path
-        return f"{path.name} [{self.engine.hash}]" if same and self.engine.hash else path.name
+        h = self.loaded_hash() if self.loaded_path() == path else None
+        return f"{path.name} [{h}]" if h else path.name
 
     def find_model(self, name: Any) -> Path:
         """The listed model whose title, file name or stem is `name` (A1111's
@@ -227,7 +371,7 @@ class Server:
         raise NotFoundError(f"model not found: {name!r}; GET /sdapi/v1/sd-models lists them")
 
     def is_loaded(self, path: Path) -> bool:
-        return bool(self.engine.path) and Path(self.engine.path) == path
+        return self.loaded_path() is not None and self.loaded_path() == path
 
     def select_model_job(self, name: Any) -> Job | None:
         """A job switching to a listed model (POST /options sd_model_checkpoint), queued with
@@ -262,8 +406,10 @@ class Server:
         return message
 
     def engine_path_dir(self) -> Path | None:
-        eng = getattr(self, "engine", None)
-        return Path(eng.path).parent if eng is not None and eng.path else None
+        if "_engine" not in self.__dict__:  # an error while the first model loads
+            return None
+        path = self.loaded_path()
+        return path.parent if path else None
 
     # ------------------------------------------------------------------ progress
     def progress(self, id_task: str | None = None, skip_current_image: bool = False
@@ -290,11 +436,11 @@ class Server:
         return out
 
     # ------------------------------------------------------------------ generation
-    def validate(self, params: GenerationParams, engine: Engine) -> None:
+    def validate(self, params: GenerationParams, config) -> None:
         if _accepts(params.validate, "limits"):
-            params.validate(engine.config.default_size, self.limits)
+            params.validate(config.default_size, self.limits)
         else:
-            params.validate(engine.config.default_size)
+            params.validate(config.default_size)
 
     def submit(self, params: GenerationParams, kind: str, model: Path | None = None,
                keep_model: bool = False, *, opts: dict[str, Any] | None = None,
@@ -303,7 +449,7 @@ class Server:
         (engine, Generated). `model` runs the job on another listed model
         (override_settings), kept afterwards only with keep_model; `save` writes the images
         under outdir (save_images) whether or not the client waits for them."""
-        self.validate(params, self.engine)  # a bad request fails before it waits
+        self.validate(params, self.loaded_config())  # a bad request fails before it waits
         seed = fix_seed(params.seed)
         subseed = fix_seed(params.subseed) if params.subseed_strength else -1
         seeds, subseeds = all_seeds(seed, params.batch_size * params.n_iter, subseed,
@@ -336,7 +482,7 @@ class Server:
             engine.set_loras([])
         except Exception:
             log.exception("could not unmerge LoRAs; reloading the model")
-            if engine is self.engine:
+            if engine is self._engine:
                 self.engine = self._load(engine.path)
             return
         manager = getattr(engine, "loras", None)
@@ -379,13 +525,31 @@ def _prompt_loras(texts: list[str]) -> None:
                 raise SdloomError(f"LoRA weight {w} of {name!r} is not a usable number")
 
 
+def apply_styles(req: Txt2ImgRequest, styles: StyleDB) -> tuple[str, str, str, str]:
+    """The prompts with the request's styles merged in, in order (A1111's setup_prompts):
+    prompt, negative prompt, and the hires prompts when set ("" stays "": the hires pass then
+    uses the styled first-pass prompt, as A1111). Unknown names merge nothing, as A1111;
+    the server log names them."""
+    names = list(req.styles or [])
+    if not names:
+        return req.prompt, req.negative_prompt, req.hr_prompt, req.hr_negative_prompt
+    unknown = styles.unknown(names)
+    if unknown:
+        log.warning("styles not found (ignored, as A1111): %s", ", ".join(map(repr, unknown)))
+    hr_prompt = styles.apply_prompt(req.hr_prompt, names) if req.hr_prompt else ""
+    hr_negative = styles.apply_negative(req.hr_negative_prompt, names) \
+        if req.hr_negative_prompt else ""
+    return (styles.apply_prompt(req.prompt, names),
+            styles.apply_negative(req.negative_prompt, names), hr_prompt, hr_negative)
+
+
 def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
               ) -> tuple[GenerationParams, dict[str, Any], Path | None]:
     """An A1111 request → GenerationParams, the job's options, and the model it asks for
     (override_settings.sd_model_checkpoint), refusing what sdloom does not do."""
     has = set(GenerationParams.__dataclass_fields__)
     unsupported = [name for name, on in (
-        ("restore_faces", req.restore_faces), ("tiling", req.tiling), ("styles", req.styles),
+        ("restore_faces", req.restore_faces), ("tiling", req.tiling),
         ("script_name", req.script_name),
         ("seed_resize_from_w/h", "seed_resize_from_w" not in has
          and (req.seed_resize_from_w > 0 or req.seed_resize_from_h > 0)))
@@ -397,10 +561,11 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
     model = None
     if "sd_model_checkpoint" in overrides:
         model = server.find_model(overrides["sd_model_checkpoint"])
-    _prompt_loras([req.prompt, req.negative_prompt, req.hr_prompt, req.hr_negative_prompt])
+    prompt, negative, hr_prompt, hr_negative = apply_styles(req, server.styles)
+    _prompt_loras([prompt, negative, hr_prompt, hr_negative])
     units = units_from_scripts(req.alwayson_scripts, server, decode_image, img2img)
     p = GenerationParams(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
+        prompt=prompt, negative_prompt=negative, width=req.width,
         height=req.height, steps=req.steps, cfg_scale=req.cfg_scale,
         sampler_name=req.sampler_name or req.sampler_index or "Euler",
         scheduler=req.scheduler or "automatic", seed=req.seed, subseed=req.subseed,
@@ -418,7 +583,7 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
         p.hr_resize_x, p.hr_resize_y = req.hr_resize_x, req.hr_resize_y
         p.hr_upscaler = req.hr_upscaler or "Latent"
         p.hr_sampler_name, p.hr_scheduler = req.hr_sampler_name or None, req.hr_scheduler or None
-        p.hr_prompt, p.hr_negative_prompt = req.hr_prompt, req.hr_negative_prompt
+        p.hr_prompt, p.hr_negative_prompt = hr_prompt, hr_negative
         p.denoising_strength = 0.75 if req.denoising_strength is None else req.denoising_strength
         return p, opts, model
     assert isinstance(req, Img2ImgRequest)
@@ -455,6 +620,52 @@ def _extra_params(infos: list[str]) -> dict[str, Any]:
     return {k: v for k, v in parse_infotext(infos[0]).items() if k.startswith("ControlNet ")}
 
 
+# ---------------------------------------------------------------------- memory
+def ram_stats() -> dict[str, Any]:
+    """A1111's /memory `ram`: this process's resident memory as `used`, the machine's total,
+    and `free` = total − used (A1111's own definition); {error} when unreadable."""
+    import os
+    try:
+        try:
+            import psutil
+            used = psutil.Process(os.getpid()).memory_info().rss
+            total = psutil.virtual_memory().total
+        except ImportError:
+            fields = {}
+            for name in ("/proc/meminfo", "/proc/self/status"):
+                with open(name) as f:
+                    for line in f:
+                        k, _, v = line.partition(":")
+                        fields[k] = v.split()
+            total = int(fields["MemTotal"][0]) * 1024
+            used = int(fields["VmRSS"][0]) * 1024
+        return {"free": total - used, "used": used, "total": total}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}"}
+
+
+def cuda_stats(engine: Engine | None) -> dict[str, Any]:
+    """A1111's /memory `cuda`: system free/used/total from mem_get_info and the caching
+    allocator's current/peak bytes; {"error": "unavailable"} without CUDA."""
+    try:
+        if not torch.cuda.is_available():
+            return {"error": "unavailable"}
+        dev = engine.device if engine is not None and engine.device.type == "cuda" else \
+            torch.device("cuda")
+        free, total = torch.cuda.mem_get_info(dev)
+        s = torch.cuda.memory_stats(dev)
+
+        def cp(key: str) -> dict[str, int]:
+            return {"current": s.get(f"{key}.all.current", 0), "peak": s.get(f"{key}.all.peak", 0)}
+        return {"system": {"free": free, "used": total - free, "total": total},
+                "active": cp("active_bytes"), "allocated": cp("allocated_bytes"),
+                "reserved": cp("reserved_bytes"), "inactive": cp("inactive_split_bytes"),
+                "events": {"retries": s.get("num_alloc_retries", 0),
+                           "oom": s.get("num_ooms", 0)}}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}"}
+
+
 # ---------------------------------------------------------------------- extras (upscalers)
 def _upscaler(name: str | None, server: Server):
     """The registry entry of an A1111 upscaler field; None for "None" or empty (no upscale)."""
@@ -486,7 +697,7 @@ def _extras_one(img: Image.Image, req: ExtrasBaseRequest, server: Server
     for what, v in (("upscaled width", tw), ("upscaled height", th)):
         lim.check(what, v, "max_side")
     lim.check("upscaled pixels", tw * th, "max_pixels")
-    eng = getattr(server, "engine", None)
+    eng = getattr(server, "_engine", None)  # None while unloaded: the default device
     kw = {"upscaler_dir": server.upscaler_dir, "device": getattr(eng, "device", None),
           "max_pixels": 4 * lim.max_pixels}  # a model's last pass may overshoot the target
 
@@ -669,7 +880,7 @@ def create_app(server: Server, api_auth: str | None = None, *,
             "seed_resize_from_h": getattr(p, "seed_resize_from_h", -1),
             "extra_generation_params": _extra_params(infos),
             "index_of_first_image": 0, "infotexts": infos,
-            "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "styles": list(req.styles or []), "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": p.clip_skip,
             "is_using_inpainting_conditioning": eng.family.inpaint_channels(eng.config),
             "version": f"sdloom {__version__}"}
@@ -759,9 +970,9 @@ def create_app(server: Server, api_auth: str | None = None, *,
 
     @app.get(f"{api}/options")
     def get_options() -> dict[str, Any]:
-        path = Path(server.engine.path) if server.engine.path else EMBEDDED_MODEL
+        path = server.loaded_path() or EMBEDDED_MODEL
         return {**server.options, "sd_model_checkpoint": server.title(path),
-                "sd_checkpoint_hash": server.engine.hash}
+                "sd_checkpoint_hash": server.loaded_hash()}
 
     @app.post(f"{api}/options")
     async def set_options(body: OptionsRequest, request: Request) -> dict[str, Any]:
@@ -825,7 +1036,7 @@ def create_app(server: Server, api_auth: str | None = None, *,
         for p in server.models():
             loaded = server.is_loaded(p)
             out.append({"title": server.title(p), "model_name": p.stem,
-                        "hash": server.engine.hash if loaded else None, "sha256": None,
+                        "hash": server.loaded_hash() if loaded else None, "sha256": None,
                         "filename": str(p), "config": None})
         return out
 
@@ -856,5 +1067,68 @@ def create_app(server: Server, api_auth: str | None = None, *,
     @app.post(f"{api}/refresh-checkpoints")
     def refresh_checkpoints() -> dict[str, Any]:
         return {}  # the list is read from models_dir on every request
+
+    # ------------------------------------------------------------------ start-up probes
+    @app.get(f"{api}/prompt-styles")
+    def prompt_styles() -> list[dict[str, str]]:
+        return server.styles.list()
+
+    @app.get(f"{api}/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        return server.cmd_flags()
+
+    @app.get(f"{api}/embeddings")
+    def embeddings() -> dict[str, dict[str, Any]]:
+        return server.embeddings()
+
+    @app.get(f"{api}/hypernetworks")
+    def hypernetworks() -> list:
+        return []  # sdloom has no hypernetworks
+
+    @app.get(f"{api}/face-restorers")
+    def face_restorers() -> list:
+        return []  # nor face restoration (restore_faces is refused)
+
+    @app.get(f"{api}/scripts")
+    def scripts() -> dict[str, list]:
+        return {"txt2img": [], "img2img": []}  # no selectable scripts (script_name)
+
+    @app.get(f"{api}/script-info")
+    def script_info() -> list[dict[str, Any]]:
+        """The always-on scripts requests may name in alwayson_scripts: ControlNet, for both
+        tabs (A1111 lists an extension's script once per tab; sdloom describes no args)."""
+        return [{"name": "controlnet", "is_alwayson": True, "is_img2img": tab, "args": []}
+                for tab in (False, True)]
+
+    @app.get(f"{api}/extensions")
+    def extensions() -> list:
+        return []  # ControlNet and LoRA are built in, not extensions
+
+    @app.get(f"{api}/memory")
+    def memory() -> dict[str, Any]:
+        return {"ram": ram_stats(), "cuda": cuda_stats(server._engine)}
+
+    @app.post(f"{api}/unload-checkpoint")
+    async def unload_checkpoint(request: Request) -> dict[str, Any]:
+        await wait(server.unload_job(), request)
+        return {}
+
+    @app.post(f"{api}/reload-checkpoint")
+    async def reload_checkpoint(request: Request) -> dict[str, Any]:
+        await wait(server.reload_job(), request)
+        return {}
+
+    @app.post(f"{api}/refresh-embeddings")
+    async def refresh_embeddings(request: Request) -> dict[str, Any]:
+        await wait(server.refresh_embeddings_job(), request)
+        return {}
+
+    @app.post(f"{api}/refresh-loras")
+    def refresh_loras() -> dict[str, Any]:
+        return {}  # lora_dir is read on every request and every prompt
+
+    @app.post(f"{api}/refresh-vae")
+    def refresh_vae() -> dict[str, Any]:
+        return {}  # no VAE list to read (sd-vae lists none)
 
     return app
