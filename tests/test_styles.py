@@ -64,7 +64,8 @@ def test_csv_with_bom_quotes_newlines_comments_and_duplicates(tmp_path):
 
 @pytest.mark.parametrize("content,why", [
     (b"title,body\nx,y\n", "header must name"),
-    (b"name,prompt\n\"open quote,x\n", "line"),
+    (b"name,prompt\n\"open quote,x\n", "line 2: unexpected end"),
+    (b"name,prompt\na,b\n\"x\"y,z\nc,d\n", "line 3"),
     (b"name,prompt\n\xff\xfe\x00bad\n", "not UTF-8"),
     (b"name,prompt\nx,\x00y\n", "NUL"),
 ])

@@ -125,13 +125,15 @@ def read_styles(path: str | Path) -> list[PromptStyle]:
                           f"negative_prompt (found: {', '.join(map(repr, header))})")
     text_col = "prompt" if "prompt" in header else "text"
     out: list[PromptStyle] = []
-    try:
-        for row in reader:
-            name = (row.get("name") or "").strip()
-            if not name or name.startswith("#"):
-                continue
-            out.append(PromptStyle(name, row.get(text_col) or "",
-                                   row.get("negative_prompt") or ""))
-    except csv.Error as e:
-        raise SdloomError(f"{where}, line {reader.line_num}: {e}") from None
-    return out
+    while True:
+        start = reader.line_num + 1  # the line the next row starts on
+        try:
+            row = next(reader)
+        except StopIteration:
+            return out
+        except csv.Error as e:
+            raise SdloomError(f"{where}, line {start}: {e}") from None
+        name = (row.get("name") or "").strip()
+        if not name or name.startswith("#"):
+            continue
+        out.append(PromptStyle(name, row.get(text_col) or "", row.get("negative_prompt") or ""))
