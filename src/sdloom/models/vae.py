@@ -183,7 +183,12 @@ class AutoencoderKL(nn.Module):
     def latent_from_image(self, x: torch.Tensor, generator: torch.Generator | None = None,
                           sample: bool = False) -> torch.Tensor:
         """Image in [-1, 1] → diffusion latent (z - shift) · scale; z = mean or a sample."""
-        mean, logvar = self.encode(x)
+        return self.latent_from_posterior(*self.encode(x), generator, sample)
+
+    def latent_from_posterior(self, mean: torch.Tensor, logvar: torch.Tensor,
+                              generator: torch.Generator | None = None,
+                              sample: bool = False) -> torch.Tensor:
+        """Posterior (mean, logvar) → diffusion latent (z - shift) · scale (tiled_vae uses it)."""
         z = mean
         if sample:
             # drawn on the generator's device (CPU by A1111 convention) in fp32, then moved, so a

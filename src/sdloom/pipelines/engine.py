@@ -18,6 +18,7 @@ from ..families import family_of
 from ..models.lora import LoraManager, read_lora
 from ..prompts import Conditioning, EmbeddingDB, cond_at_step, split_and, stack_conds
 from ..sampling.denoisers import CFGDenoiser
+from ..tiled_vae import image_from_latent_tiled, latent_from_image_tiled
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_MODEL = ASSETS / "sdloom-emoji.safetensors"
@@ -72,6 +73,13 @@ class Engine:
     embeddings_dir: Path | None = None
     lora_dir: Path | None = None
     upscaler_dir: Path | None = None  # ESRGAN-family models for the hires fix
+    # VAE tiling (tiled_vae.py): "auto" tiles images of more than vae_tile_pixels pixels on any
+    # device, CUDA included (2048² default: an SD VAE's untiled fp32 decode of 1024² peaks at
+    # 4.1 GiB RSS on a CPU, docs/benchmarks.md, so 2048² needs ~4x that; lower it for a small
+    # GPU: free memory is not consulted), "on" always, "off" never; tile, overlap: latent cells
+    vae_tiling: str = "auto"
+    vae_tile_pixels: int = 2048 * 2048
+    vae_tile: tuple[int, int] = (64, 8)
     _hash: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -221,7 +229,8 @@ class Engine:
     # ---------------------------------------------------------------- VAE
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [-1, 1], one image at a time to bound memory.
+        """Latents → images in [-1, 1], one image at a time to bound memory, in tiles for
+        large images (`vae_tiling`).
 
         Non-finite values are never passed on as a black image: latents that hold NaN/inf
         (the denoiser overflowed) are an error; a half-precision VAE that overflows (SDXL's in
@@ -230,10 +239,9 @@ class Engine:
         if not torch.isfinite(latents).all():
             raise SdloomError("the denoiser produced NaN/inf latents: the model's weights are "
                               "damaged, or this precision overflows (try --precision fp32)")
-        vae = self.model.vae
         outs = []
         for z in latents:
-            img = vae.image_from_latent(z[None].to(self.device, self.dtype)).float()
+            img = self._vae_decode(z, self.dtype)
             if not torch.isfinite(img).all() and self.dtype != torch.float32:
                 print(f"sdloom: the VAE overflowed in {str(self.dtype).removeprefix('torch.')}; "
                       "decoding this image in fp32", file=sys.stderr)
@@ -243,22 +251,46 @@ class Engine:
             outs.append(img.cpu())
         return torch.cat(outs)
 
+    def _vae_tiled(self, height: int, width: int) -> bool:
+        """Whether an image of height×width pixels goes through the VAE in tiles."""
+        if self.vae_tiling not in ("auto", "on", "off"):
+            raise SdloomError(f"vae_tiling must be auto, on or off, not {self.vae_tiling!r}")
+        return self.vae_tiling == "on" or (self.vae_tiling == "auto"
+                                           and height * width > self.vae_tile_pixels)
+
+    def _vae_decode(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """One latent [C, h, w] → image [1, 3, H, W] in fp32, tiled when `_vae_tiled` says."""
+        vae, f = self.model.vae, self.latent_format.factor
+        z = z[None].to(self.device, dtype)
+        if self._vae_tiled(z.shape[-2] * f, z.shape[-1] * f):
+            tile, overlap = self.vae_tile
+            return image_from_latent_tiled(vae, z, tile=tile, overlap=overlap, factor=f).float()
+        return vae.image_from_latent(z).float()
+
     def _decode_fp32(self, z: torch.Tensor) -> torch.Tensor:
         """One latent through the VAE in fp32, the model's own VAE left as it was."""
         vae = self.model.vae
         vae.float()
         try:
-            return vae.image_from_latent(z[None].to(self.device, torch.float32)).float()
+            return self._vae_decode(z, torch.float32)
         finally:
             vae.to(self.dtype)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """Images in [-1, 1] → scaled latents, sampling the posterior with each image's seed."""
+        """Images in [-1, 1] → scaled latents, sampling the posterior with each image's seed
+        (tiled as `decode`; the noise is drawn for the whole latent either way)."""
         vae = self.model.vae
         outs = []
+        tiled = self._vae_tiled(*pixels.shape[-2:])
+        tile, overlap = self.vae_tile
         for x, s in zip(pixels, seeds):
             g = torch.Generator().manual_seed(int(s))
-            outs.append(vae.latent_from_image(x[None].to(self.device, self.dtype), generator=g,
-                                              sample=True).float())
+            x = x[None].to(self.device, self.dtype)
+            if tiled:
+                z = latent_from_image_tiled(vae, x, g, sample=True, tile=tile, overlap=overlap,
+                                            factor=self.latent_format.factor)
+            else:
+                z = vae.latent_from_image(x, generator=g, sample=True)
+            outs.append(z.float())
         return torch.cat(outs)
