@@ -8,9 +8,9 @@ import torch
 from sdloom.errors import SdloomError
 from sdloom.sampling.denoisers import (CFGDenoiser, EpsDenoiser, VDenoiser, img2img_steps,
                                        sample, sampling_sigmas)
-from sdloom.sampling.samplers import (SAMPLERS, BrownianTreeNoiseSampler, NoiseSampler,
-                                      lms_coefficient, resolve_sampler, sample_dpmpp_2m_sde,
-                                      sample_dpmpp_3m_sde)
+from sdloom.sampling.noise import BrownianTreeNoiseSampler, NoiseSampler
+from sdloom.sampling.samplers import (SAMPLERS, lms_coefficient, resolve_sampler,
+                                      sample_dpmpp_2m_sde, sample_dpmpp_3m_sde)
 from sdloom.sampling.schedules import DiscreteSchedule, get_sigmas, karras_sigmas
 
 SCHED = DiscreteSchedule.scaled_linear()

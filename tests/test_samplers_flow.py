@@ -7,8 +7,8 @@ import torch
 
 from sdloom.errors import SdloomError
 from sdloom.sampling.model_sampling import DiscreteSampling, FlowSampling, FlowSchedule
-from sdloom.sampling.samplers import (NOISE_FORMS, SAMPLERS, FlowForm, noise_form_of,
-                                      sample_ddim, sample_dpm_2, sample_dpm_2_ancestral,
+from sdloom.sampling.noise import NOISE_FORMS, FlowForm, noise_form_of
+from sdloom.sampling.samplers import (SAMPLERS, sample_ddim, sample_dpm_2, sample_dpm_2_ancestral,
                                       sample_euler, sample_euler_ancestral, sample_lcm)
 from sdloom.sampling.schedules import DiscreteSchedule
 

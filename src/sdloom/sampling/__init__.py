@@ -1,8 +1,8 @@
 """Sampling: noise schedules, samplers (pure functions over a denoiser) and denoiser wrappers."""
 from .denoisers import (CFGDenoiser, EpsDenoiser, VDenoiser, img2img_steps, sample,
                         sampling_sigmas)
-from .samplers import (SAMPLERS, BrownianTreeNoiseSampler, NoiseSampler, SamplerSpec,
-                       resolve_sampler)
+from .noise import BrownianTreeNoiseSampler, NoiseSampler
+from .samplers import SAMPLERS, SamplerSpec, resolve_sampler
 from .schedules import (LABELS, SCHEDULERS, DiscreteSchedule, get_sigmas, scheduler_key,
                         scheduler_label)
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import SdloomError
-from .samplers import Callback, Generators, resolve_sampler
+from .noise import Generators
+from .samplers import Callback, resolve_sampler
 from .schedules import DiscreteSchedule
 
 

@@ -20,7 +20,7 @@ from .schedules import DiscreteSchedule
 
 class DiscreteSampling:
     """eps- or v-prediction on the DDPM sigma table (VE form: x = x0 + σ·ε)."""
-    noise_form = "ve"  # what samplers that re-inject noise are told (samplers.NOISE_FORMS)
+    noise_form = "ve"  # what samplers that re-inject noise are told (noise.NOISE_FORMS)
 
     def __init__(self, schedule: DiscreteSchedule, prediction: str):
         self.schedule, self.prediction = schedule, prediction
