@@ -185,6 +185,13 @@ class SDFamily(Family):
         from .sd_controlnet import ControlledUNet
         return ControlledUNet(model.unet, control)
 
+    def ip_adapted_model(self, model: LatentDiffusion, inner: nn.Module, units, fraction,
+                         pass_mark: bool) -> nn.Module:
+        """A denoiser model (denoiser_model or controlled_model) whose U-Net cross-attentions
+        also attend to IP-Adapter image tokens (models.ip_adapter.ActiveIPAdapter units)."""
+        from ..models.ip_adapter import IPAdaptedModel
+        return IPAdaptedModel(inner, model.unet, units, fraction, pass_mark)
+
     def prompt_encoder(self, model: LatentDiffusion, embeddings: EmbeddingDB) -> PromptEncoder:
         return PromptEncoder(get_tokenizer(), model.text_encoders,
                              list(model.config.text_encoders), embeddings)

@@ -21,6 +21,10 @@ def sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
 
 class CrossAttention(nn.Module):
     """Self-attention (context=None) or cross-attention onto the text context."""
+    # IP-Adapter (Ye et al. 2023): (key, value, weight) triples of image tokens that the query
+    # also attends to, each result added weighted; set for one U-Net call by
+    # models.ip_adapter.IPAdaptedModel, None otherwise
+    image_kv: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, head_dim: int):
         super().__init__()
@@ -34,7 +38,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         ctx = x if context is None else context
-        out = sdpa_heads(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)
+        q = self.to_q(x)
+        out = sdpa_heads(q, self.to_k(ctx), self.to_v(ctx), self.heads)
+        for k, v, weight in self.image_kv or ():
+            out = out + weight * sdpa_heads(q, k.to(q.dtype), v.to(q.dtype), self.heads)
         return self.to_out(out)
 
 

@@ -185,6 +185,13 @@ class _Job:
             engine.family.control_base(engine.config)  # refuses families without ControlNet
             for u in p.controlnets:
                 u.resolved()  # fail before any work, naming the field
+        self.ip_units = []  # IP-Adapters with their image tokens, prepared in run()
+        if p.ip_adapters:
+            if not hasattr(engine.family, "ip_adapted_model"):
+                raise SdloomError(f"IP-Adapter is not supported for {engine.config.family} "
+                                  "models (SD U-Nets only)")
+            for u in p.ip_adapters:
+                u.check()
 
     # ------------------------------------------------------------------ passes
     def _noise(self, seeds: list[int], subseeds: list[int], w: int, h: int) -> ImageRNG:
@@ -231,6 +238,7 @@ class _Job:
         den = e.cfg_denoiser(prompts, negs, p.steps, p.cfg_scale, p.clip_skip, w, h,
                              p.aesthetic_score)
         den = self._controlled(den, "low", w, h, len(self.sigmas) - 1)
+        den = self._ip_adapted(den, len(self.sigmas) - 1, hires=False)
         if init_img is None:
             x = e.sampling.noised(torch.zeros_like(noise), noise, self.sigmas[0])
             return self._sample(p, den, x, self.sigmas, rng, self._conditioning(None, None, seeds,
@@ -276,6 +284,7 @@ class _Job:
         den = e.cfg_denoiser(prompts, negs, self.p.steps, hp.cfg_scale, hp.clip_skip, w, h,
                              hp.aesthetic_score, hires_steps=self.hr_steps)
         den = self._controlled(den, "high", w, h, len(self.hr_sigmas) - 1)
+        den = self._ip_adapted(den, len(self.hr_sigmas) - 1, hires=True)
         extra = self._conditioning(None, None, seeds, w, h)
         return self._sample(hp, den, x, self.hr_sigmas, rng, extra, done)
 
@@ -291,6 +300,8 @@ class _Job:
                                        e.latent_format.channels,
                                        e.device, e.dtype, p.width, p.height, p.init_image,
                                        self.hr, seeds[0])
+        if p.ip_adapters:
+            self.ip_units = self._prepare_ip_adapters()
         extra = self._extra_params(inp)
         images, infotexts = [], []
         for k in range(p.n_iter):
@@ -374,6 +385,34 @@ class _Job:
         den.denoiser = e.sampling.denoiser(
             e.family.controlled_model(e.model, ControlSet(active, self.clock)))
         den.cond, den.uncond = _marked(den.cond, 1.0), _marked(den.uncond, 0.0)
+        return den
+
+    def _prepare_ip_adapters(self) -> list:
+        """Load each IP-Adapter and its image encoder, check the adapter fits the U-Net and
+        encode the reference images once for the whole job."""
+        from ..models.clip_vision import load_clip_vision
+        from ..models.ip_adapter import check_fits, encode_unit, load_ip_adapter
+        e, out = self.engine, []
+        for u in self.p.ip_adapters:
+            adapter = load_ip_adapter(u.model, e.device, e.dtype)
+            check_fits(adapter, e.model.unet, str(u.model))
+            encoder = load_clip_vision(u.image_encoder, e.device, e.dtype)
+            out.append(encode_unit(u, adapter, encoder))
+        return out
+
+    def _ip_adapted(self, den, steps: int, hires: bool):
+        """The pass's denoiser with the IP-Adapters' image tokens; start/end read the same
+        A1111 step counter as ControlNet's guidance window, uncond rows marked."""
+        if not self.ip_units:
+            return den
+        e = self.engine
+        controlled = self.clock is not None
+        if not controlled:
+            self.clock = ControlClock(0, steps, hires=hires)
+            den.cond, den.uncond = _marked(den.cond, 1.0), _marked(den.uncond, 0.0)
+        clock = self.clock
+        den.denoiser = e.sampling.denoiser(e.family.ip_adapted_model(
+            e.model, den.denoiser.model, self.ip_units, lambda: clock.fraction, controlled))
         return den
 
     def _infotext(self, prompt: str, seed: int, subseed: int, extra: dict) -> str:

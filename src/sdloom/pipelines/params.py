@@ -74,6 +74,8 @@ class GenerationParams:
     all_prompts: list[str] | None = None
     # ControlNet units (sdloom.controlnet.ControlUnit), applied together: their residuals add
     controlnets: list = field(default_factory=list)
+    # IP-Adapters (sdloom.models.ip_adapter.IPAdapterUnit): image prompts, their terms added
+    ip_adapters: list = field(default_factory=list)
 
     def validate(self, default_size: int, limits: Limits = DEFAULT_LIMITS,
                  multiple: int = 8) -> None:
