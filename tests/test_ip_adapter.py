@@ -212,3 +212,22 @@ def test_encoder_from_a_single_file_and_refusals(tiny, tmp_path):
                         [Image.new("RGB", (8, 8))], guidance_start=0.8, guidance_end=0.2)
     with pytest.raises(SdloomError, match="start/end"):
         _gen(root, [bad])
+
+
+def test_cli_style_image(tiny, tmp_path, capsys):
+    from sdloom.cli import main
+    root, ref = tiny
+    ref.save(tmp_path / "ref.png")
+    common = ["generate", "a cat", "--model", str(root / "m.safetensors"), "--steps", "2",
+              "--width", "64", "--height", "64", "--sampler", "Euler", "--seed", "7"]
+    assert main([*common, "--output", str(tmp_path / "a.png")]) == 0
+    assert main([*common, "--style-image", str(tmp_path / "ref.png"), "--ip-adapter",
+                 str(root / "ip.safetensors"), "--ip-image-encoder", str(root / "enc"),
+                 "--output", str(tmp_path / "b.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / n), np.float32) for n in ("a.png", "b.png"))
+    assert np.abs(a - b).max() > 2
+    capsys.readouterr()
+    assert main([*common, "--style-image", str(tmp_path / "ref.png"),
+                 "--output", str(tmp_path / "c.png")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "go together" in err and len(err.splitlines()) == 1, err

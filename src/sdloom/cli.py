@@ -110,6 +110,21 @@ def _control_units(args) -> list:
     return units
 
 
+def _ip_units(args) -> list:
+    """The IP-Adapter unit of --ip-adapter and --style-image, or none."""
+    if not args.ip_adapter and not args.style_image:
+        return []
+    if not (args.ip_adapter and args.style_image):
+        raise SdloomError("--ip-adapter and --style-image go together")
+    from pathlib import Path
+
+    from .images import load_image
+    from .models.ip_adapter import IPAdapterUnit
+    encoder = args.ip_image_encoder or str(Path(args.ip_adapter).parent / "image_encoder")
+    return [IPAdapterUnit(args.ip_adapter, encoder, [load_image(x) for x in args.style_image],
+                          args.ip_weight, args.ip_start, args.ip_end)]
+
+
 CONTROL_MODES = {"balanced": 0, "prompt": 1, "controlnet": 2}
 CONTROL_RESIZE = {"just": 0, "crop": 1, "fill": 2}
 HR_CHOICES = {"both": "Both", "low": "Low res only", "high": "High res only"}
@@ -166,6 +181,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "low-res one or the high-res one")
     p.add_argument("--control-pixel-perfect", action="store_true",
                    help="preprocess at the resolution the image is resized to")
+    p.add_argument("--ip-adapter", metavar="FILE",
+                   help="an IP-Adapter file (plain SD1.5 layout) for --style-image")
+    p.add_argument("--style-image", action="append", default=[], metavar="IMAGE",
+                   help="a reference image for --ip-adapter (repeatable: tokens concatenated)")
+    p.add_argument("--ip-image-encoder", metavar="PATH",
+                   help="its CLIP vision model (transformers folder or file); default: the "
+                        "image_encoder folder beside the IP-Adapter file")
+    p.add_argument("--ip-weight", type=_finite, default=1.0, help="IP-Adapter weight (1)")
+    p.add_argument("--ip-start", type=_finite, default=0.0,
+                   help="IP-Adapter start, a fraction of the steps (0)")
+    p.add_argument("--ip-end", type=_finite, default=1.0,
+                   help="IP-Adapter end, a fraction of the steps (1)")
     p.add_argument("--upscaler-dir", help="folder of ESRGAN-family models for --hires-upscaler")
     p.add_argument("--embeddings", help="folder of textual-inversion embeddings")
     p.add_argument("--output", "-o", default="outputs", help="output folder or .png file")
@@ -274,7 +301,8 @@ def _params(args, kind: str):
         steps=args.steps, cfg_scale=args.cfg, sampler_name=args.sampler, scheduler=args.scheduler,
         seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength,
         batch_size=args.batch_size, n_iter=args.n_iter, clip_skip=args.clip_skip, eta=args.eta,
-        loras=[_lora_arg(x) for x in args.lora], controlnets=_control_units(args))
+        loras=[_lora_arg(x) for x in args.lora], controlnets=_control_units(args),
+        ip_adapters=_ip_units(args))
     if kind == "generate" and args.hires_scale:
         p.enable_hr, p.hr_scale = True, args.hires_scale
         p.hr_second_pass_steps, p.hr_upscaler = args.hires_steps, args.hires_upscaler
