@@ -61,6 +61,21 @@ ALIASES = {"invert (from white bg & black line)": "invert", "binary": "threshold
 DEFAULT_RES = 512
 
 
+def preprocessor_name(name: str) -> str:
+    """A preprocessor name (or the extension's alias) → the one sdloom runs; SdloomError in
+    one line for those that need annotator weights and for unknown names."""
+    module = ALIASES.get(name, name)
+    if module in NEEDS_WEIGHTS:
+        raise SdloomError(f"ControlNet preprocessor {module!r} needs the annotator weights "
+                          f"{NEEDS_WEIGHTS[module]}, which sdloom does not run yet: "
+                          "preprocess the image elsewhere and pass it with module 'none'")
+    if module not in DEFAULTS:
+        raise SdloomError(f"unknown ControlNet preprocessor {name!r}; sdloom runs "
+                          f"{', '.join(DEFAULTS)} (and refuses {', '.join(NEEDS_WEIGHTS)}, "
+                          "which need annotator weights)")
+    return module
+
+
 @dataclass
 class ControlUnit:
     """One ControlNet unit (sd-webui-controlnet's ControlNetUnit fields)."""
@@ -83,15 +98,7 @@ class ControlUnit:
     def resolved(self) -> ControlUnit:
         """A copy with names turned into indices, module aliases and −1 defaults filled, and
         every field checked (one line per problem)."""
-        module = ALIASES.get(self.module, self.module)
-        if module in NEEDS_WEIGHTS:
-            raise SdloomError(f"ControlNet preprocessor {module!r} needs the annotator weights "
-                              f"{NEEDS_WEIGHTS[module]}, which sdloom does not run yet: "
-                              "preprocess the image elsewhere and pass it with module 'none'")
-        if module not in DEFAULTS:
-            raise SdloomError(f"unknown ControlNet preprocessor {self.module!r}; sdloom runs "
-                              f"{', '.join(DEFAULTS)} (and refuses {', '.join(NEEDS_WEIGHTS)}, "
-                              "which need annotator weights)")
+        module = preprocessor_name(self.module)
         cm = _index(self.control_mode, MODES, "control mode")
         rm = _index(self.resize_mode, RESIZE_MODES, "resize mode")
         if self.hr_option not in HR_OPTIONS:

@@ -23,8 +23,9 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from ..controlnet import (ALIASES, DEFAULTS, HR_OPTIONS, NEEDS_WEIGHTS, RESIZE_MODES,
-                          ControlUnit, find_controlnet, list_controlnets, preprocess)
+from ..controlnet import (ALIASES, DEFAULTS, HR_OPTIONS, RESIZE_MODES,
+                          ControlUnit, find_controlnet, list_controlnets, preprocess,
+                          preprocessor_name)
 from ..errors import NotFoundError, SdloomError
 from ..families.sd_controlnet import MODES
 from ..infotext import encode_image
@@ -102,15 +103,10 @@ def _enum(v: Any, names: tuple[str, ...], where: str, aliases: dict[str, str] | 
 def _module(v: Any, where: str) -> str:
     if not isinstance(v, str):
         raise SdloomError(f"{where} must be a preprocessor name, got {v!r}")
-    m = ALIASES.get(v, v)
-    if m in NEEDS_WEIGHTS:
-        raise SdloomError(f"{where}: preprocessor {v!r} needs the annotator weights "
-                          f"{NEEDS_WEIGHTS[m]}, which sdloom does not run yet; preprocess "
-                          "the image elsewhere (or with another module) and send module 'none'")
-    if m not in DEFAULTS:
-        raise SdloomError(f"{where}: unknown preprocessor {v!r}; GET /controlnet/module_list "
-                          f"lists them ({', '.join(DEFAULTS)})")
-    return m
+    try:
+        return preprocessor_name(v)
+    except SdloomError as e:
+        raise SdloomError(f"{where}: {e}") from None
 
 
 def _in_slider(value: float, slider: dict | None) -> float:
