@@ -58,11 +58,16 @@ def test_lists_without_content_have_a1111_shapes(client):
     assert client.get(f"{API}/hypernetworks").json() == []
     assert client.get(f"{API}/face-restorers").json() == []
     assert client.get(f"{API}/extensions").json() == []
-    assert client.get(f"{API}/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get(f"{API}/scripts").json() == {"txt2img": ["x/y/z plot"],
+                                                   "img2img": ["x/y/z plot"]}
     info = client.get(f"{API}/script-info").json()
     assert {(s["name"], s["is_alwayson"], s["is_img2img"]) for s in info} == {
-        ("controlnet", True, False), ("controlnet", True, True)}
-    assert all(s["args"] == [] for s in info)
+        ("controlnet", True, False), ("controlnet", True, True),
+        ("x/y/z plot", False, False), ("x/y/z plot", False, True)}
+    assert all(s["args"] == [] for s in info if s["name"] == "controlnet")
+    xyz = [s for s in info if s["name"] == "x/y/z plot"]
+    assert [a["label"] for a in xyz[0]["args"]][:4] == ["X type", "X values", "X values",
+                                                         "Y type"]
     for route in ("refresh-loras", "refresh-vae", "refresh-checkpoints"):
         assert client.post(f"{API}/{route}").status_code == 200
 

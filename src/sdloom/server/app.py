@@ -4,8 +4,8 @@ that API at `/`. Routes validate, queue a job (jobs.py) and wait for its result.
 Request and response fields are A1111's (docs/a1111.md), so its clients work unchanged.
 Differences, each deliberate: width/height default to the model's own size (A1111: 512 for
 every model); face restoration, tiling and scripts are refused with a 422 naming the
-field rather than ignored (the one always-on script served is ControlNet,
-controlnet_api.py); image URLs are refused (only base64 and data URLs are read);
+field rather than ignored (the scripts served are ControlNet, always on, controlnet_api.py,
+and the X/Y/Z plot, xyz.py); image URLs are refused (only base64 and data URLs are read);
 /skip drops the batch in progress (A1111 keeps its partial image); every error, validation
 errors included, has A1111's error body (`error`, `detail`, `body`, `errors`).
 Prompt styles (`--styles-file`, styles.py) apply as A1111's, unknown names ignored as A1111
@@ -14,7 +14,8 @@ from what sdloom has; unload-checkpoint frees the model and the next job loads i
 
 What one request may do is bounded (SECURITY.md): the body and images are measured before
 they are read, per-request settings last one job, names resolve only inside their folders,
-and /progress, /interrupt and /skip never wait for a job.
+and /progress, /interrupt and /skip never wait for a job. The web page's image browser of
+outdir is history.py.
 """
 from __future__ import annotations
 
@@ -53,11 +54,13 @@ from ..sampling.schedules import LABELS
 from ..seeds import all_seeds, fix_seed
 from ..styles import StyleDB
 from .controlnet_api import add_controlnet_routes, units_from_scripts
+from .history import history_router
 from .guard import BodyTooLarge, Guard, error_body, log, parse_users
 from .jobs import (PREVIEW_EVERY, Cancelled, Generated, Job, JobQueue, QueueFull, _accepts,
                    run_batches)
 from .schema import (Body, ExtrasBaseRequest, ExtrasBatchImagesRequest,
                      ExtrasSingleImageRequest, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest)
+from .xyz import SCRIPT_TITLE, is_xyz, xyz_job, xyz_script_info
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 WEB = Path(__file__).parent / "web"  # the page: index.html, app.js, style.css
@@ -65,6 +68,7 @@ LATENT_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
                 "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)")
 assert {m.lower() for m in LATENT_MODES} == set(LATENT_UPSCALERS)
 SAMPLE_FORMATS = ("png", "jpg", "jpeg", "webp")
+XYZ_NAME = SCRIPT_TITLE.lower()
 CLIP_SKIP_MAX = 12  # A1111's "Clip skip" slider range is 1..12
 
 
@@ -458,22 +462,28 @@ class Server:
         every = opts.get("show_progress_every_n_steps", PREVIEW_EVERY)
 
         def work(job: Job) -> tuple[Engine, Generated]:
-            engine = self.engine
-            if model is not None and not self.is_loaded(model):
-                engine = self._load(model)
-                if keep_model:
-                    self.engine = engine
-            try:
-                out = run_batches(job, engine, params, seeds, subseeds, limits=self.limits,
-                                  preview_every=every)
-            finally:
-                self._restore(engine)
+            engine, out = self.with_engine(model, keep_model, lambda eng: run_batches(
+                job, eng, params, seeds, subseeds, limits=self.limits, preview_every=every))
             if save:
                 self.save(out.images, out.infotexts, out.seeds, kind == "img2img",
                           opts["samples_format"])
             return engine, out
 
         return self.jobs.submit(Job(kind, work, id=task_id, keep_on_disconnect=save))
+
+    def with_engine(self, model: Path | None, keep_model: bool,
+                    run: Callable[[Engine], Any]) -> tuple[Engine, Any]:
+        """run(engine) on the loaded model, or on `model` (loaded for this job, kept only with
+        keep_model), then the engine restored to its state as loaded (on a worker thread)."""
+        engine = self.engine
+        if model is not None and not self.is_loaded(model):
+            engine = self._load(model)
+            if keep_model:
+                self.engine = engine
+        try:
+            return engine, run(engine)
+        finally:
+            self._restore(engine)
 
     def _restore(self, engine: Engine) -> None:
         """Undo the job's per-request state (prompt LoRAs), after success or failure alike,
@@ -491,11 +501,13 @@ class Server:
 
     # ------------------------------------------------------------------ saving
     def save(self, images: list, infos: list[str], seeds: list[int], img2img: bool,
-             fmt: str) -> None:
-        """save_images: atomic writes under outdir; a failed write leaves no empty file."""
+             fmt: str, grid: bool = False) -> None:
+        """save_images: atomic writes under outdir (A1111's outdir_{txt2img,img2img}_samples,
+        or _grids); a failed write leaves no empty file."""
         from ..images import unique_output_path
         from ..infotext import save_image
-        folder = self.outdir / ("img2img-images" if img2img else "txt2img-images")
+        folder = self.outdir / (("img2img" if img2img else "txt2img")
+                                + ("-grids" if grid else "-images"))
         ext = ".jpg" if fmt == "jpeg" else "." + fmt
         for im, t, sd in zip(images, infos, seeds):
             path = None
@@ -850,9 +862,13 @@ def create_app(server: Server, api_auth: str | None = None, *,
 
     async def respond(req: Txt2ImgRequest, request: Request, img2img: bool) -> dict[str, Any]:
         kind = "img2img" if img2img else "txt2img"
-        p, opts, model = await run_in_threadpool(to_params, req, server, img2img)
-        job = server.submit(p, kind, model, keep_model=not req.override_settings_restore_afterwards,
-                            opts=opts, task_id=req.force_task_id, save=req.save_images)
+        if is_xyz(req.script_name):
+            job, p, opts = await run_in_threadpool(xyz_job, server, req, img2img, to_params)
+        else:
+            p, opts, model = await run_in_threadpool(to_params, req, server, img2img)
+            job = server.submit(p, kind, model,
+                                keep_model=not req.override_settings_restore_afterwards,
+                                opts=opts, task_id=req.force_task_id, save=req.save_images)
         try:
             eng, out = await wait(job, request)
         except Cancelled:  # interrupted while it waited: no images, as an early interrupt
@@ -1053,6 +1069,7 @@ def create_app(server: Server, api_auth: str | None = None, *,
                 for p in files]
 
     add_controlnet_routes(app, server, decode_image)
+    app.include_router(history_router(server))  # the web page's image browser of outdir
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -1091,14 +1108,15 @@ def create_app(server: Server, api_auth: str | None = None, *,
 
     @app.get(f"{api}/scripts")
     def scripts() -> dict[str, list]:
-        return {"txt2img": [], "img2img": []}  # no selectable scripts (script_name)
+        return {"txt2img": [XYZ_NAME], "img2img": [XYZ_NAME]}  # A1111 lists titles lowercased
 
     @app.get(f"{api}/script-info")
     def script_info() -> list[dict[str, Any]]:
-        """The always-on scripts requests may name in alwayson_scripts: ControlNet, for both
-        tabs (A1111 lists an extension's script once per tab; sdloom describes no args)."""
+        """The scripts requests may name: ControlNet in alwayson_scripts (A1111 lists an
+        extension's script once per tab; sdloom describes no args), the X/Y/Z plot in
+        script_name with its script_args."""
         return [{"name": "controlnet", "is_alwayson": True, "is_img2img": tab, "args": []}
-                for tab in (False, True)]
+                for tab in (False, True)] + xyz_script_info()
 
     @app.get(f"{api}/extensions")
     def extensions() -> list:

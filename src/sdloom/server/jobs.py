@@ -364,17 +364,21 @@ def _partial_infotext(engine, p: GenerationParams, prompt: str, seed: int) -> st
 
 def run_batches(job: Job, engine, params: GenerationParams, seeds: list[int],
                 subseeds: list[int], *, limits: Limits = DEFAULT_LIMITS,
-                preview_every: int = PREVIEW_EVERY) -> Generated:
+                preview_every: int = PREVIEW_EVERY, first_batch: int | None = None
+                ) -> Generated:
     """Run a generation job batch by batch (n_iter batches of batch_size) on `engine`.
 
     /skip drops the batch in progress; /interrupt also the batches still to come, and returns
     the partly denoised batch in progress decoded from its latest x̂0 (A1111 returns the
-    sampler's last x̂0), except for masked img2img, whose overlay needs the finished image."""
+    sampler's last x̂0), except for masked img2img, whose overlay needs the finished image.
+    first_batch: where these batches start in a job the caller has begun (job.begin) for
+    several runs, as the X/Y/Z plot's cells; None begins the job here with n batches."""
     bs, n = params.batch_size, params.n_iter
     factors = engine.family.preview_factors(engine.config) if preview_every > 0 else None
     out = Generated([], [], [], [])
     latest: dict[str, torch.Tensor] = {}
-    job.begin(n)
+    if first_batch is None:
+        job.begin(n)
 
     def callback(step: int, total: int, x0: torch.Tensor | None) -> None:
         job.sampling_step, job.sampling_steps = step, total
@@ -386,7 +390,7 @@ def run_batches(job: Job, engine, params: GenerationParams, seeds: list[int],
 
     kw = {"limits": limits} if _accepts(generate, "limits") else {}
     for k in range(n):
-        job.next_batch(k)
+        job.next_batch(k + (first_batch or 0))
         if job.stop == "interrupt":
             break
         sl = slice(k * bs, (k + 1) * bs)

@@ -101,6 +101,7 @@ class Txt2ImgRequest(Body):
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     script_name: str | None = None
+    script_args: list[Any] = []  # the script's arguments by position (server/xyz.py)
     alwayson_scripts: dict[str, Any] = {}
     send_images: bool = True
     save_images: bool = False
