@@ -7,7 +7,7 @@ counted with torch's FlopCounterMode; MFU = counted FLOPs × steps/s ÷ peak.
 
 Usage: python bench/bench_train.py [--batch-size 8] [--latent 64] [--steps 10] [--warmup 3]
        [--device auto|cpu|cuda] [--precision bf16|fp16|fp32] [--grad-checkpointing]
-       [--compile] [--peak-tflops 989]
+       [--compile] [--channels-last] [--peak-tflops 989]
 CPU defaults: 32×32 latents (256² images), batch 1, 1 warm-up + 2 timed steps.
 """
 from __future__ import annotations
@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="U-Net weights and latents in channels_last memory format")
     ap.add_argument("--peak-tflops", type=float, help="peak of the device for MFU")
     ap.add_argument("--threads", type=int, help="CPU threads")
     a = ap.parse_args()
@@ -66,6 +68,8 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = UNetConfig()  # SD1.5
     unet = UNetModel(cfg).to(dev).train()
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    unet = unet.to(memory_format=fmt)
     unet.gradient_checkpointing = a.grad_checkpointing
     n_params = sum(p.numel() for p in unet.parameters())
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, **({"fused": True} if cuda else {}))
@@ -73,7 +77,7 @@ def main() -> None:
     fwd = torch.compile(unet) if a.compile else unet
     ac = DiscreteSchedule.scaled_linear().alphas_cumprod.float().to(dev)
     g = torch.Generator().manual_seed(0)
-    x0 = (torch.randn(bs, 4, side, side, generator=g) * 0.8).to(dev)
+    x0 = (torch.randn(bs, 4, side, side, generator=g) * 0.8).to(dev, memory_format=fmt)
     ctx = torch.randn(bs, 77, cfg.context_dim, generator=g).to(dev)
 
     def step() -> torch.Tensor:
@@ -123,6 +127,7 @@ def main() -> None:
            "unet_params_m": round(n_params / 1e6, 1), "batch": bs,
            "latent": side, "image": side * 8, "precision": precision,
            "grad_checkpointing": a.grad_checkpointing, "compile": a.compile,
+           "channels_last": a.channels_last,
            "warmup_s": round(t_warm, 2), "step_s": round(dt, 4),
            "images_per_s": round(bs / dt, 3),
            "tflop_per_step": round(flops / 1e12, 3),

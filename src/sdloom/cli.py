@@ -199,6 +199,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", action="store_true", help="also save a grid of the batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--compile", action="store_true",
+                   help="compile the denoiser with torch.compile (slow first image; inductor "
+                        "caches kernels on disk for later runs)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run the denoiser eagerly on CUDA instead of replaying CUDA graphs")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -367,7 +372,8 @@ def cmd_generate(args, kind: str) -> int:
                          prediction=args.prediction, embeddings_dir=args.embeddings,
                          lora_dir=args.lora_dir, upscaler_dir=args.upscaler_dir,
                          without=("t5",) if args.no_t5 else (),
-                         text_encoders=args.text_encoders)
+                         text_encoders=args.text_encoders, compile=args.compile,
+                         cuda_graphs=not args.no_cuda_graphs)
     load_s = time.perf_counter() - t0
     bar = None
     if not args.quiet:

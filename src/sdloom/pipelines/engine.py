@@ -19,6 +19,7 @@ from ..models.lora import LoraManager, read_lora
 from ..prompts import Conditioning, EmbeddingDB, cond_at_step, split_and, stack_conds
 from ..sampling.denoisers import CFGDenoiser
 from ..tiled_vae import image_from_latent_tiled, latent_from_image_tiled
+from .fastpath import GraphedModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_MODEL = ASSETS / "sdloom-emoji.safetensors"
@@ -80,6 +81,10 @@ class Engine:
     vae_tiling: str = "auto"
     vae_tile_pixels: int = 2048 * 2048
     vae_tile: tuple[int, int] = (64, 8)
+    # the GPU fast path (fastpath.py): the denoiser's network replayed from CUDA graphs (on by
+    # default; CUDA only, inference only) and, opt-in, compiled with torch.compile
+    cuda_graphs: bool = True
+    compile: bool = False
     _hash: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -101,7 +106,10 @@ class Engine:
                   file=sys.stderr)
         self.loras = LoraManager(self.model, lambda: self.family.lora_targets(self.model))
         self._lora_key: list[tuple[str, float]] = []  # the (file, weight) pairs merged now
-        self.denoiser = self.sampling.denoiser(self.family.denoiser_model(self.model))
+        net = self.family.denoiser_model(self.model)
+        if self.cuda_graphs or self.compile:
+            net = GraphedModel(net, graphs=self.cuda_graphs, compile=self.compile)
+        self.denoiser = self.sampling.denoiser(net)
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str = "auto",

@@ -28,6 +28,7 @@ from ..limits import DEFAULT_LIMITS, Limits
 from ..models.lora import extract_prompt_loras
 from ..prompts import prompt_schedule
 from ..sampling.denoisers import sample, sampling_sigmas
+from .fastpath import eager
 from ..sampling.samplers import resolve_sampler
 from ..sampling.schedules import scheduler_label
 from ..seeds import ImageRNG, all_seeds, fix_seed
@@ -411,8 +412,10 @@ class _Job:
             self.clock = ControlClock(0, steps, hires=hires)
             den.cond, den.uncond = _marked(den.cond, 1.0), _marked(den.uncond, 0.0)
         clock = self.clock
+        # the plain network, never its CUDA graphs: the adapter sets per-call attention state
         den.denoiser = e.sampling.denoiser(e.family.ip_adapted_model(
-            e.model, den.denoiser.model, self.ip_units, lambda: clock.fraction, controlled))
+            e.model, eager(den.denoiser.model), self.ip_units, lambda: clock.fraction,
+            controlled))
         return den
 
     def _infotext(self, prompt: str, seed: int, subseed: int, extra: dict) -> str:
