@@ -291,13 +291,14 @@ def phase_sdxl(st: dict, dtype) -> None:
          graphs_vs_eager_max_abs=(gout.float() - e.float()).abs().max().item())
 
 
-def phase_train(st: dict, budget: float, hard: float) -> None:
+def phase_train(st: dict, budget: float, hard: float, names: list[str]) -> None:
     st.clear()
     torch.cuda.empty_cache()
     here = os.path.dirname(__file__)
-    variants = [("eager bf16", []), ("channels_last", ["--channels-last"]),
-                ("compile", ["--compile"])]
-    for name, flags in variants:
+    variants = {"eager": [], "channels_last": ["--channels-last"], "compile": ["--compile"],
+                "compile_channels_last": ["--compile", "--channels-last"]}
+    for name in names:
+        flags = variants[name]
         left = hard - (time.perf_counter() - T0)
         if time.perf_counter() - T0 > budget or left < 30:
             emit(what=f"train {name}", skipped="budget")
@@ -318,12 +319,15 @@ def phase_train(st: dict, budget: float, hard: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phases", default="unet15,image15,sdxl,dcompile,ocompile,train")
+    ap.add_argument("--phases", default="unet15,image15,sdxl,train,dcompile,ocompile")
     ap.add_argument("--budget", type=float, default=330.0,
                     help="seconds after which remaining phases are skipped")
     ap.add_argument("--hard", type=float, default=400.0,
                     help="seconds by which the train phase's subprocesses must have ended")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--train", default="eager,channels_last,compile",
+                    help="bench_train.py variants: eager, channels_last, compile, "
+                         "compile_channels_last")
     ap.add_argument("--out")
     a = ap.parse_args()
     dtype = torch.float16
@@ -348,7 +352,7 @@ def main() -> None:
             elif ph == "sdxl":
                 phase_sdxl(st, dtype)
             elif ph == "train":
-                phase_train(st, a.budget, a.hard)
+                phase_train(st, a.budget, a.hard, a.train.split(","))
         except Exception as e:  # one broken phase must not lose the others' numbers
             import traceback
             emit(what=ph, error=f"{type(e).__name__}: {e}"[:800],
