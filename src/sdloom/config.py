@@ -34,6 +34,9 @@ class UNetConfig:
     # per level: whether attn1 attends to the text context instead of the image (LDM's
     # disable_self_attentions; the x4 upscaler's first levels); None = self-attention everywhere
     disable_self_attentions: tuple[bool, ...] | None = None
+    # False: LDM's legacy `AttentionBlock` (self-attention only, fused per-head qkv, no text)
+    # where the transformer would be; transformer_depth then only says where attention is (LDSR)
+    use_spatial_transformer: bool = True
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of a transformer at `channels` width."""
@@ -44,7 +47,8 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL (f = 2**(len(ch_mult)-1)) hyper-parameters."""
+    """First-stage autoencoder (f = 2**(len(ch_mult)-1)) hyper-parameters: AutoencoderKL, or
+    with `n_embed` codes a VQModel (LDM's vq-f4/vq-f8: `double_z` off, a vector quantiser)."""
     in_channels: int = 3
     out_ch: int = 3
     ch: int = 128
@@ -56,6 +60,10 @@ class VAEConfig:
     scale_factor: float = 0.18215
     shift_factor: float = 0.0
     use_quant_conv: bool = True  # False: SD3/Flux's 16-ch VAE, no quant_conv/post_quant_conv
+    n_embed: int = 0  # codebook size of a VQ autoencoder; 0 = KL autoencoder
+    # resolution levels (ch_mult indices) whose blocks have self-attention (LDM's
+    # attn_resolutions, as levels: vq-f8's [32] at 256 px is level 3); the SD VAEs have none
+    attn_levels: tuple[int, ...] = ()
 
     @property
     def downscale(self) -> int:

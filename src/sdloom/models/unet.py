@@ -71,6 +71,27 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
+class AttentionBlock(nn.Module):
+    """LDM's legacy `AttentionBlock` (openaimodel, `QKVAttentionLegacy`): GroupNorm, one 1×1
+    conv to q, k, v interleaved per head ([heads × (q|k|v) × head_dim] channels), multi-head
+    self-attention over the pixels, a 1×1 output conv, residual. No text (LDSR's U-Net)."""
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        flat = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(flat)).reshape(b, self.heads, 3, c // self.heads, -1)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(2))  # [B, heads, L, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, -1)
+        return (flat + self.proj_out(out)).reshape(b, c, *spatial)
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence whose ResBlocks see the timestep embedding and transformers see the context."""
 
@@ -104,8 +125,10 @@ class UNetModel(nn.Module):
         elif cfg.num_classes is not None:  # LDM `num_classes`: y holds integer labels
             self.label_emb = nn.Embedding(cfg.num_classes, ted)
 
-        def transformer(ch: int, depth: int, level: int | None = None) -> SpatialTransformer:
+        def transformer(ch: int, depth: int, level: int | None = None) -> nn.Module:
             heads, hd = cfg.heads_for(ch)
+            if not cfg.use_spatial_transformer:
+                return AttentionBlock(ch, heads, g)
             no_self = (level is not None and cfg.disable_self_attentions is not None
                        and bool(cfg.disable_self_attentions[level]))
             return SpatialTransformer(ch, heads, hd, depth, cfg.context_dim,
@@ -154,7 +177,7 @@ class UNetModel(nn.Module):
             return checkpoint(block, h, emb, context, out_size, use_reentrant=False)
         return block(h, emb, context, out_size)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
                 y: torch.Tensor | None = None,
                 control: list[torch.Tensor] | None = None) -> torch.Tensor:
         """`control`: ControlNet residuals, one per skip connection and the middle block's
@@ -175,7 +198,7 @@ class UNetModel(nn.Module):
                                   "level)")
             emb = emb + self.label_emb(y.long().expand(x.shape[0])).to(dtype)
         h = x.to(dtype)
-        context = context.to(dtype)
+        context = context.to(dtype) if context is not None else None  # None: no text (LDSR)
         skips = []
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)

@@ -1,4 +1,5 @@
 """AutoencoderKL (Rombach et al. 2022, LDM `model.py`): image ⇄ latent, f = 2^(levels-1).
+Its Encoder and Decoder are also the VQ autoencoder's (models/vq.py).
 
 Attribute paths equal the keys under `first_stage_model.` in the original checkpoints.
 """
@@ -83,6 +84,16 @@ class Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
+def _level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A level's resnets, each followed by its attention block where the level has them."""
+    attn = getattr(level, "attn", None)
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if attn is not None:
+            h = attn[j](h)
+    return h
+
+
 class Encoder(nn.Module):
     """Image → 2·z_channels moments; each `down.{i}` but the last halves the resolution."""
 
@@ -98,18 +109,21 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 level.block.append(ResnetBlock(cin, ch * m, g))
                 cin = ch * m
+            if i in cfg.attn_levels:  # one attention after each resnet, as LDM's `down.{i}.attn`
+                level.attn = nn.ModuleList(AttnBlock(cin, g) for _ in level.block)
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = Downsample(cin)
             self.down.append(level)
         self.mid = Mid(cin, g)
         self.norm_out = nn.GroupNorm(g, cin, eps=1e-6)
-        self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
+        # KL: mean and log-variance (LDM's double_z); VQ: the latent itself
+        moments = cfg.z_channels if cfg.n_embed else 2 * cfg.z_channels
+        self.conv_out = nn.Conv2d(cin, moments, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
-                h = block(h)
+            h = _level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
@@ -132,6 +146,8 @@ class Decoder(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 level.block.append(ResnetBlock(cin, ch * cfg.ch_mult[i], g))
                 cin = ch * cfg.ch_mult[i]
+            if i in cfg.attn_levels:
+                level.attn = nn.ModuleList(AttnBlock(cin, g) for _ in level.block)
             if i != 0:
                 level.upsample = Upsample(cin)
             levels.insert(0, level)
@@ -142,8 +158,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
+            h = _level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -158,6 +173,8 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
+        if cfg.n_embed:
+            raise ValueError("a VAE config with n_embed codes is a VQModel's (models/vq.py)")
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)

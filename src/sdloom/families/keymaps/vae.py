@@ -3,8 +3,9 @@
 diffusers numbers decoder levels from the lowest resolution (up_blocks.0 = LDM up.{n-1}) and
 stores the mid-block attention projections as linear [C, C] where LDM has 1×1 convs [C, C, 1, 1].
 Works on plain dicts without a prefix; keys that match no row pass through unchanged, so a
-strict load afterwards names anything unexpected. `quant_conv` / `post_quant_conv` have the same
-names on both sides; SD3/Flux VAEs have neither, and both directions need nothing for that.
+strict load afterwards names anything unexpected. `quant_conv` / `post_quant_conv` (and a VQ
+model's `quantize.embedding`) have the same names on both sides; SD3/Flux VAEs have neither,
+and both directions need nothing for that. Level attentions (vq-f8) map like the mid block's.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ LEAF = [("conv_shortcut", "nin_shortcut"), ("group_norm", "norm"), ("to_q", "q")
         ("to_v", "v"), ("to_out.0", "proj_out")]
 # attention names of diffusers < 0.14, accepted when reading, never written
 LEGACY_LEAF = [("query", "q"), ("key", "k"), ("value", "v"), ("proj_attn", "proj_out")]
-ATTN_1X1 = re.compile(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+# single-head attention (the mid block's; vq-f8's levels too): 1×1 convs in LDM
+ATTN_1X1 = re.compile(r"(mid\.attn_1|down\.\d+\.attn\.\d+|up\.\d+\.attn\.\d+)"
+                      r"\.(q|k|v|proj_out)\.weight$")
 
 
 def _prefix_pairs(n_down: int, n_up: int) -> list[tuple[str, str]]:
@@ -32,10 +35,12 @@ def _prefix_pairs(n_down: int, n_up: int) -> list[tuple[str, str]]:
                   (f"{side}.mid_block.attentions.0", f"{side}.mid.attn_1")]
     for i in range(n_down):
         pairs += [(f"encoder.down_blocks.{i}.resnets", f"encoder.down.{i}.block"),
+                  (f"encoder.down_blocks.{i}.attentions", f"encoder.down.{i}.attn"),
                   (f"encoder.down_blocks.{i}.downsamplers.0", f"encoder.down.{i}.downsample")]
     for k in range(n_up):  # diffusers runs up_blocks in order; LDM indexes by resolution
         i = n_up - 1 - k
         pairs += [(f"decoder.up_blocks.{k}.resnets", f"decoder.up.{i}.block"),
+                  (f"decoder.up_blocks.{k}.attentions", f"decoder.up.{i}.attn"),
                   (f"decoder.up_blocks.{k}.upsamplers.0", f"decoder.up.{i}.upsample")]
     return pairs
 
