@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sdloom.config import UNetConfig
 from sdloom.models.unet import UNetModel
 from sdloom.sampling.schedules import DiscreteSchedule
-from sdloom.training.train import diffusion_target
+from sdloom.training.objectives import diffusion_target
 
 # dense bf16/fp16 tensor-core peaks (vendor sheets): SXM parts
 PEAKS_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
