@@ -4,6 +4,7 @@ resolution, loading ControlNet files, and the infotext line of a unit.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from PIL import Image
 
 from .checkpoints.load import open_file
 from .errors import NotFoundError, SdloomError
+from .families import family_of
 from .families.sd_controlnet import (MODES, ActiveControl, ControlClock, ControlSet,
                                      build_controlnet, controlnet_keys, detect_controlnet,
                                      fit_to_unet)
@@ -348,9 +350,10 @@ def prepare_units(units, base, latent_channels: int, device: torch.device, dtype
                               "uses the init image)")
         if u.pixel_perfect:
             u.processor_res = pixel_perfect_res(image, w, h, u.resize_mode)
-        net = load_controlnet(u.model, base, latent_channels, device, dtype)
-        path = _weights_file(Path(u.model))
-        name = Path(u.model).stem if Path(u.model).is_file() else Path(u.model).name
+        model = _builtin_or_path(u.model)
+        net = load_controlnet(model, base, latent_channels, device, dtype)
+        path = _weights_file(Path(model))
+        name = Path(model).stem if Path(model).is_file() else Path(model).name
         passes = {"Both": {"low", "high"}, "Low res only": {"low"},
                   "High res only": {"high"}}[u.hr_option] if hires else {"low"}
         out.append(PreparedUnit(u, net, preprocess(u, image, seed),
@@ -362,13 +365,60 @@ def prepare_units(units, base, latent_channels: int, device: torch.device, dtype
 
 MODEL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# ControlNets shipped in the package (docs/embedded-model.md): listed for the models they fit
+# when the file is there (training/controlnet_train.py makes it)
+BUILTIN = {"sdloom-emoji-canny":
+           Path(__file__).resolve().parent / "assets" / "sdloom-emoji-canny.safetensors"}
 
 
-def list_controlnets(folder: str | Path | None) -> dict[str, Path]:
-    """ControlNet models under `folder` by the name the extension shows, "name [hash]" (file
-    stem, or a diffusers folder's name; legacy hash of the weights). Only files whose real
-    path is inside the folder are listed, so a symlink cannot lead a request elsewhere."""
-    out: dict[str, Path] = {}
+@functools.lru_cache(maxsize=32)
+def _fits(file: Path, stamp: tuple[int, int], base, latent_channels: int) -> bool:
+    """Whether the ControlNet file fits a U-Net config (`stamp`: its mtime and size)."""
+    try:
+        src = open_file(file)
+        names = controlnet_keys(src.shapes)
+        fit_to_unet(detect_controlnet({new: src.shapes[old] for old, new in names.items()}),
+                    base, latent_channels, file.name)
+    except SdloomError:
+        return False
+    return True
+
+
+def builtin_controlnets(model_config) -> dict[str, Path]:
+    """The shipped ControlNets that exist and fit this model (none without a model, or for a
+    family without ControlNet)."""
+    if model_config is None:
+        return {}
+    fam = family_of(model_config)
+    try:
+        base = fam.control_base(model_config)
+    except SdloomError:
+        return {}
+    channels = fam.latent_format(model_config).channels
+    out = {}
+    for name, path in BUILTIN.items():
+        st = path.stat() if path.is_file() else None
+        if st is not None and _fits(path, (st.st_mtime_ns, st.st_size), base, channels):
+            out[name] = path
+    return out
+
+
+def _builtin_or_path(model: str) -> str:
+    """A unit's model: a shipped ControlNet's name ("name" or "name [hash]") → its file, unless
+    a file or folder of that name exists; anything else as given."""
+    name = model.rsplit(" [", 1)[0] if model.endswith("]") else model
+    if name in BUILTIN and not Path(model).exists():
+        return str(BUILTIN[name])
+    return model
+
+
+def list_controlnets(folder: str | Path | None, model_config=None) -> dict[str, Path]:
+    """ControlNet models by the name the extension shows, "name [hash]" (file stem, or a
+    diffusers folder's name; legacy hash of the weights): the shipped ones that fit
+    `model_config`, then those under `folder`. Only files whose real path is inside the folder
+    are listed, so a symlink cannot lead a request elsewhere."""
+    out: dict[str, Path] = {f"{name} [{legacy_hash(path)}]": path
+                            for name, path in builtin_controlnets(model_config).items()}
     if not folder or not Path(folder).is_dir():
         return out
     root = Path(folder).resolve()
@@ -390,11 +440,11 @@ def list_controlnets(folder: str | Path | None) -> dict[str, Path]:
     return out
 
 
-def find_controlnet(name: str, folder: str | Path | None) -> Path:
+def find_controlnet(name: str, folder: str | Path | None, model_config=None) -> Path:
     """The listed ControlNet whose "name [hash]" or name is `name` (the hash part is optional,
     as clients send either); never a path: anything else is "not found", the same answer for
     a traversal attempt as for a missing file."""
-    models = list_controlnets(folder)
+    models = list_controlnets(folder, model_config)
     if name in models:
         return models[name]
     stem = name.rsplit(" [", 1)[0] if name.endswith("]") else name

@@ -11,8 +11,9 @@ is an empty slot (no model, no image), which clients send to fill the UI's unit 
 
 Differences, each deliberate: a unit that sdloom cannot run (an unknown or weight-needing
 preprocessor, an unknown model, a bad enum) is a 422 naming its field instead of a log line
-and a silently skipped unit; models are found by name inside `--controlnet-dir` only, never by
-a path; the positional (non-dict) unit form is refused; masks are read but unused (no inpaint
+and a silently skipped unit; models are found by name inside `--controlnet-dir` (and the
+shipped ones that fit the loaded model, e.g. sdloom-emoji-canny), never by a path; the
+positional (non-dict) unit form is refused; masks are read but unused (no inpaint
 preprocessor yet).
 """
 from __future__ import annotations
@@ -164,7 +165,7 @@ def parse_unit(raw: Any, where: str, server, decode) -> ControlUnit | None:
         raise SdloomError(f"{where}.model: an enabled unit needs a ControlNet model; "
                           "GET /controlnet/model_list lists them")
     try:
-        path = find_controlnet(model, server.controlnet_dir)
+        path = find_controlnet(model, server.controlnet_dir, server.loaded_config())
     except NotFoundError as e:
         raise SdloomError(f"{where}.model: {e}; GET /controlnet/model_list lists them") \
             from None
@@ -254,7 +255,8 @@ def add_controlnet_routes(app: FastAPI, server, decode) -> None:
 
     @app.get("/controlnet/model_list")
     def model_list(update: bool = True) -> dict[str, Any]:
-        return {"model_list": list(list_controlnets(server.controlnet_dir))}
+        return {"model_list": list(list_controlnets(server.controlnet_dir,
+                                                    server.loaded_config()))}
 
     @app.get("/controlnet/module_list")
     def module_list(alias_names: bool = False) -> dict[str, Any]:
@@ -264,7 +266,7 @@ def add_controlnet_routes(app: FastAPI, server, decode) -> None:
 
     @app.get("/controlnet/control_types")
     def control_types() -> dict[str, Any]:
-        models = list(list_controlnets(server.controlnet_dir))
+        models = list(list_controlnets(server.controlnet_dir, server.loaded_config()))
         out = {}
         for kind, (modules, filt, default) in CONTROL_TYPES.items():
             found = [m for m in models if filt in m.lower()]

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from ..errors import SdloomError
 
-WHAT = ("vae", "unet", "full", "lora")
+WHAT = ("vae", "unet", "full", "lora", "controlnet", "x4")
 CHOICES: dict[str, tuple[str, ...]] = {
     "what": WHAT, "precision": ("fp32", "bf16", "fp16"),
     "schedule": ("constant", "cosine", "linear"), "prediction": ("eps", "v"),
-    "rec_loss": ("l1", "l2"), "save_dtype": ("fp32", "fp16", "bf16")}
+    "rec_loss": ("l1", "l2"), "save_dtype": ("fp32", "fp16", "bf16"),
+    "control_preprocessor": ("canny", "invert", "threshold")}
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_text_encoder: bool = False
+    control_preprocessor: str | None = None
     save_every: int = 500
     save_dtype: str = "fp32"
     sample_every: int = 0
@@ -143,13 +145,16 @@ def _coerce(name: str, v, default):
     return v
 
 
-NULLABLE = ("vae_from", "text_lr", "prediction")
+NULLABLE = ("vae_from", "text_lr", "prediction", "control_preprocessor")
 
 # One line per field: the command line's help and the documentation of a config file.
 HELP: dict[str, str] = {
     "what": "vae | unet (the denoiser: the U-Net, or SD3's MMDiT with its text encoders "
-            "frozen) | full (U-Net + text encoder jointly, e.g. from scratch) | lora",
-    "model": "a model preset name (fresh random weights) or a checkpoint to start from",
+            "frozen) | full (U-Net + text encoder jointly, e.g. from scratch) | lora | "
+            "controlnet (a ControlNet for the frozen model, training/controlnet_train.py) | "
+            "x4 (an SD x4 upscaler's U-Net on its images made 4× smaller, noise-augmented)",
+    "model": "a model preset name (fresh random weights) or a checkpoint to start from; "
+             "what=controlnet: the frozen base model (`embedded`: the shipped model file)",
     "vae_from": "take the (frozen) VAE from this checkpoint, e.g. a `what=vae` run's output",
     "resolution": "training size in pixels (images are resized on the shorter side and cropped)",
     "batch_size": "images per step per process (the global batch is this × processes × accum)",
@@ -188,6 +193,10 @@ HELP: dict[str, str] = {
     "lora_rank": "LoRA rank",
     "lora_alpha": "LoRA alpha (scale = alpha / rank)",
     "lora_text_encoder": "also train LoRA on the text encoder (hf/CLIP-L layout only)",
+    "control_preprocessor": "what=controlnet: make each condition image from its training "
+                            "image with this preprocessor (canny at the extension's 100/200 "
+                            "thresholds, invert, threshold); unset: metadata.jsonl's "
+                            "conditioning_file_name column",
     "save_every": "write model + training state every N steps (and at the end)",
     "save_dtype": "dtype of model.safetensors: fp32 | fp16 | bf16",
     "sample_every": "sample the fixed prompts every N steps into samples/ (0 = never)",
@@ -222,6 +231,21 @@ PRESETS: dict[str, dict] = {
                         schedule="constant", steps=10000, precision="bf16",
                         grad_checkpointing=True, ema_decay=0.9999, caption_dropout=0.1,
                         save_every=1000, sample_every=1000, save_dtype="fp16"),
+    # the embedded upscaler (docs/embedded-model.md) on data/emoji512svg, stage 1: its f=4 VAE
+    "emoji-x4-vae": dict(what="vae", model="emoji-x4", resolution=512, batch_size=32, lr=5e-4,
+                         warmup=100, steps=1500, kl_weight=0.05, flip=True, precision="bf16",
+                         num_workers=6, save_every=1000),
+    # stage 2: its U-Net, VAE and text encoder frozen (set model to stage 1's model.safetensors)
+    "emoji-x4": dict(what="x4", resolution=512, batch_size=32, lr=5e-4, warmup=100,
+                     steps=3000, ema_decay=0.999, prediction="v", min_snr_gamma=5.0,
+                     caption_dropout=1.0, cache_latents=False, flip=True, precision="bf16",
+                     num_workers=6, save_every=1000, save_dtype="fp16"),
     "lora": dict(what="lora", lr=1e-4, warmup=0, schedule="constant", steps=1000, lora_rank=8,
                  lora_alpha=8.0, caption_dropout=0.05),
+    # a canny ControlNet for the embedded model (docs/embedded-model.md): ≈ 90 s on one H100
+    # or H200 in bf16; half the captions dropped, as the ControlNet paper does
+    "emoji-canny": dict(what="controlnet", model="embedded", control_preprocessor="canny",
+                        resolution=128, batch_size=256, lr=1e-4, warmup=50, schedule="constant",
+                        steps=900, caption_dropout=0.5, cache_latents=True, precision="bf16",
+                        num_workers=8, save_every=1000, save_dtype="fp16"),
 }

@@ -26,13 +26,17 @@ from PIL import Image
 from torch import nn
 
 from ..checkpoints.save import save_model, save_safetensors
-from ..families.sd_presets import PRESETS as MODEL_PRESETS
+from ..families.sd_presets import PRESETS as SD_PRESETS
+from ..families.x4_upscaler import PRESETS as X4_PRESETS
+from ..families.x4_upscaler import LowResInput
 from ..errors import SdloomError
 from ..io import atomic_write_text
 from ..families import family_of
 from ..families.sd import LatentDiffusion
 from ..sampling.model_sampling import DiscreteSampling
 from .config import CHOICES, HELP, PRESETS, TrainConfig
+from .controlnet_train import (ControlDataset, attach_controlnet, base_model_file,
+                               control_batches, controlled_denoiser, controlnet_file)
 from .data import BatchSampler, ImageCaptionDataset, encode_latents, micro_batches
 from .distributed import Dist, checksum, init_distributed, shutdown, wrap_ddp
 from .ema import EMA
@@ -41,6 +45,7 @@ from .objectives import conditioning_for, objective_for
 from .state import claim_output, clean_leftovers, load_state, publish_state, trim_log
 
 SampleFn = Callable[[nn.Module, list[str], int], list[Image.Image]]
+MODEL_PRESETS = {**SD_PRESETS, **X4_PRESETS}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -74,7 +79,9 @@ def denoiser_net(model: nn.Module) -> nn.Module:
 def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """A fresh seeded model of a preset, or a checkpoint; everything frozen to begin with."""
     from ..checkpoints.load import load_model
-    if cfg.model in MODEL_PRESETS:
+    if cfg.what == "controlnet":  # a ControlNet is made for a trained model
+        model = load_model(base_model_file(cfg.model), device=device).model
+    elif cfg.model in MODEL_PRESETS:
         torch.manual_seed(cfg.seed)
         model = LatentDiffusion(MODEL_PRESETS[cfg.model])
         init_from_scratch(model)
@@ -97,9 +104,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
             raise SdloomError(f"prediction={cfg.prediction} is for eps/v models; this model "
                               "trains on the rectified-flow (velocity) objective: leave it unset")
         if cfg.prediction != sampling.prediction:
-            if cfg.what == "lora":  # a LoRA file carries no objective: it must be the base's
-                raise SdloomError(f"the base model predicts {sampling.prediction}; a LoRA for "
-                                  f"it cannot be trained on {cfg.prediction}")
+            if cfg.what in ("lora", "controlnet"):  # no objective of their own: the base's
+                raise SdloomError(f"the base model predicts {sampling.prediction}; a "
+                                  f"{cfg.what} for it cannot be trained on {cfg.prediction}")
             model.config = model.config.replace(prediction=cfg.prediction)  # saved with it
     model.requires_grad_(False)
     return model
@@ -122,6 +129,9 @@ def trainable(cfg: TrainConfig, model: nn.Module) -> tuple[list[dict], dict]:
         for p in ps:
             p.requires_grad_(True)
         return [{"params": ps, "lr": cfg.lr}], adapters
+    if cfg.what == "controlnet":  # model.control_model, a copy of the frozen U-Net's encoder
+        return [{"params": list(attach_controlnet(model, cfg.seed).parameters()),
+                 "lr": cfg.lr}], adapters
     net = denoiser_net(model)
     net.requires_grad_(True)
     groups = [{"params": list(net.parameters()), "lr": cfg.lr}]
@@ -178,10 +188,11 @@ class Trainee(nn.Module):
         return err.mean() + self.cfg.kl_weight * kl.mean() / x[0].numel(), rec
 
     def diffusion_loss(self, x0: torch.Tensor, prepared: dict, t: torch.Tensor,
-                       noise: torch.Tensor) -> torch.Tensor:
+                       noise: torch.Tensor, hint: torch.Tensor | None = None) -> torch.Tensor:
         """The family's objective at drawn timesteps `t` (or σ) and noise, conditioned on the
-        prepared captions."""
-        return self.objective(self.denoise, x0, t, noise, self.conditioning(prepared))
+        prepared captions (and, training a ControlNet, on the hint images)."""
+        denoise = self.denoise if hint is None else controlled_denoiser(self.model, hint)
+        return self.objective(denoise, x0, t, noise, self.conditioning(prepared))
 
     def forward(self, *args):
         return self.vae_loss(*args) if self.cfg.what == "vae" else self.diffusion_loss(*args)
@@ -319,6 +330,10 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, adapters: dic
             save_safetensors(lora_state_dict(adapters, DTYPES[cfg.save_dtype]),
                              out / "lora.safetensors",
                              {**lora_metadata(version, cfg.lora_rank, cfg.lora_alpha), **meta})
+        elif cfg.what == "controlnet":
+            controlnet_file(model, out / "controlnet.safetensors", DTYPES[cfg.save_dtype],
+                            Path(base_model_file(cfg.model)).stem, cfg.control_preprocessor,
+                            meta)
         else:
             save_model(model, model.config, out / "model.safetensors",
                        dtype=DTYPES[cfg.save_dtype], extra_metadata=meta)
@@ -396,11 +411,11 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
     if device.type == "cuda":  # TF32 matmuls: fp32 training at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ds = ImageCaptionDataset(data, cfg.resolution, buckets=cfg.buckets,
-                             bucket_step=cfg.bucket_step, random_crop=cfg.random_crop,
-                             flip=cfg.flip, caption_dropout=cfg.caption_dropout,
-                             include_holdout=cfg.include_holdout,
-                             caption_templates=cfg.caption_templates)
+    kw = dict(buckets=cfg.buckets, bucket_step=cfg.bucket_step, random_crop=cfg.random_crop,
+              flip=cfg.flip, caption_dropout=cfg.caption_dropout,
+              include_holdout=cfg.include_holdout, caption_templates=cfg.caption_templates)
+    ds = (ControlDataset(data, cfg.resolution, preprocessor=cfg.control_preprocessor, **kw)
+          if cfg.what == "controlnet" else ImageCaptionDataset(data, cfg.resolution, **kw))
     sampler = BatchSampler(ds.sizes, cfg.batch_size, cfg.seed, d.rank, d.world)
     model = build_model(cfg, device)
     family = family_of(model.config)
@@ -415,6 +430,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas),
                             **({"fused": True} if device.type == "cuda" else {}))
     conditioning = conditioning_for(family, model) if objective is not None else None
+    # what=x4: the upscaler's low-res input, made from each batch's images
+    low_res = LowResInput(model.config) if cfg.what == "x4" else None
     trainee = Trainee(model, cfg, objective, conditioning).to(device)
     # SD2's OpenCLIP never runs its last layer nor its projection: with the text encoder
     # trained, DDP must expect parameters without gradients
@@ -435,13 +452,17 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
         step = load_checkpoint(state, cfg, model, opt, ema, scaler, disc, disc_opt, gen, d)
     cache = None
     if cfg.what != "vae" and cfg.cache_latents:
-        if cfg.random_crop:
+        if cfg.what == "x4":
+            if d.main:
+                print("sdloom: not caching latents: what=x4 makes its inputs from the images",
+                      file=sys.stderr)
+        elif cfg.random_crop:
             if d.main:
                 print("sdloom: not caching latents: random crops differ every epoch",
                       file=sys.stderr)
         else:
             cache = encode_latents(model, ds, device, amp)
-    if sample_fn is None and cfg.sample_every and cfg.what != "vae":
+    if sample_fn is None and cfg.sample_every and cfg.what not in ("vae", "controlnet"):
         sample_fn = pipeline_sample_fn(cfg)
         if sample_fn is None and d.main:
             print("sdloom: no sample grids (the txt2img pipeline is not available)",
@@ -450,8 +471,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
     if cfg.what == "vae" and cfg.vae_scale_by_std and d.main:
         calib = [ds.image(i) for i in range(min(64, len(ds)))]
     params = [p for g in opt.param_groups for p in g["params"]]
-    batches = micro_batches(ds, sampler, step * cfg.grad_accum, cache, cfg.num_workers,
-                            pin=device.type == "cuda")
+    batches = (control_batches if cfg.what == "controlnet" else micro_batches)(
+        ds, sampler, step * cfg.grad_accum, cache, cfg.num_workers, pin=device.type == "cuda")
     if d.main:  # the run is set up: from here on the folder is this run's
         atomic_write_text(out / "config.json", cfg.to_json())
     logger = Logger(out, d.main, step)
@@ -488,7 +509,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
                                 / cfg.grad_accum
                     else:
                         loss, dl = _diffusion_step(cfg, module, model, objective,
-                                                   conditioning, b, gen, device), None
+                                                   conditioning, b, gen, device,
+                                                   low_res), None
                 # the discriminator's loss has its own graph: one backward serves both
                 both = (loss if dl is None else loss + dl) / cfg.grad_accum
                 (scaler.scale(both) if scaler else both).backward()
@@ -602,24 +624,29 @@ def _vae_step(cfg, module, model, disc, disc_module, b, gen, device, adv: bool
     return _adversarial(cfg, loss, disc, disc_module, x, rec)
 
 
-def _diffusion_step(cfg, module, model, objective, conditioning, b, gen, device
-                    ) -> torch.Tensor:
-    """One micro-batch of the denoising objective: latents, captions, t (or σ) and noise →
-    loss."""
+def _diffusion_step(cfg, module, model, objective, conditioning, b, gen, device,
+                    low_res: LowResInput | None = None) -> torch.Tensor:
+    """One micro-batch of the denoising objective: latents, captions (and for what=x4 the
+    noised low-res images), t (or σ) and noise → loss."""
     if "latents" in b:
         x0 = b["latents"].to(device, non_blocking=True)
     else:
+        pixels = b["pixels"].to(device, non_blocking=True)
         with torch.no_grad():
-            x0 = model.first_stage_model.latent_from_image(
-                b["pixels"].to(device, non_blocking=True)).float()
+            x0 = model.first_stage_model.latent_from_image(pixels).float()
     n, f = x0.shape[0], model.config.vae.downscale
     prepared = conditioning.prepare(b["captions"], (x0.shape[3] * f, x0.shape[2] * f), device)
+    if low_res is not None:
+        prepared.update(low_res(pixels, gen))
     # drawn on the CPU generator: the same run on any device, and restorable on resume
     t = objective.draw(n, gen)
     noise = torch.randn(x0.shape, generator=gen)
     if cfg.offset_noise:  # Guttenberg 2023: lets the model shift a whole channel's mean
         noise = noise + cfg.offset_noise * torch.randn((n, x0.shape[1], 1, 1), generator=gen)
-    return module(x0, prepared, t.to(device), noise.to(device))
+    args = (x0, prepared, t.to(device), noise.to(device))
+    if "hint" in b:  # uint8 condition images → [0, 1], as generation's hint_tensor gives them
+        args += (b["hint"].to(device, non_blocking=True).float() / 255,)
+    return module(*args)
 
 
 # ------------------------------------------------------------------ command line
