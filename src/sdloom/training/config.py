@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import SdloomError
 
-WHAT = ("vae", "unet", "full", "lora", "controlnet", "x4")
+WHAT = ("vae", "unet", "full", "lora", "controlnet")
 CHOICES: dict[str, tuple[str, ...]] = {
     "what": WHAT, "precision": ("fp32", "bf16", "fp16"),
     "schedule": ("constant", "cosine", "linear"), "prediction": ("eps", "v"),
@@ -151,8 +151,7 @@ NULLABLE = ("vae_from", "text_lr", "prediction", "control_preprocessor")
 HELP: dict[str, str] = {
     "what": "vae | unet (the denoiser: the U-Net, or SD3's MMDiT with its text encoders "
             "frozen) | full (U-Net + text encoder jointly, e.g. from scratch) | lora | "
-            "controlnet (a ControlNet for the frozen model, training/controlnet_train.py) | "
-            "x4 (an SD x4 upscaler's U-Net on its images made 4× smaller, noise-augmented)",
+            "controlnet (a ControlNet for the frozen model, training/controlnet_train.py)",
     "model": "a model preset name (fresh random weights) or a checkpoint to start from; "
              "what=controlnet: the frozen base model (`embedded`: the shipped model file)",
     "vae_from": "take the (frozen) VAE from this checkpoint, e.g. a `what=vae` run's output",
@@ -231,15 +230,6 @@ PRESETS: dict[str, dict] = {
                         schedule="constant", steps=10000, precision="bf16",
                         grad_checkpointing=True, ema_decay=0.9999, caption_dropout=0.1,
                         save_every=1000, sample_every=1000, save_dtype="fp16"),
-    # the embedded upscaler (docs/embedded-model.md) on data/emoji512svg, stage 1: its f=4 VAE
-    "emoji-x4-vae": dict(what="vae", model="emoji-x4", resolution=512, batch_size=32, lr=5e-4,
-                         warmup=100, steps=1500, kl_weight=0.05, flip=True, precision="bf16",
-                         num_workers=6, save_every=1000),
-    # stage 2: its U-Net, VAE and text encoder frozen (set model to stage 1's model.safetensors)
-    "emoji-x4": dict(what="x4", resolution=512, batch_size=32, lr=5e-4, warmup=100,
-                     steps=3000, ema_decay=0.999, prediction="v", min_snr_gamma=5.0,
-                     caption_dropout=1.0, cache_latents=False, flip=True, precision="bf16",
-                     num_workers=6, save_every=1000, save_dtype="fp16"),
     "lora": dict(what="lora", lr=1e-4, warmup=0, schedule="constant", steps=1000, lora_rank=8,
                  lora_alpha=8.0, caption_dropout=0.05),
     # a canny ControlNet for the embedded model (docs/embedded-model.md): ≈ 90 s on one H100
