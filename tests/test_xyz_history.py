@@ -177,3 +177,23 @@ def test_annotate_wraps_long_labels_and_adds_margins():
     assert out.width == 48 + 128 + 6
     short = annotate(cells, 64, 64, ["a", "b"], ["row"])
     assert out.height - 64 > short.height - 64  # several wrapped lines above the cells
+
+
+def test_z_axis_puts_labelled_sub_grids_side_by_side(client):
+    # z: Sampler from the dropdown list (csv_mode off); sub-grids included after the Z grid
+    r = xyz(client, [1, "5,6", [], 0, "", [], 9, "", ["Euler", "Heun"], True, False, True,
+                     False])
+    assert r.status_code == 200, r.text
+    z_grid, *subs = [unb64(s).convert("RGB") for s in r.json()["images"]]
+    assert len(subs) == 2 and subs[0].size == subs[1].size
+    sw, sh = subs[0].size
+    assert sw == 128 and 64 < sh < 128  # column labels only (no Y axis)
+    assert z_grid.width == 2 * sw and z_grid.height > sh  # the Z labels above
+    top = z_grid.height - sh
+    for k, sub in enumerate(subs):
+        assert z_grid.crop((k * sw, top, (k + 1) * sw, top + sh)).tobytes() == sub.tobytes()
+    heun = plain(client, seed=6, sampler_name="Heun")
+    assert subs[1].crop((64, sh - 64, 128, sh)).tobytes() == heun.tobytes()
+    infos = [parse_infotext(t) for t in json.loads(r.json()["info"])["infotexts"]]
+    assert infos[0]["Z Type"] == "Sampler" and "Z Type" not in infos[1]
+    assert infos[2]["Sampler"] == "Heun"
