@@ -197,3 +197,23 @@ def test_z_axis_puts_labelled_sub_grids_side_by_side(client):
     infos = [parse_infotext(t) for t in json.loads(r.json()["info"])["infotexts"]]
     assert infos[0]["Z Type"] == "Sampler" and "Z Type" not in infos[1]
     assert infos[2]["Sampler"] == "Heun"
+
+
+def test_the_request_is_read_once_whatever_the_cell_count(client, monkeypatch):
+    import sdloom.server.app as app_module
+    calls = []
+    real = app_module.decode_image
+
+    def counting(data, what, limits):
+        calls.append(what)
+        return real(data, what, limits)
+
+    monkeypatch.setattr(app_module, "decode_image", counting)
+    init = base64.b64encode(encode_image(Image.new("RGB", (64, 64), (9, 90, 200)), "png"))
+    r = client.post(f"{API}/img2img", json={
+        **BASE, "init_images": [init.decode()], "mask": init.decode(),
+        "script_name": "x/y/z plot", "script_args": [1, "1,2,3", [], 7, "apple,pear", []]})
+    assert r.status_code == 200, r.text
+    assert sorted(calls) == ["init_images[0]", "mask"]  # not once per cell (6 cells)
+    infos = json.loads(r.json()["info"])["infotexts"]
+    assert len(infos) == 1 and parse_infotext(infos[0])["Y Values"] == "apple,pear"

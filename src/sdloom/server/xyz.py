@@ -35,7 +35,9 @@ from ..images import image_grid
 from ..infotext import quote
 from ..sampling.samplers import SAMPLERS, resolve_sampler
 from ..seeds import all_seeds, fix_seed
+from ..pipelines.params import GenerationParams
 from .jobs import PREVIEW_EVERY, Generated, Job, run_batches
+from .schema import Txt2ImgRequest
 
 SCRIPT_TITLE = "X/Y/Z plot"
 # A1111 1.6–1.10's axis lists, by index; the ones sdloom serves are in AXES
@@ -345,14 +347,18 @@ def xyz_job(server, req, img2img: bool, to_params: Callable) -> tuple[Job, Any, 
     """Check the plot and every cell's parameters, then queue one job that runs the cells
     (z, then y, then x, as A1111 with no costly axis) and draws the grid. Returns the job
     (its result: engine, Generated with the grid first) and the first cell's params and
-    options for the response's info."""
+    options for the response's info.
+
+    The request is read once (its images decoded once, whatever the cell count); a cell is
+    those params with its axis values, and the prompts a Prompt S/R cell makes go through
+    the same request → params path (styles, LoRA tags) as a prompt of its own."""
     plot = parse_script_args(req.script_args, img2img, req.prompt, req.negative_prompt)
-    base = req.model_dump()
-    base["script_name"], base["script_args"] = None, []
+    base = req.model_copy(update={"script_name": None, "script_args": []})
     if not plot.no_fixed_seeds:
-        base["seed"] = fix_seed(base["seed"])
-        if base["subseed_strength"]:
-            base["subseed"] = fix_seed(base["subseed"])
+        base.seed = fix_seed(base.seed)
+        if base.subseed_strength:
+            base.subseed = fix_seed(base.subseed)
+    p0, opts, model = to_params(base, server, img2img)
     xs, ys, zs = plot.axes
     fixed = []
     for axis in plot.axes:
@@ -363,23 +369,35 @@ def xyz_job(server, req, img2img: bool, to_params: Callable) -> tuple[Job, Any, 
     n_cells = len(xs.values) * len(ys.values) * len(zs.values)
     lim = server.limits
     lim.check("X/Y/Z plot images", n_cells * req.batch_size * req.n_iter, "max_images")
+    prompts: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def styled(prompt: str, negative: str) -> tuple[str, str]:
+        key = (prompt, negative)
+        if key not in prompts:
+            q = Txt2ImgRequest(prompt=prompt, negative_prompt=negative, styles=req.styles)
+            qp, _, _ = to_params(q, server, False)
+            prompts[key] = (qp.prompt, qp.negative_prompt)
+        return prompts[key]
+
     cells = []  # (params, seeds, subseeds) for ix fastest, then iy, then iz
-    opts = model = None
+    config = server.loaded_config()
     for iz, z in enumerate(fixed[2]):
         for iy, y in enumerate(fixed[1]):
             for ix, x in enumerate(fixed[0]):
-                fields = dict(base)
+                fields: dict[str, Any] = {"prompt": req.prompt,
+                                          "negative_prompt": req.negative_prompt,
+                                          "seed": base.seed}
                 for axis, v in ((xs, x), (ys, y), (zs, z)):
                     axis.apply(fields, v)
                 vx, vy, vz = plot.vary_seeds
-                if isinstance(fields["seed"], int) and fields["seed"] >= 0:
+                if fields["seed"] >= 0:
                     fields["seed"] += (ix if vx else 0) + (iy * len(xs.values) if vy else 0) \
                         + (iz * len(xs.values) * len(ys.values) if vz else 0)
-                cell_req = type(req).model_validate(fields)
-                p, cell_opts, cell_model = to_params(cell_req, server, img2img)
-                server.validate(p, server.loaded_config())
-                if opts is None:
-                    opts, model = cell_opts, cell_model
+                prompt, negative = fields.pop("prompt"), fields.pop("negative_prompt")
+                if (prompt, negative) != (req.prompt, req.negative_prompt):
+                    fields["prompt"], fields["negative_prompt"] = styled(prompt, negative)
+                p = GenerationParams(**{**p0.__dict__, **fields})
+                server.validate(p, config)
                 seed = fix_seed(p.seed)
                 sub = fix_seed(p.subseed) if p.subseed_strength else -1
                 seeds, subseeds = all_seeds(seed, p.batch_size * p.n_iter, sub,
