@@ -217,3 +217,31 @@ def test_the_request_is_read_once_whatever_the_cell_count(client, monkeypatch):
     assert sorted(calls) == ["init_images[0]", "mask"]  # not once per cell (6 cells)
     infos = json.loads(r.json()["info"])["infotexts"]
     assert len(infos) == 1 and parse_infotext(infos[0])["Y Values"] == "apple,pear"
+
+
+def test_interrupt_mid_plot_leaves_the_cells_not_run_black(client):
+    import threading
+    import time
+    out = {}
+
+    def run():
+        out["r"] = xyz(client, [1, "5,6,7", [], 0, "", [], 0, "", [], False, True],
+                       steps=1000, force_task_id="task(xyz-interrupt)")
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.time() + 30
+    while time.time() < deadline:  # until the first cell has taken a few steps
+        p = client.get(f"{API}/progress?id_task=task(xyz-interrupt)").json()
+        if p["state"]["job_count"] == 3 and p["state"]["sampling_step"] >= 5:
+            break
+        time.sleep(0.02)
+    assert p["state"]["job_no"] == 0 and p["progress"] < 1 / 3  # progress over all 3 cells
+    client.post(f"{API}/interrupt?id_task=task(xyz-interrupt)")
+    t.join(60)
+    r = out["r"]
+    assert r.status_code == 200, r.text
+    grid, *cells = [unb64(s).convert("RGB") for s in r.json()["images"]]
+    assert len(cells) == 1 and grid.size == (192, 64)  # the partial first cell, no legend
+    assert grid.crop((0, 0, 64, 64)).tobytes() == cells[0].tobytes()
+    assert grid.crop((64, 0, 192, 64)).getextrema() == ((0, 0), (0, 0), (0, 0))  # not run

@@ -54,8 +54,8 @@ from ..sampling.schedules import LABELS
 from ..seeds import all_seeds, fix_seed
 from ..styles import StyleDB
 from .controlnet_api import add_controlnet_routes, units_from_scripts
-from .history import history_router
 from .guard import BodyTooLarge, Guard, error_body, log, parse_users
+from .history import history_router
 from .jobs import (PREVIEW_EVERY, Cancelled, Generated, Job, JobQueue, QueueFull, _accepts,
                    run_batches)
 from .schema import (Body, ExtrasBaseRequest, ExtrasBatchImagesRequest,

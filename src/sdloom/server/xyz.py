@@ -24,8 +24,9 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -33,9 +34,9 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import LimitError, SdloomError
 from ..images import image_grid
 from ..infotext import quote
+from ..pipelines.params import GenerationParams
 from ..sampling.samplers import SAMPLERS, resolve_sampler
 from ..seeds import all_seeds, fix_seed
-from ..pipelines.params import GenerationParams
 from .jobs import PREVIEW_EVERY, Generated, Job, run_batches
 from .schema import Txt2ImgRequest
 
