@@ -1,6 +1,10 @@
 """One registry of image upscalers, named as A1111 names them: "None", "Lanczos", "Nearest",
-and every model file in the upscaler folder by its stem: ESRGAN-family networks
-(models/esrgan.py) and SD x4 upscaler checkpoints (families/x4_upscaler.py, told by shapes).
+sdloom's embedded x4 upscaler "sdloom-emoji-x4" when its file is in assets/
+(docs/embedded-model.md), and every model file in the upscaler folder by its stem:
+ESRGAN-family networks
+(models/esrgan.py), SD x4 upscaler checkpoints (families/x4_upscaler.py, told by shapes) and
+LDSR models (families/ldsr.py): a file, or a subfolder named as the entry holding A1111's
+`model.ckpt` / `model.safetensors` (its models/LDSR/ folder) or a diffusers LDSR folder.
 
 `upscale(image, name, width, height)` is what extras, the CLI and the hires fix call. A model
 scales by its factor repeatedly (at most 3 passes, A1111's Upscaler.upscale) until the image
@@ -9,6 +13,8 @@ are cached per file (path, size, mtime) and device.
 """
 from __future__ import annotations
 
+import json
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,11 +28,15 @@ from .errors import LimitError, NotFoundError, SdloomError
 from .models import esrgan
 
 BUILTIN = ("None", "Lanczos", "Nearest")
+# the embedded upscaler, listed when its file exists (it is trained on a GPU, then shipped)
+EMBEDDED_X4 = ("sdloom-emoji-x4",
+               Path(__file__).resolve().parent / "assets" / "sdloom-emoji-x4.safetensors")
 MAX_PASSES = 3  # A1111 Upscaler.upscale
 TILE, TILE_OVERLAP = 192, 8  # A1111's ESRGAN_tile / ESRGAN_tile_overlap defaults
 # SD x4: tiles of the model's native 128 low-res pixels (512 out); no prompt, diffusers'
 # default noise level, 20 DDIM steps (diffusers' published scheduler is DDIM, 75 steps)
 X4_TILE, X4_OVERLAP, X4_STEPS, X4_SAMPLER = 128, 16, 20, "DDIM"
+LDSR_STEPS = 100  # A1111's ldsr_steps default (its DDIM, eta 1: families/ldsr.py)
 SUFFIXES = (*esrgan.SUFFIXES, ".ckpt")
 CACHE_SIZE = 2
 
@@ -38,13 +48,14 @@ class Upscaler:
     path: Path | None = None
     scale: int | None = None  # the model's factor, None if built in or unreadable
     x4: bool = False  # an SD x4 upscaler checkpoint (a diffusion model), not an ESRGAN network
+    ldsr: bool = False  # an LDSR model (file or folder)
 
     @property
     def is_model(self) -> bool:
         return self.path is not None
 
 
-_scales: dict[tuple[str, int, int], tuple[int | None, bool]] = {}
+_scales: dict[tuple[str, int, int], tuple[int | None, bool, bool]] = {}
 
 
 def _key(path: Path) -> tuple[str, int, int]:
@@ -62,36 +73,79 @@ def _is_x4(path: Path) -> bool:
         return False
 
 
-def _scale_of(path: Path) -> tuple[int | None, bool]:
-    """(factor, is an SD x4 upscaler) of a model file; (None, False) if unreadable."""
+def _ldsr_factor(path: Path) -> int | None:
+    """The factor of an LDSR model file or diffusers folder (from shapes or vqvae/config.json);
+    None when it is not one."""
+    from .checkpoints.load import open_file
+    from .families.ldsr import LDSRFamily, detect, vq_config_from_diffusers
+    try:
+        if path.is_dir():
+            vc = json.loads((path / "vqvae" / "config.json").read_text())
+            return vq_config_from_diffusers(vc).downscale
+        shapes = open_file(path).shapes
+        return detect(shapes).vae.downscale if LDSRFamily().claims(shapes) else None
+    except (SdloomError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _ldsr_in(folder: Path) -> Path | None:
+    """The model an upscaler subfolder holds: a diffusers LDSR folder itself, or A1111's
+    models/LDSR layout (model.safetensors or model.ckpt; project.yaml is not read)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        if isinstance(index, dict) and index.get("_class_name") == "LDMSuperResolutionPipeline":
+            return folder
+    except (OSError, ValueError):
+        pass
+    return next((folder / n for n in ("model.safetensors", "model.ckpt")
+                 if (folder / n).is_file()), None)
+
+
+def _scale_of(path: Path) -> tuple[int | None, bool, bool]:
+    """(factor, is an SD x4 upscaler, is LDSR) of a model file; (None, False, False) if
+    unreadable."""
     key = _key(path)
     if key not in _scales:
-        if _is_x4(path):
-            _scales[key] = (4, True)
+        f = _ldsr_factor(path)
+        if f is not None:
+            _scales[key] = (f, False, True)
+        elif _is_x4(path):
+            _scales[key] = (4, True, False)
         else:
             try:
-                _scales[key] = (esrgan.file_config(path).scale, False)
+                _scales[key] = (esrgan.file_config(path).scale, False, False)
             except SdloomError:
-                _scales[key] = (None, False)  # listed; using it gives the reason
+                _scales[key] = (None, False, False)  # listed; using it gives the reason
     return _scales[key]
 
 
 def available(upscaler_dir: str | Path | None = None) -> list[Upscaler]:
-    """None, Lanczos, Nearest, then the model files of upscaler_dir (.pth/.pt/.safetensors,
-    and .ckpt for SD x4 upscalers; sorted; for one stem in several formats, .safetensors
-    wins)."""
+    """None, Lanczos, Nearest, the embedded x4 upscaler when installed, then the model files
+    of upscaler_dir (.pth/.pt/.safetensors, and .ckpt for SD x4 upscalers; sorted; for one
+    stem in several formats, .safetensors wins)."""
     out = [Upscaler(n) for n in BUILTIN]
+    embedded, path = EMBEDDED_X4
+    if path.is_file():
+        out.append(Upscaler(embedded, path, scale=4, x4=True))
+    taken = {e.name for e in out}
     d = Path(upscaler_dir) if upscaler_dir else None
     if d is None or not d.is_dir():
         return out
     files: dict[str, Path] = {}
     for p in sorted(d.iterdir(), key=lambda p: (p.stem.lower(), p.suffix != ".safetensors")):
         if p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and p.is_file():
-            if p.stem not in files and p.stem not in BUILTIN:
+            if p.stem not in files and p.stem not in taken:
                 files[p.stem] = p
+    for p in sorted(d.iterdir()):  # subfolders: LDSR models, named by the folder
+        if (p.is_dir() and not p.name.startswith(".")
+                and p.name not in files and p.name not in taken):
+            if (inner := _ldsr_in(p)) is not None:
+                files[p.name] = inner
     entries = [Upscaler(stem, p, *_scale_of(p)) for stem, p in files.items()]
-    # a .ckpt is listed only when it is an SD x4 upscaler (other .ckpt files are SD models)
-    return out + [e for e in entries if e.x4 or e.path.suffix.lower() != ".ckpt"]
+    # a .ckpt is listed only when it is a diffusion upscaler (other .ckpt files are SD
+    # models), and a subfolder only when it holds an LDSR model
+    return out + [e for e in entries if e.ldsr or (e.path.parent == d and (
+        e.x4 or e.path.suffix.lower() != ".ckpt"))]
 
 
 def find(name: str, upscaler_dir: str | Path | None = None) -> Upscaler:
@@ -125,7 +179,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-        if _scale_of(path)[1]:
+        if any(_scale_of(path)[1:]):  # a diffusion upscaler (SD x4, LDSR)
             from .checkpoints.load import load_model
             dtype = torch.float16 if dev.type == "cuda" else torch.float32
             model = load_model(path, dtype=dtype, device=dev).model.eval()
@@ -167,6 +221,21 @@ def run_x4(model: torch.nn.Module, img: Image.Image, *, prompt: str = "",
     return to_image((y + 1) / 2)
 
 
+def run_ldsr(model: torch.nn.Module, img: Image.Image, scale: float, *,
+             steps: int | None = None, seed: int = 0) -> Image.Image:
+    """One LDSR pass as A1111's (ldsr_model_arch.super_resolution): the image resized by
+    scale/f with Lanczos (sides rounded up), then the model's f× (f = 4 for LDSR), so one pass
+    reaches `scale`."""
+    from .families.ldsr import upscale_image
+    f = model.config.vae.downscale
+    if scale != f:
+        img = img.resize((max(1, math.ceil(img.width * scale / f)),
+                          max(1, math.ceil(img.height * scale / f))), Image.LANCZOS)
+    y = upscale_image(model, to_tensor(img) * 2 - 1, seed=seed,
+                      steps=LDSR_STEPS if steps is None else steps)
+    return to_image((y + 1) / 2)
+
+
 def upscale(image: Image.Image, name: str, width: int, height: int, *,
             upscaler_dir: str | Path | None = None, device: str | torch.device | None = None,
             tile: int = TILE, overlap: int = TILE_OVERLAP,
@@ -187,17 +256,19 @@ def upscale(image: Image.Image, name: str, width: int, height: int, *,
         out = rgb.resize(size, resample) if rgb.size != size else rgb.copy()
     else:
         model = load(up.path, device)
-        s = 4 if up.x4 else model.config.scale
+        s = 4 if up.x4 else up.scale if up.ldsr else model.config.scale
         out = rgb
         for i in range(MAX_PASSES):
             if out.width >= width and out.height >= height and (i > 0 or size != rgb.size):
                 break
+            if up.ldsr:  # LDSR resizes its input first and reaches the target in one pass
+                s = max(width / out.width, height / out.height)
             if max_pixels is not None and out.width * out.height * s * s > max_pixels:
                 raise LimitError(f"upscaling {out.width}x{out.height} with {up.name} (×{s}) "
                                  f"makes {out.width * s}x{out.height * s} pixels, over the limit "
                                  f"of {max_pixels}")
             before = out.size
-            out = (run_x4(model, out) if up.x4
+            out = (run_x4(model, out) if up.x4 else run_ldsr(model, out, s) if up.ldsr
                    else run_model(model, out, tile=tile, overlap=overlap))
             if out.size == before:
                 break
