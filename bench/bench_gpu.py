@@ -13,6 +13,8 @@ seconds have passed, so the script ends inside a device lease):
            whole image (compile time stated)
   ocompile sdloom --compile (inductor under our CUDA graphs), call and whole image
   sdxl     SDXL U-Net 128² batch 2, fp16: sdloom eager / graphs, diffusers eager; peak memory
+  offload  SDXL-size model, 1024²: peak memory resident / --offload model / blocks; 2048²
+           VAE decode with and without tiling
   train    SD1.5 U-Net training step (bench_train.py) eager vs fused/compiled variants
 
 Usage: PYTHONPATH=src python bench/bench_gpu.py [--phases unet15,image15,...] [--budget 330]
@@ -73,8 +75,27 @@ def wall_s(fn, runs: int) -> tuple[float, float]:
     return statistics.median(out), min(out)
 
 
-def peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2 ** 30
+def peak_gib(base: int = 0) -> float:
+    """Peak allocated GiB since the last reset, above `base` bytes that belong to others."""
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+
+
+def weights_bytes(*modules) -> int:
+    return sum(t.numel() * t.element_size() for m in modules
+               for t in [*m.parameters(), *m.buffers()])
+
+
+def others_bytes(pipe) -> int:
+    """Bytes allocated now that are not the diffusers pipeline's own weights."""
+    return torch.cuda.memory_allocated() - weights_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
+
+
+def free() -> int:
+    """Collect garbage (engines hold reference cycles) and return the bytes still allocated."""
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
 
 
 def scaled_random(*modules) -> None:
@@ -177,13 +198,15 @@ def phase_image15(st: dict, dtype, runs: int) -> None:
     import numpy as np
     pipe = st["sd15"].pipe
     ref_image(pipe, 0)
+    base = others_bytes(pipe)
     torch.cuda.reset_peak_memory_stats()
     med_r, min_r = wall_s(lambda i: ref_image(pipe, i), runs)
     emit(what="sd15 512 image 20 steps: diffusers eager", median_s=med_r, min_s=min_r,
-         peak_gib=peak_gib())
+         own_peak_gib=peak_gib(base))
     st["diffusers_eager_image_s"] = med_r
     imgs = {}
     for mode, graphs in (("graphs", True), ("eager", False)):
+        base = free()
         torch.cuda.synchronize()
         t = time.perf_counter()
         eng = Engine.load(st["sd15"].folder, device="cuda", precision="fp16",
@@ -194,10 +217,10 @@ def phase_image15(st: dict, dtype, runs: int) -> None:
         torch.cuda.reset_peak_memory_stats()
         med, mn = wall_s(lambda i: our_image(eng, i), runs)
         emit(what=f"sd15 512 image 20 steps: sdloom {mode}", median_s=med, min_s=mn,
-             peak_gib=peak_gib(), time_to_first_image_s=first,
+             own_peak_gib=peak_gib(base), time_to_first_image_s=first,
              speedup_over_diffusers_eager=med_r / med)
         eng = None
-        torch.cuda.empty_cache()
+        free()
     d = np.abs(imgs["graphs"] - imgs["eager"])
     emit(what="sd15 image: fast path vs eager path (uint8 pixels)", max_abs=int(d.max()),
          mean_abs=float(d.mean()))
@@ -225,6 +248,7 @@ def phase_compile(st: dict, dtype, runs: int, which: str) -> None:
         ref_image(pipe, 1)
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
+        base = others_bytes(pipe)
         torch.cuda.reset_peak_memory_stats()
         med, mn = wall_s(lambda i: ref_image(pipe, i), runs)
         t_step = pipe.scheduler.timesteps[0]
@@ -235,9 +259,10 @@ def phase_compile(st: dict, dtype, runs: int, which: str) -> None:
         st["diffusers_compiled_ms"], st["diffusers_compiled_image_s"] = ms, med
         emit(what="diffusers compiled (reduce-overhead)", first_two_images_s=compile_s,
              unet_call_ms=ms, it_per_s=1000 / ms, image_median_s=med, image_min_s=mn,
-             peak_gib=peak_gib())
+             own_peak_gib=peak_gib(base))
         return
     from sdloom.pipelines.engine import Engine
+    base = free()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     eng = Engine.load(st["sd15"].folder, device="cuda", precision="fp16", compile=True)
@@ -252,7 +277,7 @@ def phase_compile(st: dict, dtype, runs: int, which: str) -> None:
     med, mn = wall_s(lambda i: our_image(eng, i), runs)
     rec = dict(what="sdloom --compile (inductor + CUDA graphs)", time_to_first_image_s=first,
                unet_call_ms=ms, it_per_s=1000 / ms, image_median_s=med, image_min_s=mn,
-               peak_gib=peak_gib(), graphs_failed=net.failed)
+               own_peak_gib=peak_gib(base), graphs_failed=net.failed)
     if "diffusers_compiled_ms" in st:
         rec["call_speedup_over_diffusers_compiled"] = st["diffusers_compiled_ms"] / ms
         rec["image_speedup_over_diffusers_compiled"] = st["diffusers_compiled_image_s"] / med
@@ -317,6 +342,52 @@ def phase_train(st: dict, budget: float, hard: float, names: list[str]) -> None:
             emit(what=f"train {name}", **json.loads(line))
 
 
+def phase_offload(st: dict, dtype) -> None:
+    """SDXL-size model (random weights, sdloom only), 1024² txt2img, 4 Euler steps: peak GPU
+    memory and seconds per image with the weights resident, --offload model, --offload blocks;
+    and a 2048² VAE decode with and without tiling."""
+    from sdloom.families.sd import LatentDiffusion
+    from sdloom.families.sd_presets import PRESETS
+    from sdloom.pipelines.engine import Engine
+    from sdloom.pipelines.generate import generate
+    from sdloom.pipelines.params import GenerationParams
+    st.clear()
+    free()
+
+    def sdxl(device: str) -> LatentDiffusion:
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            m = LatentDiffusion(PRESETS["sdxl-base"]).to(dtype).eval()
+        scaled_random(m)
+        return m.to(device)
+    p = GenerationParams(prompt=PROMPT, steps=4, cfg_scale=7.0, sampler_name="Euler",
+                         width=1024, height=1024, seed=1)
+    for mode in ("none", "model", "blocks"):
+        base = free()
+        model = sdxl("cuda" if mode == "none" else "cpu")
+        eng = Engine(model, offload=mode, offload_device="cuda")
+        generate(eng, p)  # warm-up (graph capture for "none")
+        torch.cuda.reset_peak_memory_stats()
+        med, mn = wall_s(lambda i: generate(eng, p), 2)
+        emit(what=f"sdxl 1024 4 steps offload={mode}", own_peak_gib=peak_gib(base),
+             median_s=med)
+        eng = model = None
+    model = sdxl("cuda")
+    eng = Engine(model, cuda_graphs=False)
+    z = torch.randn(1, 4, 256, 256, device="cuda", dtype=dtype)
+    for tiling in ("off", "on"):
+        eng.vae_tiling = tiling
+        base = free()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            t = time.perf_counter()
+            img = eng.decode(z)
+            emit(what=f"vae decode 2048 tiling={tiling}", own_peak_gib=peak_gib(base),
+                 seconds=time.perf_counter() - t, shape=list(img.shape))
+        except torch.OutOfMemoryError as e:
+            emit(what=f"vae decode 2048 tiling={tiling}", error=str(e)[:200])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--phases", default="unet15,image15,sdxl,train,dcompile,ocompile")
@@ -351,6 +422,8 @@ def main() -> None:
                 phase_compile(st, dtype, a.runs, "sdloom")
             elif ph == "sdxl":
                 phase_sdxl(st, dtype)
+            elif ph == "offload":
+                phase_offload(st, dtype)
             elif ph == "train":
                 phase_train(st, a.budget, a.hard, a.train.split(","))
         except Exception as e:  # one broken phase must not lose the others' numbers

@@ -199,12 +199,30 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", action="store_true", help="also save a grid of the batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    add_engine_args(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Speed and memory options of the engine (generate commands and serve)."""
     p.add_argument("--compile", action="store_true",
                    help="compile the denoiser with torch.compile (slow first image; inductor "
                         "caches kernels on disk for later runs)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run the denoiser eagerly on CUDA instead of replaying CUDA graphs")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--offload", choices=["none", "model", "blocks"], default="none",
+                   help="keep the weights in CPU memory: model = one component on the GPU at a "
+                        "time (A1111 --medvram), blocks = one block (--lowvram; slowest)")
+    p.add_argument("--medvram", dest="offload", action="store_const", const="model",
+                   help="= --offload model")
+    p.add_argument("--lowvram", dest="offload", action="store_const", const="blocks",
+                   help="= --offload blocks")
+
+
+def engine_options(args) -> dict:
+    """Engine keyword arguments from add_engine_args' options."""
+    return {"compile": args.compile, "cuda_graphs": not args.no_cuda_graphs,
+            "offload": args.offload}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,8 +390,7 @@ def cmd_generate(args, kind: str) -> int:
                          prediction=args.prediction, embeddings_dir=args.embeddings,
                          lora_dir=args.lora_dir, upscaler_dir=args.upscaler_dir,
                          without=("t5",) if args.no_t5 else (),
-                         text_encoders=args.text_encoders, compile=args.compile,
-                         cuda_graphs=not args.no_cuda_graphs)
+                         text_encoders=args.text_encoders, **engine_options(args))
     load_s = time.perf_counter() - t0
     bar = None
     if not args.quiet:

@@ -20,6 +20,7 @@ from ..prompts import Conditioning, EmbeddingDB, cond_at_step, split_and, stack_
 from ..sampling.denoisers import CFGDenoiser
 from ..tiled_vae import image_from_latent_tiled, latent_from_image_tiled
 from .fastpath import GraphedModel
+from .offload import MODES, Offload
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_MODEL = ASSETS / "sdloom-emoji.safetensors"
@@ -85,6 +86,11 @@ class Engine:
     # default; CUDA only, inference only) and, opt-in, compiled with torch.compile
     cuda_graphs: bool = True
     compile: bool = False
+    # memory modes (offload.py): "model" keeps one component on the GPU at a time, "blocks" one
+    # block; the weights stay in CPU memory (the model is given on the CPU), `offload_device`
+    # is where they run. CUDA graphs need weights that stay put, so they are off then.
+    offload: str = "none"
+    offload_device: str = "cuda"
     _hash: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -106,6 +112,14 @@ class Engine:
                   file=sys.stderr)
         self.loras = LoraManager(self.model, lambda: self.family.lora_targets(self.model))
         self._lora_key: list[tuple[str, float]] = []  # the (file, weight) pairs merged now
+        self._offload = None
+        self._device = self.model.device
+        if self.offload not in MODES:
+            raise SdloomError(f"offload must be one of {', '.join(MODES)}, not {self.offload!r}")
+        if self.offload != "none":
+            self._device = torch.device(self.offload_device)
+            self._offload = Offload(self.model, self._device, self.offload)
+            self.cuda_graphs = False
         net = self.family.denoiser_model(self.model)
         if self.cuda_graphs or self.compile:
             net = GraphedModel(net, graphs=self.cuda_graphs, compile=self.compile)
@@ -117,11 +131,15 @@ class Engine:
              without: tuple[str, ...] = (), text_encoders=None, **kw) -> Engine:
         """`text_encoders`: separate text-encoder files or a folder (SD3; `load_model`)."""
         dev = pick_device(device)
+        offload = kw.get("offload", "none")
+        if offload != "none":  # the weights stay in CPU memory and visit `dev` while they run
+            kw["offload_device"] = str(dev)
         path = Path(path) if path else EMBEDDED_MODEL
         if not path.exists() and path == EMBEDDED_MODEL:
             raise SdloomError("the embedded model is missing from this install "
                               f"({EMBEDDED_MODEL}); pass --model PATH")
-        loaded: LoadedModel = load_model(path, dtype=pick_dtype(precision, dev), device=dev,
+        home = torch.device("cpu") if offload != "none" else dev
+        loaded: LoadedModel = load_model(path, dtype=pick_dtype(precision, dev), device=home,
                                          prediction=prediction, vae=vae, without=without,
                                          text_encoders=text_encoders)
         return cls(loaded.model, path=path, **kw)
@@ -141,7 +159,8 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        """Where the work runs (with offload the weights live in CPU memory meanwhile)."""
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,6 +178,8 @@ class Engine:
         key = [(str(p), w) for p, w in refs]
         if key != self._lora_key:
             files = [(read_lora(p), w) for p, w in refs]
+            if self._offload is not None:  # merge into the weights' CPU home
+                self._offload.evict()
             self.loras.clear()
             self._lora_key = []
             try:

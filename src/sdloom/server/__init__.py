@@ -7,6 +7,7 @@ from ..errors import SdloomError
 
 
 def add_serve_args(p) -> None:
+    from ..cli import add_engine_args
     p.add_argument("--model", help="model to load (default: the embedded model)")
     p.add_argument("--models-dir", help="folder of models that clients may switch to")
     p.add_argument("--host", default="127.0.0.1",
@@ -25,6 +26,7 @@ def add_serve_args(p) -> None:
                    help="jobs that may run or wait at once; more get a 503 with Retry-After")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    add_engine_args(p)
     p.add_argument("--outdir", default="outputs",
                    help="where requests with save_images write (txt2img-images/, img2img-images/)")
     p.add_argument("--lora-dir")
@@ -62,6 +64,7 @@ def run_serve(args) -> int:
     except ImportError as e:
         raise SdloomError(f"sdloom serve needs fastapi and uvicorn ({e}); "
                           "pip install fastapi uvicorn") from None
+    from ..cli import engine_options
     from ..limits import DEFAULT_LIMITS
     from .guard import parse_users
     if args.api_auth is not None:
@@ -76,7 +79,8 @@ def run_serve(args) -> int:
                     controlnet_dir=args.controlnet_dir,
                     styles_file=getattr(args, "styles_file", None) or None,
                     flags={k: getattr(args, k, None) for k in
-                           ("host", "port", "api_auth", "allowed_hosts", "limit")})
+                           ("host", "port", "api_auth", "allowed_hosts", "limit")},
+                    engine_options=engine_options(args))
     if args.host not in LOOPBACK and not args.api_auth:
         print(f"sdloom: serving on {args.host} without --api-auth: anyone who can reach this "
               "address can use the API", file=sys.stderr)

@@ -200,7 +200,8 @@ class Server:
                  loader: Callable[..., Engine] = Engine.load, upscaler_dir: str | None = None,
                  controlnet_dir: str | None = None,
                  styles_file: str | list[str] | None = None,
-                 flags: dict[str, Any] | None = None):
+                 flags: dict[str, Any] | None = None,
+                 engine_options: dict[str, Any] | None = None):
         # the styles file is read first: a broken one fails before the model loads
         self.styles_files = [styles_file] if isinstance(styles_file, str) else \
             list(styles_file or [])
@@ -210,6 +211,8 @@ class Server:
         self.upscaler_dir = Path(upscaler_dir) if upscaler_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
         self.device, self.precision = device, precision
+        # Engine options of every model loaded: offload, compile, cuda_graphs
+        self.engine_options = dict(engine_options or {})
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
         self.outdir = Path(outdir)  # where save_images writes, as A1111's outdir_*_samples
         self.limits, self.max_queue = limits, max_queue
@@ -339,13 +342,16 @@ class Server:
             "outdir": str(self.outdir),
             "device": self.device, "precision": self.precision,
             "no_half": self.precision == "fp32",
+            "medvram": self.engine_options.get("offload") == "model",
+            "lowvram": self.engine_options.get("offload") == "blocks",
             "max_queue": self.max_queue, "limit": list(f.get("limit") or []),
         }
 
     def _load(self, model: str | Path | None) -> Engine:
         return self.loader(str(model) if model else None, device=self.device,
                            precision=self.precision, lora_dir=self.lora_dir,
-                           embeddings_dir=self.embeddings_dir, upscaler_dir=self.upscaler_dir)
+                           embeddings_dir=self.embeddings_dir, upscaler_dir=self.upscaler_dir,
+                           **self.engine_options)
 
     def models(self) -> list[Path]:
         """The embedded model, the loaded one, and the files and diffusers folders in
