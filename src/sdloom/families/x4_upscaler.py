@@ -20,9 +20,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, UNetConfig
+from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..errors import ModelFileError, SdloomError
 from ..prompts import Conditioning, EmbeddingDB, PromptEncoder
 from ..sampling.denoisers import CFGDenoiser, sample, sampling_sigmas
@@ -53,17 +54,99 @@ LINEAR_START, LINEAR_END = 1e-4, 2e-2
 PUBLISHED_NO_SELF = (True, True, True, False)
 
 
+# sdloom's embedded upscaler (docs/embedded-model.md): this family at small width, trained on
+# emoji, 128² → 512². Text is not used: captions are empty in training (caption_dropout 1)
+# and upscaling runs the empty prompt, so the text encoder is a frozen tiny one whose output
+# for "" is a fixed context. GroupNorm groups and heads are what detection assumes (the
+# largest power of two ≤ 32 dividing the widths; 8 heads): a file of it loads from shapes.
+EMOJI_X4 = ModelConfig(
+    FAMILY,
+    UNetConfig(in_channels=7, out_channels=4, model_channels=48, channel_mult=(1, 2, 2),
+               num_res_blocks=2, transformer_depth=(0, 0, 1), transformer_depth_middle=1,
+               num_heads=8, context_dim=16, use_linear_in_transformer=True, num_groups=16,
+               num_classes=1000, disable_self_attentions=(False, False, False)),
+    VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=32,
+              scale_factor=LATENT_SCALE),
+    (TextEncoderConfig(layout="openclip", width=16, layers=1, heads=1, act="gelu",
+                       projection_dim=16, hidden_layer=-2, pad_token=0),),
+    prediction="v", default_size=512, linear_start=LINEAR_START, linear_end=LINEAR_END,
+    name="emoji-x4")
+PRESETS = {"emoji-x4": EMOJI_X4}
+
+
 def augmentation_schedule() -> DiscreteSchedule:
     return DiscreteSchedule.scaled_linear(1000, LINEAR_START, LINEAR_END)
 
 
-def noise_augment(low: torch.Tensor, noise: torch.Tensor, noise_level: int) -> torch.Tensor:
-    """q(x_t | x_0) of the low-res image at t = noise_level: √ᾱ·x + √(1 − ᾱ)·ε
-    (LDM AbstractLowScaleModel.q_sample; diffusers low_res_scheduler.add_noise)."""
-    if not 0 <= int(noise_level) <= MAX_NOISE_LEVEL:
+def noise_augment(low: torch.Tensor, noise: torch.Tensor,
+                  noise_level: int | torch.Tensor) -> torch.Tensor:
+    """q(x_t | x_0) of the low-res image at t = noise_level (one level, or one per image):
+    √ᾱ·x + √(1 − ᾱ)·ε (LDM AbstractLowScaleModel.q_sample; diffusers low_res_scheduler
+    .add_noise)."""
+    levels = torch.as_tensor(noise_level).long().flatten().cpu()
+    if levels.numel() == 0 or levels.min() < 0 or levels.max() > MAX_NOISE_LEVEL:
         raise SdloomError(f"noise_level must be in 0…{MAX_NOISE_LEVEL}, got {noise_level}")
-    a = float(augmentation_schedule().alphas_cumprod[int(noise_level)])
-    return (math.sqrt(a) * low.float() + math.sqrt(1 - a) * noise.float()).to(low.dtype)
+    a = augmentation_schedule().alphas_cumprod[levels].double()
+    shape = (-1,) + (1,) * (low.ndim - 1)
+    sa = a.sqrt().float().view(shape).to(low.device)
+    sb = (1 - a).sqrt().float().view(shape).to(low.device)
+    return (sa * low.float() + sb * noise.float()).to(low.dtype)
+
+
+def low_res_of(high: torch.Tensor) -> torch.Tensor:
+    """The 4× smaller image [B,3,h/4,w/4] of images in [-1, 1]: antialiased bicubic, rounded
+    to 8-bit levels as a saved image would be. What the embedded upscaler trains on and is
+    measured with."""
+    low = F.interpolate(high.float(), scale_factor=0.25, mode="bicubic", antialias=True,
+                        align_corners=False)
+    return (((low.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1).to(high.dtype)
+
+
+class LowResConditioning:
+    """Training conditioning of the x4 upscaler (LDM `LatentUpscaleDiffusion`): the captions'
+    (`base`, the trainer's text conditioning) plus the high-res batch made 4× smaller
+    (`low_res_of`) and noised to a noise level drawn uniformly from [0, max_noise_level) per
+    image, which is also the class label `y`. `crop` > 0: the high-res images are first cut
+    to random crop×crop windows (super-resolution is local; a crop costs less than a whole
+    image)."""
+
+    def __init__(self, base, cfg: ModelConfig, crop: int = 0):
+        self.base, self.crop_size = base, crop
+        u = cfg.unet
+        multiple = cfg.vae.downscale * 2 ** (len(u.channel_mult) - 1)
+        if crop % multiple:
+            raise SdloomError(f"x4_crop must be a multiple of {multiple} for this model")
+        if (cfg.family != FAMILY or u.in_channels != cfg.vae.embed_dim + 3
+                or (u.num_classes or 0) < MAX_NOISE_LEVEL):
+            raise SdloomError("what=x4 trains an SD x4 upscaler (a U-Net with 3 extra input "
+                              "channels and a noise-level embedding), not this "
+                              f"{cfg.family} model")
+
+    def prepare(self, captions: list[str], size: tuple[int, int], device: torch.device
+                ) -> dict:
+        return self.base.prepare(captions, size, device)
+
+    def crop(self, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """One random window per image (offsets from `gen`), or the images when crop is 0."""
+        c = self.crop_size
+        if not c or (high.shape[-2] == c and high.shape[-1] == c):
+            return high
+        ys = torch.randint(0, high.shape[-2] - c + 1, (len(high),), generator=gen).tolist()
+        xs = torch.randint(0, high.shape[-1] - c + 1, (len(high),), generator=gen).tolist()
+        return torch.stack([x[:, y:y + c, x0:x0 + c] for x, y, x0 in zip(high, ys, xs)])
+
+    def low_res(self, high: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """{"c_concat": the noised low-res images, "y": their noise levels}, to add to what
+        prepare() gave; the draws come from the CPU generator `gen` (the same run on any
+        device)."""
+        low = low_res_of(high)
+        levels = torch.randint(0, MAX_NOISE_LEVEL, (high.shape[0],), generator=gen)
+        noise = torch.randn(low.shape, generator=gen)
+        return {"c_concat": noise_augment(low, noise.to(low.device), levels),
+                "y": levels.to(low.device)}
+
+    def __call__(self, prepared: dict) -> dict[str, torch.Tensor]:
+        return {**self.base(prepared), "c_concat": prepared["c_concat"], "y": prepared["y"]}
 
 
 # ---------------------------------------------------------------- detection
@@ -320,7 +403,14 @@ class X4UpscalerFamily(Family):
         return 4
 
     def training_refusal(self, cfg, what: str) -> str | None:
-        return "training the SD x4 upscaler is not supported"
+        if what in ("vae", "x4"):
+            return None
+        return ("an SD x4 upscaler trains with what=vae (its f=4 VAE) or what=x4 (its U-Net "
+                "on low-res inputs; text encoder frozen)")
+
+    def trains_text_encoder(self, model: LatentDiffusion) -> bool:
+        # SD2's one OpenCLIP: training reads captions as its ids (frozen under what=x4)
+        return True
 
     def generation_refusal(self, cfg) -> str | None:
         return ("the SD x4 upscaler upscales images rather than generating them: put it in "

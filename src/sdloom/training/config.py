@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import SdloomError
 
-WHAT = ("vae", "unet", "full", "lora", "controlnet")
+WHAT = ("vae", "unet", "full", "lora", "controlnet", "x4")
 CHOICES: dict[str, tuple[str, ...]] = {
     "what": WHAT, "precision": ("fp32", "bf16", "fp16"),
     "schedule": ("constant", "cosine", "linear"), "prediction": ("eps", "v"),
@@ -56,6 +56,7 @@ class TrainConfig:
     lora_alpha: float = 8.0
     lora_text_encoder: bool = False
     control_preprocessor: str | None = None
+    x4_crop: int = 0
     save_every: int = 500
     save_dtype: str = "fp32"
     sample_every: int = 0
@@ -106,6 +107,8 @@ class TrainConfig:
                 raise SdloomError(f"{k} must be at least 1")
         if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise SdloomError("caption_dropout must be in [0, 1] and ema_decay in [0, 1)")
+        if self.x4_crop < 0 or self.x4_crop > self.resolution:
+            raise SdloomError(f"x4_crop must be in 0…resolution ({self.resolution})")
         if self.warmup < 0 or self.sample_every < 0 or self.num_workers < 0:
             raise SdloomError("warmup, sample_every and num_workers must be ≥ 0")
         if any("{}" not in t for t in self.caption_templates):
@@ -151,7 +154,8 @@ NULLABLE = ("vae_from", "text_lr", "prediction", "control_preprocessor")
 HELP: dict[str, str] = {
     "what": "vae | unet (the denoiser: the U-Net, or SD3's MMDiT with its text encoders "
             "frozen) | full (U-Net + text encoder jointly, e.g. from scratch) | lora | "
-            "controlnet (a ControlNet for the frozen model, training/controlnet_train.py)",
+            "controlnet (a ControlNet for the frozen model, training/controlnet_train.py) | "
+            "x4 (an SD x4 upscaler's U-Net on its images made 4× smaller, noise-augmented)",
     "model": "a model preset name (fresh random weights) or a checkpoint to start from; "
              "what=controlnet: the frozen base model (`embedded`: the shipped model file)",
     "vae_from": "take the (frozen) VAE from this checkpoint, e.g. a `what=vae` run's output",
@@ -196,6 +200,8 @@ HELP: dict[str, str] = {
                             "image with this preprocessor (canny at the extension's 100/200 "
                             "thresholds, invert, threshold); unset: metadata.jsonl's "
                             "conditioning_file_name column",
+    "x4_crop": "what=x4: train on a random square crop of this many pixels of each image "
+               "(0 = the whole image); the low-res input is made from the crop",
     "save_every": "write model + training state every N steps (and at the end)",
     "save_dtype": "dtype of model.safetensors: fp32 | fp16 | bf16",
     "sample_every": "sample the fixed prompts every N steps into samples/ (0 = never)",
@@ -230,6 +236,17 @@ PRESETS: dict[str, dict] = {
                         schedule="constant", steps=10000, precision="bf16",
                         grad_checkpointing=True, ema_decay=0.9999, caption_dropout=0.1,
                         save_every=1000, sample_every=1000, save_dtype="fp16"),
+    # the embedded upscaler (docs/embedded-model.md) on data/emoji512svg, stage 1: its f=4
+    # VAE, on the 512² images resized to 256² (a 512² VAE step costs 4× as much)
+    "emoji-x4-vae": dict(what="vae", model="emoji-x4", resolution=256, batch_size=32, lr=5e-4,
+                         warmup=100, steps=600, kl_weight=0.05, flip=True, precision="bf16",
+                         num_workers=6, save_every=1000),
+    # stage 2: its U-Net on random 256² crops of the 512² images, VAE and text encoder frozen
+    # (set model to stage 1's model.safetensors)
+    "emoji-x4": dict(what="x4", resolution=512, x4_crop=256, batch_size=64, lr=5e-4,
+                     warmup=100, steps=1500, ema_decay=0.999, prediction="v",
+                     min_snr_gamma=5.0, caption_dropout=1.0, cache_latents=False, flip=True,
+                     precision="bf16", num_workers=6, save_every=1000, save_dtype="fp16"),
     "lora": dict(what="lora", lr=1e-4, warmup=0, schedule="constant", steps=1000, lora_rank=8,
                  lora_alpha=8.0, caption_dropout=0.05),
     # a canny ControlNet for the embedded model (docs/embedded-model.md): ≈ 90 s on one H100

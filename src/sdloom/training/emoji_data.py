@@ -229,16 +229,22 @@ class _Renderer:
         box = canvas.getchannel("A").getbbox()
         if box is None:
             return None, "blank"
-        w, h = box[2] - box[0], box[3] - box[1]
+        w = box[2] - box[0]
         # one glyph is one advance (136 px) wide; sequences the font lacks fall apart into
         # 2-3 glyphs laid out 272-407 px wide, sometimes with an invisible first glyph
         if right - left > 1.5 * self.advance or w > 1.5 * self.height:
             return None, "several glyphs"
-        glyph = canvas.crop(box)
-        side = max(w, h)
-        square = Image.new("RGBA", (side, side), (255, 255, 255, 255))
-        square.alpha_composite(glyph, ((side - w) // 2, (side - h) // 2))
-        return square.convert("RGB").resize((self.size, self.size), Image.LANCZOS), ""
+        return square_on_white(canvas.crop(box), self.size), ""
+
+
+def square_on_white(glyph: Image.Image, size: int) -> Image.Image:
+    """An RGBA glyph cropped to its ink, centred on a white square of its longer side,
+    Lanczos-resized to size×size RGB (the layout of every image in the emoji data sets)."""
+    w, h = glyph.size
+    side = max(w, h)
+    square = Image.new("RGBA", (side, side), (255, 255, 255, 255))
+    square.alpha_composite(glyph, ((side - w) // 2, (side - h) // 2))
+    return square.convert("RGB").resize((size, size), Image.LANCZOS)
 
 
 def _digest(img: Image.Image) -> bytes:

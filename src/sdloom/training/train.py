@@ -26,7 +26,9 @@ from PIL import Image
 from torch import nn
 
 from ..checkpoints.save import save_model, save_safetensors
-from ..families.sd_presets import PRESETS as MODEL_PRESETS
+from ..families.sd_presets import PRESETS as SD_PRESETS
+from ..families.x4_upscaler import PRESETS as X4_PRESETS
+from ..families.x4_upscaler import LowResConditioning
 from ..errors import SdloomError
 from ..io import atomic_write_text
 from ..families import family_of
@@ -43,6 +45,7 @@ from .objectives import conditioning_for, objective_for
 from .state import claim_output, clean_leftovers, load_state, publish_state, trim_log
 
 SampleFn = Callable[[nn.Module, list[str], int], list[Image.Image]]
+MODEL_PRESETS = {**SD_PRESETS, **X4_PRESETS}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -427,6 +430,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas),
                             **({"fused": True} if device.type == "cuda" else {}))
     conditioning = conditioning_for(family, model) if objective is not None else None
+    if cfg.what == "x4":  # + the upscaler's low-res input, made from each batch's images
+        conditioning = LowResConditioning(conditioning, model.config, cfg.x4_crop)
     trainee = Trainee(model, cfg, objective, conditioning).to(device)
     # SD2's OpenCLIP never runs its last layer nor its projection: with the text encoder
     # trained, DDP must expect parameters without gradients
@@ -447,7 +452,11 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
         step = load_checkpoint(state, cfg, model, opt, ema, scaler, disc, disc_opt, gen, d)
     cache = None
     if cfg.what != "vae" and cfg.cache_latents:
-        if cfg.random_crop:
+        if cfg.what == "x4":
+            if d.main:
+                print("sdloom: not caching latents: what=x4 makes its inputs from the images",
+                      file=sys.stderr)
+        elif cfg.random_crop:
             if d.main:
                 print("sdloom: not caching latents: random crops differ every epoch",
                       file=sys.stderr)
@@ -616,16 +625,20 @@ def _vae_step(cfg, module, model, disc, disc_module, b, gen, device, adv: bool
 
 def _diffusion_step(cfg, module, model, objective, conditioning, b, gen, device
                     ) -> torch.Tensor:
-    """One micro-batch of the denoising objective: latents, captions, t (or σ) and noise →
-    loss."""
+    """One micro-batch of the denoising objective: latents, captions (and for what=x4 the
+    noised low-res images), t (or σ) and noise → loss."""
     if "latents" in b:
         x0 = b["latents"].to(device, non_blocking=True)
     else:
+        pixels = b["pixels"].to(device, non_blocking=True)
+        if isinstance(conditioning, LowResConditioning):
+            pixels = conditioning.crop(pixels, gen)
         with torch.no_grad():
-            x0 = model.first_stage_model.latent_from_image(
-                b["pixels"].to(device, non_blocking=True)).float()
+            x0 = model.first_stage_model.latent_from_image(pixels).float()
     n, f = x0.shape[0], model.config.vae.downscale
     prepared = conditioning.prepare(b["captions"], (x0.shape[3] * f, x0.shape[2] * f), device)
+    if isinstance(conditioning, LowResConditioning):
+        prepared.update(conditioning.low_res(pixels, gen))
     # drawn on the CPU generator: the same run on any device, and restorable on resume
     t = objective.draw(n, gen)
     noise = torch.randn(x0.shape, generator=gen)
