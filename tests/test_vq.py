@@ -138,3 +138,86 @@ def test_vq_file_into_ldsr_model(pair, tmp_path):
     with pytest.raises(ModelFileError, match="missing"):
         load_vae_into(model, tmp_path / "wrong.safetensors")
     assert json.loads(json.dumps(dataclasses.asdict(cfg)))["vae"]["n_embed"] == 64
+
+
+# ---------------------------------------------------------------- training
+
+def _shapes_data(root):
+    from PIL import Image, ImageDraw
+    root.mkdir(parents=True)
+    rows = []
+    for i, rgb in enumerate([(220, 30, 30), (30, 180, 60), (40, 60, 220), (240, 220, 30)]):
+        for j, box in enumerate([(4, 4, 28, 28), (10, 6, 22, 26)]):
+            im = Image.new("RGB", (32, 32), "white")
+            (ImageDraw.Draw(im).ellipse if j else ImageDraw.Draw(im).rectangle)(box, fill=rgb)
+            im.save(root / f"{i}-{j}.png")
+            rows.append({"file_name": f"{i}-{j}.png", "text": "x"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def vq_file(tmp_path_factory):
+    """A tiny LDSR-family model (what=vae trains its VQ first stage) saved as a file."""
+    from sdloom.checkpoints.save import save_model
+    from sdloom.families.ldsr import LDSRFamily, PRESETS
+    base = PRESETS["ldsr"]
+    cfg = base.replace(vae=TINY, default_size=64, unet=dataclasses.replace(
+        base.unet, model_channels=16, channel_mult=(1,), num_res_blocks=1,
+        transformer_depth=(0,), transformer_depth_middle=0, num_groups=8))
+    torch.manual_seed(0)
+    model = LDSRFamily().build(cfg)
+    root = tmp_path_factory.mktemp("vqtrain")
+    save_model(model, cfg, root / "tiny-ldsr.safetensors")
+    return root / "tiny-ldsr.safetensors", _shapes_data(root / "data")
+
+
+def _train_cfg(path, **kw):
+    from sdloom.training.config import TrainConfig
+    base = dict(what="vae", model=str(path), resolution=32, batch_size=4, lr=3e-3, warmup=2,
+                steps=24, save_every=1000, log_every=4, caption_dropout=0.0, seed=1,
+                rec_loss="l2")
+    return TrainConfig().override({**base, **kw})
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_vq_training_loss_falls_and_usage_is_logged(vq_file, tmp_path, ema):
+    from sdloom.checkpoints.load import load_model
+    from sdloom.training.train import train
+    path, data = vq_file
+    before = load_model(path).model.vae.quantize.embedding.weight.clone()
+    res = train(_train_cfg(path, vq_ema=ema), data, tmp_path, progress=False)
+    losses = res["losses"]
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4])
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("vq_perplexity" in r and 0 < r["vq_codes_used"] <= 1 for r in rows)
+    assert rows[-1]["vq_perplexity"] >= 1.0
+    assert rows[-1]["vq_codes_used"] * TINY.n_embed == pytest.approx(
+        round(rows[-1]["vq_codes_used"] * TINY.n_embed))  # a count of codes
+    m = load_model(tmp_path / "model.safetensors").model
+    assert m.config.vae.scale_factor == 1.0  # VQ latents are not rescaled
+    moved = (m.vae.quantize.embedding.weight - before).abs().max()
+    assert moved > 1e-3  # trained by its loss, or set by its EMA
+    st = torch.load(next((tmp_path / "states").iterdir()) / "trainer.pt", weights_only=True)
+    assert ("vq_ema" in st) == (ema > 0)
+
+
+def test_vq_commitment_and_codebook_terms():
+    """The loss equals rec + ‖sg[z] − e‖² + β‖z − sg[e]‖², gradients: the codebook term moves
+    only the codebook, the commitment term only the encoder."""
+    from sdloom.training.vq_train import VQLoss
+    torch.manual_seed(0)
+    vq = VQModel(TINY)
+    with torch.no_grad():
+        vq.quantize.embedding.weight.normal_()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    loss_fn = VQLoss(vq, "l2", beta=0.25)
+    loss, rec = loss_fn(vq, x)
+    with torch.no_grad():
+        z = vq.encode(x)
+        e = vq.quantize.lookup(vq.quantize.indices(z))
+        want = (vq.decode(z) - x).pow(2).mean() + 1.25 * (z - e).pow(2).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert loss_fn.usage()["vq_codes_used"] == pytest.approx(
+        e.permute(0, 2, 3, 1).reshape(-1, 3).unique(dim=0).shape[0] / 64)
+    assert loss_fn.usage() == {}  # reset after reading

@@ -8,17 +8,13 @@ import json
 
 from ..errors import ModelFileError
 from .base import DetectionError, Family, Shapes
-from .ldsr import PRESETS as LDSR_PRESETS, LDSRFamily
+from .ldsr import LDSRFamily
 from .sd import SDFamily
 from .sd3 import SD3Family
-from .sd_presets import PRESETS as SD_PRESETS
 from .x4_upscaler import X4UpscalerFamily
 
 # the x4 upscaler and LDSR before SD: all have model.diffusion_model.input_blocks.*
 FAMILIES: tuple[Family, ...] = (X4UpscalerFamily(), LDSRFamily(), SDFamily(), SD3Family())
-
-# model presets by name (fresh models for `sdloom train`), every family's
-MODEL_PRESETS = {**SD_PRESETS, **LDSR_PRESETS}
 
 
 def family_of(cfg) -> Family:

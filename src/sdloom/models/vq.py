@@ -24,6 +24,7 @@ class VectorQuantizer(nn.Module):
     def __init__(self, n_embed: int, dim: int):
         super().__init__()
         self.embedding = nn.Embedding(n_embed, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)  # as LDM/taming
 
     def indices(self, z: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] latent → [B, H, W] code indices (in chunks, so memory stays bounded)."""

@@ -52,6 +52,8 @@ class TrainConfig:
     adv_weight: float = 0.0
     adv_start: int = 0
     vae_scale_by_std: bool = True
+    vq_beta: float = 0.25
+    vq_ema: float = 0.0
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_text_encoder: bool = False
@@ -105,6 +107,8 @@ class TrainConfig:
                   "bucket_step"):
             if getattr(self, k) < 1:
                 raise SdloomError(f"{k} must be at least 1")
+        if not 0.0 <= self.vq_ema < 1.0 or self.vq_beta < 0:
+            raise SdloomError("vq_ema must be in [0, 1) and vq_beta ≥ 0")
         if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise SdloomError("caption_dropout must be in [0, 1] and ema_decay in [0, 1)")
         if self.x4_crop < 0 or self.x4_crop > self.resolution:
@@ -191,6 +195,9 @@ HELP: dict[str, str] = {
     "kl_weight": "VAE KL weight, relative to the summed reconstruction error as in LDM",
     "adv_weight": "VAE patch-discriminator (hinge) weight; 0 = off",
     "adv_start": "step at which the VAE discriminator starts",
+    "vq_beta": "VQ autoencoders: commitment weight β (‖z − sg[e]‖², van den Oord et al. 2017)",
+    "vq_ema": "VQ autoencoders: codebook as an EMA of assigned encoder outputs with this "
+              "decay (e.g. 0.99; 0 = trained by the codebook loss)",
     "vae_scale_by_std": "store 1/std of the training latents as the VAE's scale factor "
                         "(LDM's scale_by_std), so diffusion sees unit-variance latents",
     "lora_rank": "LoRA rank",

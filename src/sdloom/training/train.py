@@ -28,6 +28,7 @@ from torch import nn
 from ..checkpoints.save import save_model, save_safetensors
 from ..families.sd_presets import PRESETS as SD_PRESETS
 from ..families.x4_upscaler import PRESETS as X4_PRESETS
+from ..families.ldsr import PRESETS as LDSR_PRESETS
 from ..families.x4_upscaler import LowResConditioning
 from ..errors import SdloomError
 from ..io import atomic_write_text
@@ -43,9 +44,10 @@ from .ema import EMA
 from .lora_train import inject_lora, lora_metadata, lora_parameters, lora_state_dict
 from .objectives import conditioning_for, objective_for
 from .state import claim_output, clean_leftovers, load_state, publish_state, trim_log
+from .vq_train import CodebookEMA, VQLoss
 
 SampleFn = Callable[[nn.Module, list[str], int], list[Image.Image]]
-MODEL_PRESETS = {**SD_PRESETS, **X4_PRESETS}
+MODEL_PRESETS = {**SD_PRESETS, **X4_PRESETS, **LDSR_PRESETS}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -62,7 +64,8 @@ def init_from_scratch(model: LatentDiffusion) -> None:
             if hasattr(m, "out_layers"):
                 nn.init.zeros_(m.out_layers[3].weight)
                 nn.init.zeros_(m.out_layers[3].bias)
-            if hasattr(m, "proj_out") and hasattr(m, "transformer_blocks"):
+            if hasattr(m, "proj_out") and (hasattr(m, "transformer_blocks")
+                                           or hasattr(m, "qkv")):  # LDSR's AttentionBlock
                 nn.init.zeros_(m.proj_out.weight)
                 nn.init.zeros_(m.proj_out.bias)
         for te in model.text_encoders:
@@ -83,7 +86,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
         model = load_model(base_model_file(cfg.model), device=device).model
     elif cfg.model in MODEL_PRESETS:
         torch.manual_seed(cfg.seed)
-        model = LatentDiffusion(MODEL_PRESETS[cfg.model])
+        preset = MODEL_PRESETS[cfg.model]
+        model = family_of(preset).build(preset)
         init_from_scratch(model)
         model = model.to(device)
     elif Path(cfg.model).exists():
@@ -117,8 +121,12 @@ def trainable(cfg: TrainConfig, model: nn.Module) -> tuple[list[dict], dict]:
     `what=unet` is the denoiser, whichever network the family has (SD3: the MMDiT)."""
     adapters: dict = {}
     if cfg.what == "vae":
-        model.first_stage_model.requires_grad_(True)
-        return [{"params": list(model.first_stage_model.parameters()), "lr": cfg.lr}], adapters
+        vae = model.first_stage_model
+        vae.requires_grad_(True)
+        if cfg.vq_ema > 0 and getattr(vae.config, "n_embed", 0):
+            vae.quantize.embedding.weight.requires_grad_(False)  # follows its EMA (vq_train.py)
+        return [{"params": [p for p in vae.parameters() if p.requires_grad], "lr": cfg.lr}], \
+            adapters
     if cfg.what == "lora":
         # the adapters' random `down` init from the run's seed: a model read from a file has
         # not seeded the generator, and two runs of one config must start alike (resume)
@@ -173,12 +181,17 @@ class Trainee(nn.Module):
         self.denoise = None
         if objective is not None:
             self.denoise = family_of(model.config).denoiser_model(model).__call__
+        # a VQ first stage trains on its own terms (vq_train.py)
+        self.vq = (VQLoss(model.first_stage_model, cfg.rec_loss, cfg.vq_beta, cfg.vq_ema)
+                   if cfg.what == "vae" and model.config.vae.n_embed else None)
 
     def vae_loss(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction of a posterior sample + KL to N(0, I) (Kingma & Welling 2014). The KL
         is summed per image and divided by its pixel count: kl_weight means what it does in LDM,
         where the reconstruction error is summed too."""
         vae = self.model.first_stage_model
+        if self.vq is not None:
+            return self.vq(vae, x)
         mean, logvar = vae.encode(x)
         mean, logvar = mean.float(), logvar.float()
         z = mean + torch.exp(0.5 * logvar) * eps
@@ -310,7 +323,8 @@ def save_samples(out: Path, cfg: TrainConfig, model: nn.Module, ema: EMA | None,
 
 def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, adapters: dict,
                     opt, ema: EMA | None, scaler, disc, disc_opt, gen: torch.Generator,
-                    step: int, d: Dist, calib: list[torch.Tensor] | None = None) -> None:
+                    step: int, d: Dist, calib: list[torch.Tensor] | None = None,
+                    codebook: CodebookEMA | None = None) -> None:
     """model.safetensors (or lora.safetensors; EMA weights when EMA is on), written atomically,
     then a training state for an exact resume, published whole (see state.py)."""
     rng = {"data": gen.get_state(), "torch": torch.get_rng_state()}
@@ -348,11 +362,14 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, adapters: dic
         st["scaler"] = scaler.state_dict()
     if disc is not None:
         st["disc"], st["disc_optimizer"] = disc.state_dict(), disc_opt.state_dict()
+    if codebook is not None:
+        st["vq_ema"] = codebook.state_dict(model.first_stage_model)
     publish_state(out, step, raw, st, cfg)
 
 
 def load_checkpoint(state: Path, cfg: TrainConfig, model: nn.Module, opt, ema, scaler,
-                    disc, disc_opt, gen: torch.Generator, d: Dist) -> int:
+                    disc, disc_opt, gen: torch.Generator, d: Dist,
+                    codebook: CodebookEMA | None = None) -> int:
     """Restore weights, optimizer, EMA, scaler and RNGs; returns the step to continue from."""
     raw, st = load_state(state, cfg)
     own = {k: p for k, p in model.named_parameters() if p.requires_grad}
@@ -374,6 +391,8 @@ def load_checkpoint(state: Path, cfg: TrainConfig, model: nn.Module, opt, ema, s
     if disc is not None and "disc" in st:  # adv_weight turned on: the discriminator starts
         disc.load_state_dict(st["disc"])
         disc_opt.load_state_dict(st["disc_optimizer"])
+    if codebook is not None and "vq_ema" in st:
+        codebook.load_state_dict(model.first_stage_model, st["vq_ema"])
     if st["world"] != d.world:
         print(f"sdloom: resuming a {st['world']}-process run on {d.world}: data order and "
               "noise differ from the uninterrupted run", file=sys.stderr)
@@ -448,8 +467,10 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)  # timesteps and noise
     torch.manual_seed(cfg.seed + d.rank)
     step = 0
+    codebook = trainee.vq.ema if trainee.vq is not None else None
     if state is not None:
-        step = load_checkpoint(state, cfg, model, opt, ema, scaler, disc, disc_opt, gen, d)
+        step = load_checkpoint(state, cfg, model, opt, ema, scaler, disc, disc_opt, gen, d,
+                               codebook)
     cache = None
     if cfg.what != "vae" and cfg.cache_latents:
         if cfg.what == "x4":
@@ -468,7 +489,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
             print("sdloom: no sample grids (the txt2img pipeline is not available)",
                   file=sys.stderr)
     calib = None
-    if cfg.what == "vae" and cfg.vae_scale_by_std and d.main:
+    # VQ latents keep scale 1 (LDM's VQ first stages): only KL runs calibrate it
+    if cfg.what == "vae" and cfg.vae_scale_by_std and d.main and trainee.vq is None:
         calib = [ds.image(i) for i in range(min(64, len(ds)))]
     params = [p for g in opt.param_groups for p in g["params"]]
     batches = (control_batches if cfg.what == "controlnet" else micro_batches)(
@@ -544,6 +566,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
                        "images_per_s": seen / (time.perf_counter() - t0)}
             scalars.update({k: float(d.mean(v.reshape(1))) for k, v in extra.items()})
             extra.clear()
+            if trainee.vq is not None:  # codebook usage since the last log
+                scalars.update(trainee.vq.usage(d.mean(trainee.vq.hits)))
             logger.log(step, **scalars)
             if bar is not None:
                 bar.set_postfix(loss=f"{vals[-1]:.4f}", lr=f"{lr:.2e}",
@@ -552,7 +576,7 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
             bar.update(1)
         if step % cfg.save_every == 0 or step == end:
             save_checkpoint(out, cfg, model, adapters, opt, ema, scaler, disc, disc_opt, gen,
-                            step, d, calib)
+                            step, d, calib, codebook)
         if (sample_fn is not None and cfg.sample_every and step % cfg.sample_every == 0
                 and d.main):
             save_samples(out, cfg, model, ema, step, sample_fn)
