@@ -254,3 +254,24 @@ def test_ssim_and_psnr_on_known_cases():
     worse = (a + 0.3 * torch.rand(a.shape, generator=g)).clamp(0, 1)
     bad = (a + 0.6 * torch.rand(a.shape, generator=g)).clamp(0, 1)
     assert (ev.ssim(bad, a) < ev.ssim(worse, a)).all()
+
+
+def test_hires_fix_uses_the_builtin_upscaler(trained, tmp_path, monkeypatch):
+    from sdloom.infotext import parse_infotext
+    from sdloom.pipelines.engine import Engine
+    from sdloom.pipelines.generate import generate
+    from sdloom.pipelines.params import GenerationParams
+    from tiny import TINY_SD1, tiny_model
+    path, _ = trained
+    monkeypatch.setattr(upscalers, "EMBEDDED_X4", ("sdloom-emoji-x4", path))
+    save_model(tiny_model(), TINY_SD1, tmp_path / "m.safetensors")
+    eng = Engine.load(tmp_path / "m.safetensors", device="cpu", precision="fp32")
+    seen = []
+    real = upscalers.run_x4
+    monkeypatch.setattr(upscalers, "run_x4", lambda m, im, **k: seen.append(im.size)
+                        or real(m, im, **k))
+    res = generate(eng, GenerationParams(prompt="x", seed=1, steps=2, width=64, height=64,
+                                         enable_hr=True, hr_scale=2, denoising_strength=0.5,
+                                         hr_upscaler="sdloom-emoji-x4"))
+    assert res.images[0].size == (128, 128) and seen == [(64, 64)]
+    assert parse_infotext(res.infotexts[0])["Hires upscaler"] == "sdloom-emoji-x4"

@@ -36,7 +36,8 @@ from .keymaps.clip import clip_hf_to_openclip, clip_openclip_to_hf, normalize_hf
 from .keymaps.unet import unet_config_from_diffusers, unet_diffusers_to_ldm, unet_ldm_to_diffusers
 from .keymaps.vae import vae_diffusers_to_ldm, vae_ldm_to_diffusers
 from .sd import LatentDiffusion, UNetAdapter
-from .sd_detect import detect_text_encoder, detect_unet, detect_vae
+from .sd_detect import (TEXT_NOT_IN_SHAPES, UNET_NOT_IN_SHAPES, VAE_NOT_IN_SHAPES,
+                        detect_text_encoder, detect_unet, detect_vae)
 from .sd_diffusers import (_text_json, _unet_json, _vae_json, mapped, text_config_from_hf,
                            vae_config_from_diffusers, write_clip_tokenizer)
 
@@ -195,10 +196,8 @@ def detect(shapes: Shapes) -> ModelConfig:
                        linear_start=LINEAR_START, linear_end=LINEAR_END)
 
 
-NOT_IN_SHAPES = {"unet": ("num_heads", "num_head_channels", "num_groups"),
-                 "vae": ("num_groups", "scale_factor", "shift_factor"),
-                 "text": ("heads", "act", "hidden_layer", "final_norm_on_hidden", "pad_token",
-                          "pooled")}
+# what SD's detection cannot read from shapes either (one list for both families)
+NOT_IN_SHAPES = {"unet": UNET_NOT_IN_SHAPES, "vae": VAE_NOT_IN_SHAPES, "text": TEXT_NOT_IN_SHAPES}
 
 
 def config_problems(cfg: ModelConfig, shapes: Shapes) -> list[str]:
