@@ -64,6 +64,10 @@ class VAEConfig:
     # resolution levels (ch_mult indices) whose blocks have self-attention (LDM's
     # attn_resolutions, as levels: vq-f8's [32] at 256 px is level 3); the SD VAEs have none
     attn_levels: tuple[int, ...] = ()
+    # latent → RGB for the live preview (A1111's "Approx cheap"): (embed_dim + 1) × 3 numbers,
+    # row-major, one row per latent channel of the diffusion latent, then a bias row; fitted
+    # when sdloom trains a VAE (training.train.fit_latent_rgb). Empty: the family's factors
+    latent_rgb: tuple[float, ...] = ()
 
     @property
     def downscale(self) -> int:

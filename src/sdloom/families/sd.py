@@ -233,9 +233,14 @@ class SDFamily(Family):
     def inpaint_channels(self, cfg: ModelConfig) -> bool:
         return cfg.is_inpaint
 
-    def preview_factors(self, cfg: ModelConfig) -> tuple[torch.Tensor, None] | None:
-        """A1111's Approx cheap factors: SDXL's for SDXL VAEs, SD1's (shared by SD2) else. The
-        embedded model has its own VAE, whose factors nobody measured: no preview."""
+    def preview_factors(self, cfg: ModelConfig
+                        ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The factors fitted for this model's own VAE when sdloom trained it (the embedded
+        model's), else A1111's Approx cheap factors: SDXL's for SDXL VAEs, SD1's (shared by
+        SD2); none for a VAE of our own without fitted factors."""
+        if cfg.vae.latent_rgb:
+            m = torch.tensor(cfg.vae.latent_rgb).view(-1, 3)
+            return m[:-1], m[-1]
         if cfg.name == "embedded" or cfg.vae.embed_dim != 4:
             return None
         return torch.tensor(SDXL_RGB if cfg.is_sdxl else SD_RGB), None

@@ -6,6 +6,7 @@ or raises DetectionError naming the key that is missing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
@@ -30,7 +31,7 @@ VAE = "first_stage_model."
 # published model, and its preset holds its 16 groups, 4 U-Net heads, 2 text heads, v-prediction
 # and VAE scale.
 UNET_NOT_IN_SHAPES = ("num_heads", "num_head_channels", "num_groups")
-VAE_NOT_IN_SHAPES = ("num_groups", "scale_factor", "shift_factor")
+VAE_NOT_IN_SHAPES = ("num_groups", "scale_factor", "shift_factor", "latent_rgb")
 TEXT_NOT_IN_SHAPES = ("heads", "act", "hidden_layer", "final_norm_on_hidden", "pad_token",
                       "pooled")
 
@@ -251,6 +252,11 @@ def config_problems(cfg: ModelConfig, shapes: Shapes) -> list[str]:
 
     compare("unet", cfg.unet, UNET_NOT_IN_SHAPES, lambda: detect_unet(shapes))
     compare("vae", cfg.vae, VAE_NOT_IN_SHAPES, lambda: detect_vae(shapes))
+    rgb = cfg.vae.latent_rgb
+    if rgb and (len(rgb) != 3 * (cfg.vae.embed_dim + 1)
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in rgb)):
+        problems.append(f"vae.latent_rgb must be {3 * (cfg.vae.embed_dim + 1)} finite numbers "
+                        "(a row of 3 per latent channel, then the bias)")
     if cfg.is_sdxl:
         found = [i for i in _indices(shapes, "conditioner.embedders.")
                  if detect_text_encoder(shapes, f"conditioner.embedders.{i}.") is not None]

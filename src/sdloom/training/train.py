@@ -218,12 +218,31 @@ def latent_std(vae, images: list[torch.Tensor], device: torch.device) -> float:
     return float(torch.cat(zs).std())
 
 
-def set_vae_scale(model: nn.Module, scale: float) -> None:
-    """Set the latent scale factor in the model's config and its VAE's."""
+def set_vae_scale(model: nn.Module, scale: float, latent_rgb: tuple[float, ...] = ()) -> None:
+    """Set the latent scale factor (and the preview's latent → RGB factors) in the model's
+    config and its VAE's."""
     import dataclasses
-    vae_cfg = dataclasses.replace(model.config.vae, scale_factor=scale)
+    vae_cfg = dataclasses.replace(model.config.vae, scale_factor=scale, latent_rgb=latent_rgb)
     model.config = model.config.replace(vae=vae_cfg)
     model.first_stage_model.config = vae_cfg
+
+
+@torch.no_grad()
+def fit_latent_rgb(vae, images: list[torch.Tensor], device: torch.device
+                   ) -> tuple[float, ...]:
+    """Least-squares latent → RGB factors and bias for the live preview (A1111's Approx cheap,
+    fitted instead of guessed): each cell of the diffusion latent (posterior mean, scaled as
+    the VAE's config says) against the mean colour of the pixels it covers."""
+    xs, ys = [], []
+    for x in images:
+        z = vae.latent_from_image(x[None].to(device)).float()[0]
+        rgb = F.adaptive_avg_pool2d(x[None].float().to(device), z.shape[-2:])[0]
+        xs.append(z.flatten(1).T)
+        ys.append(rgb.flatten(1).T)
+    a = torch.cat(xs).double().cpu()
+    a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+    sol = torch.linalg.lstsq(a, torch.cat(ys).double().cpu()).solution  # [C + 1, 3]
+    return tuple(round(float(v), 5) for v in sol.flatten())
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -339,6 +358,8 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, adapters: dic
         if calib:  # VAE runs: the scale that gives the saved VAE unit-variance latents
             std = latent_std(model.first_stage_model, calib, model.device)
             set_vae_scale(model, 1.0 / max(std, 1e-6))
+            set_vae_scale(model, model.config.vae.scale_factor,
+                          fit_latent_rgb(model.first_stage_model, calib, model.device))
         if adapters:
             version = family_of(model.config).kohya_base_version(model.config)
             save_safetensors(lora_state_dict(adapters, DTYPES[cfg.save_dtype]),
