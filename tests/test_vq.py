@@ -21,6 +21,15 @@ TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, embed_di
                  num_groups=8, n_embed=64, attn_levels=(1,), scale_factor=1.0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # several OpenMP threads on a shared, busy CPU spin against each other (as test_training)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def diffusers_vq(cfg: VAEConfig):
     down = tuple("AttnDownEncoderBlock2D" if i in cfg.attn_levels else "DownEncoderBlock2D"
                  for i in range(len(cfg.ch_mult)))
@@ -221,3 +230,18 @@ def test_vq_commitment_and_codebook_terms():
     assert loss_fn.usage()["vq_codes_used"] == pytest.approx(
         e.permute(0, 2, 3, 1).reshape(-1, 3).unique(dim=0).shape[0] / 64)
     assert loss_fn.usage() == {}  # reset after reading
+
+
+def test_vq_ema_resume_reproduces_the_run(vq_file, tmp_path):
+    """The EMA codebook (not an optimizer parameter) comes back from the training state."""
+    from sdloom.checkpoints.load import load_model
+    from sdloom.training.train import train
+    path, data = vq_file
+    c = _train_cfg(path, vq_ema=0.9, steps=4, log_every=1, save_every=2, warmup=0)
+    full = train(c, data, tmp_path / "a", progress=False)["losses"]
+    train(c, data, tmp_path / "b", progress=False, stop_after=2)
+    rest = train(c, data, tmp_path / "b", resume=True, progress=False)["losses"]
+    assert rest == pytest.approx(full[2:], rel=1e-5)
+    wa, wb = (load_model(tmp_path / d / "model.safetensors").model.vae.quantize.embedding.weight
+              for d in "ab")
+    assert torch.allclose(wa, wb, atol=1e-6)
