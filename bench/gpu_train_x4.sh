@@ -60,3 +60,7 @@ first=$("$PY" -c "import json,sys; print(next(json.loads(l)['file_name'] for l i
 # shellcheck disable=SC2086
 "$PY" bench/eval_upscale.py --data "$DATA" --model "$OUT/sdloom-emoji-x4.safetensors" \
     --picture "$OUT/upscale-compare.png" ${EVAL_ARGS:-} | tee "$OUT/eval_upscale.json"
+# for reference: the same without the input's noise augmentation (the product uses level 20)
+# shellcheck disable=SC2086
+"$PY" bench/eval_upscale.py --data "$DATA" --model "$OUT/sdloom-emoji-x4.safetensors" \
+    --noise-level 0 ${EVAL_ARGS:-} | tee "$OUT/eval_upscale_level0.json"

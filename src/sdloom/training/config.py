@@ -244,14 +244,15 @@ PRESETS: dict[str, dict] = {
                         grad_checkpointing=True, ema_decay=0.9999, caption_dropout=0.1,
                         save_every=1000, sample_every=1000, save_dtype="fp16"),
     # the embedded upscaler (docs/embedded-model.md) on data/emoji512svg, stage 1: its f=4
-    # VAE, on the 512² images resized to 256² (a 512² VAE step costs 4× as much)
+    # VAE, on the 512² images resized to 256² (a 512² VAE step costs 4× as much); a light KL
+    # (LDM's kl-f4 uses 1e-6): its round trip bounds the upscaler's fidelity
     "emoji-x4-vae": dict(what="vae", model="emoji-x4", resolution=256, batch_size=32, lr=5e-4,
-                         warmup=100, steps=600, kl_weight=0.05, flip=True, precision="bf16",
+                         warmup=100, steps=600, kl_weight=1e-3, flip=True, precision="bf16",
                          num_workers=6, save_every=1000),
     # stage 2: its U-Net on random 256² crops of the 512² images, VAE and text encoder frozen
     # (set model to stage 1's model.safetensors)
     "emoji-x4": dict(what="x4", resolution=512, x4_crop=256, batch_size=64, lr=5e-4,
-                     warmup=100, steps=1500, ema_decay=0.999, prediction="v",
+                     warmup=100, steps=1500, ema_decay=0.995, prediction="v",
                      min_snr_gamma=5.0, caption_dropout=1.0, cache_latents=False, flip=True,
                      precision="bf16", num_workers=6, save_every=1000, save_dtype="fp16"),
     "lora": dict(what="lora", lr=1e-4, warmup=0, schedule="constant", steps=1000, lora_rank=8,
