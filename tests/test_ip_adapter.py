@@ -144,10 +144,81 @@ class _Plain(torch.nn.Module):
         return self.unet(x, t, context, y=y)
 
 
+def _plus_sd(unet, embed_dim: int, context: int, seed=4, queries=6, dim=64, depth=4):
+    """A random IP-Adapter plus state dict (original Resampler layout) for `unet` (ours)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=0.2: torch.randn(*shape, generator=g) * s  # noqa: E731
+    sd = {"image_proj.latents": r(1, queries, dim, s=1.0),
+          "image_proj.proj_in.weight": r(dim, embed_dim), "image_proj.proj_in.bias": r(dim),
+          "image_proj.proj_out.weight": r(context, dim), "image_proj.proj_out.bias": r(context),
+          "image_proj.norm_out.weight": 1 + r(context), "image_proj.norm_out.bias": r(context)}
+    for i in range(depth):
+        pre = f"image_proj.layers.{i}."
+        for n in ("0.norm1", "0.norm2", "1.0"):
+            sd[pre + n + ".weight"], sd[pre + n + ".bias"] = 1 + r(dim), r(dim)
+        sd[pre + "0.to_q.weight"], sd[pre + "0.to_kv.weight"] = r(64, dim), r(128, dim)
+        sd[pre + "0.to_out.weight"] = r(dim, 64)
+        sd[pre + "1.1.weight"], sd[pre + "1.3.weight"] = r(4 * dim, dim), r(dim, 4 * dim)
+    for i, a in cross_attentions(unet).items():
+        for n in ("to_k_ip", "to_v_ip"):
+            sd[f"ip_adapter.{i}.{n}.weight"] = r(a.to_q.weight.shape[0], context, s=0.3)
+    return sd
+
+
+def test_plus_adapter_matches_diffusers(tmp_path):
+    """IP-Adapter plus: the Resampler and the U-Net with its tokens against diffusers'
+    IPAdapterPlusImageProjection loaded from the same original-layout file."""
+    ref, ours, cfg = make_pair("sd1")
+    sd = _plus_sd(ours, 32, cfg.context_dim)  # depth 4, as published (and diffusers assumes)
+    ref._load_ip_adapter_weights([_nested(sd)], low_cpu_mem_usage=False)
+    save_file(sd, tmp_path / "plus.safetensors")
+    adapter = load_ip_adapter(tmp_path / "plus.safetensors", torch.device("cpu"), torch.float32)
+    assert adapter.plus and len(adapter.image_proj.layers) == 4
+    x, t, ctx = inputs(cfg)
+    g = torch.Generator().manual_seed(9)
+    feats = torch.randn(1, 10, 32, generator=g)  # one image's penultimate hidden states
+    blank = torch.randn(1, 10, 32, generator=g)  # those of the zero image
+    with torch.no_grad():
+        tokens = adapter.image_proj(torch.cat([feats, blank]))
+        want_tokens = ref.encoder_hid_proj.image_projection_layers[0](torch.cat([feats, blank]))
+        torch.testing.assert_close(tokens, want_tokens, atol=1e-5, rtol=1e-5)
+        want = ref(x, t, ctx, added_cond_kwargs={
+            "image_embeds": [torch.stack([feats, blank])]}).sample  # [B, images, L, E]
+        unit = ActiveIPAdapter(adapter, tokens[:1], tokens[1:], weight=1.0)
+        m = IPAdaptedModel(_Plain(ours), ours, [unit], lambda: 0.0, pass_mark=False)
+        got = m(x, t, ctx, cond_mark=torch.tensor([1.0, 0.0]))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        # negative control: the latent queries in another order change the result
+        adapter.image_proj.latents.data = adapter.image_proj.latents.data.flip(1)
+        assert (adapter.image_proj(feats) - tokens[:1]).abs().max() > 1e-3
+
+
+def test_plus_unit_reads_the_penultimate_hidden_states():
+    from sdloom.models.ip_adapter import encode_unit
+    ref = _hf_vision(seed=2)
+    enc = _ours(ref)
+    adapter = IPAdapter.from_state_dict(_plus_sd(make_pair("sd1")[1], 32, 32), "plus")
+    img = Image.fromarray((np.random.default_rng(0).random((30, 30, 3)) * 255).astype(np.uint8))
+    unit = encode_unit(IPAdapterUnit("a", "b", [img, img]), adapter, enc)
+    px = preprocess([img], 28)
+    with torch.no_grad():
+        hs = ref(px, output_hidden_states=True).hidden_states[-2]
+        zero = ref(torch.zeros_like(px), output_hidden_states=True).hidden_states[-2]
+        want = adapter.image_proj(hs)
+        torch.testing.assert_close(unit.cond, torch.cat([want, want], 1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(unit.uncond[:, :6], adapter.image_proj(zero), atol=1e-5,
+                                   rtol=1e-5)
+        last = adapter.image_proj(ref(px, output_hidden_states=True).hidden_states[-1])
+        assert (last - want).abs().max() > 1e-3  # the last layer would be another input
+
+
 def test_adapter_files_are_checked(tmp_path):
     save_file({"image_proj.latents": torch.zeros(1, 4, 8)}, tmp_path / "plus.safetensors")
-    with pytest.raises(ModelFileError, match="plus"):
+    with pytest.raises(ModelFileError, match="plus file lacks"):
         load_ip_adapter(tmp_path / "plus.safetensors", torch.device("cpu"), torch.float32)
+    save_file({"image_proj.weird": torch.zeros(1)}, tmp_path / "faceid.safetensors")
+    with pytest.raises(ModelFileError, match="not an IP-Adapter"):
+        load_ip_adapter(tmp_path / "faceid.safetensors", torch.device("cpu"), torch.float32)
     with pytest.raises(ModelFileError, match="missing keys"):
         IPAdapter.from_state_dict({"image_proj.proj.weight": torch.zeros(8, 4),
                                    "image_proj.norm.weight": torch.zeros(2),

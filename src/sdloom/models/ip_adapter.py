@@ -3,8 +3,10 @@ image embedding projected to a few context tokens, which every cross-attention a
 through its own key/value projections; the result is added, weighted, to the text attention.
 
 File layout (the original `ip_adapter.bin` / `.safetensors`): `image_proj.{proj,norm}` (plain,
-4 tokens) and `ip_adapter.{1,3,…}.to_{k,v}_ip`, numbered in diffusers' attention-processor
-order (all attn1/attn2 of the down blocks, then up, then mid; attn2 take the odd numbers).
+4 tokens from the image embedding) or `image_proj.{latents,proj_in,layers,proj_out,norm_out}`
+(plus: a perceiver resampler over the vision tower's penultimate hidden states, 16 tokens),
+and `ip_adapter.{1,3,…}.to_{k,v}_ip`, numbered in diffusers' attention-processor order (all
+attn1/attn2 of the down blocks, then up, then mid; attn2 take the odd numbers).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -33,6 +36,54 @@ class ImageProjection(nn.Module):
         return self.norm(self.proj(embeds).reshape(embeds.shape[0], self.tokens, -1))
 
 
+class PerceiverAttention(nn.Module):
+    """Latent queries attend to [image features; latents] (the original's to_kv is one
+    matrix: keys, then values)."""
+    HEAD = 64  # head width of every published Resampler (diffusers reads heads as width / 64)
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.heads = inner // self.HEAD
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        x, latents = self.norm1(x), self.norm2(latents)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
+        b, h = latents.shape[0], self.heads
+        q, k, v = (t.reshape(b, -1, h, self.HEAD).transpose(1, 2)
+                   for t in (self.to_q(latents), k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, -1, h * self.HEAD))
+
+
+class Resampler(nn.Module):
+    """IP-Adapter plus: learned latent queries refined by `depth` perceiver layers over the
+    projected image features [N, L, E] → [N, queries, C]."""
+
+    def __init__(self, embed_dim: int, dim: int, inner: int, context_dim: int, queries: int,
+                 depth: int, ff_inner: int):
+        super().__init__()
+        self.latents = nn.Parameter(torch.zeros(1, queries, dim))
+        self.proj_in = nn.Linear(embed_dim, dim)
+        self.proj_out = nn.Linear(dim, context_dim)
+        self.norm_out = nn.LayerNorm(context_dim)
+        self.layers = nn.ModuleList(nn.ModuleList([
+            PerceiverAttention(dim, inner),
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ff_inner, bias=False), nn.GELU(),
+                          nn.Linear(ff_inner, dim, bias=False))]) for _ in range(depth))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.proj_in(features)
+        latents = self.latents.expand(x.shape[0], -1, -1)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
 class IPKeyValue(nn.Module):
     def __init__(self, context_dim: int, inner: int):
         super().__init__()
@@ -41,26 +92,46 @@ class IPKeyValue(nn.Module):
 
 
 class IPAdapter(nn.Module):
-    """The adapter's weights: `image_proj` and one IPKeyValue per cross-attention."""
+    """The adapter's weights: `image_proj` (ImageProjection, or Resampler for plus) and one
+    IPKeyValue per cross-attention."""
 
-    def __init__(self, embed_dim: int, context_dim: int, tokens: int,
-                 inner: dict[int, int]):
+    def __init__(self, image_proj: nn.Module, context_dim: int, inner: dict[int, int]):
         super().__init__()
-        self.image_proj = ImageProjection(embed_dim, context_dim, tokens)
+        self.image_proj = image_proj
+        self.context_dim = context_dim
+        self.plus = isinstance(image_proj, Resampler)
         self.ip_adapter = nn.ModuleDict({str(i): IPKeyValue(context_dim, n)
                                          for i, n in sorted(inner.items())})
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], name: str) -> IPAdapter:
-        if "image_proj.proj.weight" not in sd or "image_proj.norm.weight" not in sd:
-            kind = "plus (Resampler)" if "image_proj.latents" in sd else "this"
-            raise ModelFileError(f"{name}: not a plain IP-Adapter ({kind} image projection is "
-                                 "not supported; expected image_proj.proj and image_proj.norm)")
-        out, embed = sd["image_proj.proj.weight"].shape
-        context = sd["image_proj.norm.weight"].shape[0]
+        if "image_proj.latents" in sd:
+            need = ("image_proj.proj_in.weight", "image_proj.proj_out.weight",
+                    "image_proj.layers.0.0.to_q.weight", "image_proj.layers.0.1.1.weight")
+            if any(k not in sd for k in need):
+                raise ModelFileError(f"{name}: an IP-Adapter plus file lacks "
+                                     f"{[k for k in need if k not in sd][:2]}")
+            _, queries, dim = sd["image_proj.latents"].shape
+            depth = 1 + max(int(k.split(".")[2]) for k in sd
+                            if k.startswith("image_proj.layers."))
+            context = sd["image_proj.proj_out.weight"].shape[0]
+            inner = sd["image_proj.layers.0.0.to_q.weight"].shape[0]
+            if inner % PerceiverAttention.HEAD:
+                raise ModelFileError(f"{name}: resampler attention width {inner} is not a "
+                                     f"multiple of {PerceiverAttention.HEAD}")
+            proj = Resampler(sd["image_proj.proj_in.weight"].shape[1], dim, inner, context,
+                             queries, depth, sd["image_proj.layers.0.1.1.weight"].shape[0])
+        elif "image_proj.proj.weight" in sd and "image_proj.norm.weight" in sd:
+            out, embed = sd["image_proj.proj.weight"].shape
+            context = sd["image_proj.norm.weight"].shape[0]
+            proj = ImageProjection(embed, context, out // context)
+        else:
+            raise ModelFileError(f"{name}: not an IP-Adapter (expected image_proj.proj/norm, "
+                                 "or image_proj.latents for plus; FaceID and others are not "
+                                 "supported)")
         inner = {int(k.split(".")[1]): v.shape[0] for k, v in sd.items()
                  if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")}
-        model = cls(embed, context, out // context, inner)
+        model = cls(proj, context, inner)
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
@@ -140,16 +211,23 @@ class ActiveIPAdapter:
 
 @torch.no_grad()
 def encode_unit(unit: IPAdapterUnit, adapter: IPAdapter, encoder: nn.Module) -> ActiveIPAdapter:
-    """Image embeds → tokens; uncond from zero embeds (diffusers, plain IP-Adapter)."""
+    """Images → tokens. Plain: the image embeds, uncond from zero embeds; plus: the vision
+    tower's penultimate hidden states, uncond from those of an all-zero (normalised) image —
+    as the original IP-Adapter and diffusers do."""
     from .clip_vision import preprocess
     p = next(encoder.parameters())
     px = preprocess(unit.images, encoder.config.image_size).to(p.device, p.dtype)
-    embeds, _ = encoder(px)
+    dtype = next(adapter.parameters()).dtype
+    if adapter.plus:
+        feats = encoder(px)[1][-2]
+        blank = encoder(torch.zeros_like(px[:1]))[1][-2].expand_as(feats)
+    else:
+        feats = encoder(px)[0]
+        blank = torch.zeros_like(feats)
     if unit.combine == "average":
-        embeds = embeds.mean(0, keepdim=True)
-    embeds = embeds.to(next(adapter.parameters()).dtype)
-    cond = adapter.image_proj(embeds).reshape(1, -1, adapter.image_proj.norm.weight.shape[0])
-    uncond = adapter.image_proj(torch.zeros_like(embeds)).reshape(cond.shape)
+        feats, blank = feats.mean(0, keepdim=True), blank[:1]
+    cond = adapter.image_proj(feats.to(dtype)).reshape(1, -1, adapter.context_dim)
+    uncond = adapter.image_proj(blank.to(dtype)).reshape(cond.shape)
     return ActiveIPAdapter(adapter, cond, uncond, unit.weight, unit.guidance_start,
                            unit.guidance_end)
 
@@ -158,7 +236,7 @@ def check_fits(adapter: IPAdapter, unet: nn.Module, name: str) -> None:
     """Refuse an adapter made for another U-Net (its attention count or widths differ)."""
     attns = cross_attentions(unet)
     ctx = unet.config.context_dim
-    own = adapter.image_proj.norm.weight.shape[0]
+    own = adapter.context_dim
     idx = {int(i) for i in adapter.ip_adapter}
     if own != ctx or idx != set(attns) or any(
             adapter.ip_adapter[str(i)].to_k_ip.weight.shape[0] != a.to_q.weight.shape[0]
