@@ -237,3 +237,35 @@ def test_registry_lists_and_runs_ldsr(pair, tmp_path, monkeypatch):
     # the model ran (a flat image does not come back flat from random weights)
     assert len(set(out.getchannel("R").tobytes())) > 4
     assert PRESETS["ldsr"].unet.model_channels == 160
+
+
+def test_published_sizes_map_both_ways():
+    """The published LDSR (bsr_sr project.yaml) and diffusers' LDMSuperResolutionPipeline at
+    the published config (CompVis/ldm-super-resolution-4x-openimages), on the meta device:
+    every diffusers tensor maps onto the preset's model with its shape, and shapes alone
+    detect the preset."""
+    from sdloom.families.keymaps.unet import unet_diffusers_to_ldm
+    from sdloom.families.keymaps.vae import vae_diffusers_to_ldm
+    from sdloom.families.ldsr import _heads, _qkv_from_diffusers
+    preset = PRESETS["ldsr"]
+    with torch.device("meta"):
+        unet = diffusers.UNet2DModel(
+            sample_size=64, in_channels=6, out_channels=3, block_out_channels=(160, 320, 320, 640),
+            down_block_types=("DownBlock2D",) * 3 + ("AttnDownBlock2D",),
+            up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * 3, layers_per_block=2,
+            attention_head_dim=32)
+        vq = diffusers.VQModel(
+            block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=3, vq_embed_dim=3,
+            num_vq_embeddings=8192, layers_per_block=2)
+        ours = LDSRFamily().build(preset)
+    want = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    got = {"model.diffusion_model." + k: tuple(v.shape) for k, v in _qkv_from_diffusers(
+        unet_diffusers_to_ldm(unet.state_dict(), preset.unet), _heads(preset.unet)).items()}
+    got.update({"first_stage_model." + k: tuple(v.shape)
+                for k, v in vae_diffusers_to_ldm(vq.state_dict()).items()})
+    assert got == want
+    assert want["model.diffusion_model.input_blocks.10.1.qkv.weight"] == (1920, 640, 1)
+    assert detect(want) == preset.replace(name="")
+    n = sum(v.numel() for v in ours.unet.parameters())
+    assert n == sum(v.numel() for v in unet.parameters()) == 113_622_563
