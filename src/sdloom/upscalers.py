@@ -82,6 +82,8 @@ def _ldsr_factor(path: Path) -> int | None:
         if path.is_dir():
             vc = json.loads((path / "vqvae" / "config.json").read_text())
             return vq_config_from_diffusers(vc).downscale
+        if path.suffix.lower() not in (".ckpt", ".safetensors"):  # .pth/.pt: ESRGAN's
+            return None
         shapes = open_file(path).shapes
         return detect(shapes).vae.downscale if LDSRFamily().claims(shapes) else None
     except (SdloomError, OSError, ValueError, KeyError, TypeError, AttributeError):
