@@ -269,3 +269,26 @@ def test_published_sizes_map_both_ways():
     assert detect(want) == preset.replace(name="")
     n = sum(v.numel() for v in ours.unet.parameters())
     assert n == sum(v.numel() for v in unet.parameters()) == 113_622_563
+
+
+def test_unet_training_on_vq_latents(pair, tmp_path):
+    """`sdloom train what=unet` on an LDSR model: ε on the VQ latents with the batch made f×
+    smaller as the concatenated input; the loss falls and the saved model upscales."""
+    from sdloom.training.config import TrainConfig
+    from sdloom.training.train import train
+    from test_vq import _shapes_data
+    model, _, _ = pair
+    save_model(model, model.config, tmp_path / "init.safetensors")
+    data = _shapes_data(tmp_path / "data")
+    c = TrainConfig().override(dict(
+        what="unet", model=str(tmp_path / "init.safetensors"), resolution=32, batch_size=4,
+        lr=2e-3, warmup=2, steps=30, save_every=1000, log_every=5, caption_dropout=0.0, seed=0))
+    res = train(c, data, tmp_path / "out", progress=False)
+    assert sum(res["losses"][-2:]) < 0.7 * sum(res["losses"][:2])
+    trained = load_model(tmp_path / "out" / "model.safetensors").model
+    assert trained.config == model.config
+    moved = (trained.unet.out[2].weight - model.unet.out[2].weight).abs().max()
+    assert moved > 1e-3 and torch.equal(trained.vae.quantize.embedding.weight,
+                                        model.vae.quantize.embedding.weight)  # VQ frozen
+    with pytest.raises(SdloomError, match="does not apply to LDSR"):
+        train(c.override({"what": "lora"}), data, tmp_path / "lora", progress=False)

@@ -192,6 +192,12 @@ class Family:
         None when it can."""
         return f"training {cfg.family} models is not supported yet"
 
+    def training_conditioning(self, model: nn.Module):
+        """What `sdloom train` conditions this family's denoiser on when it is not text (an
+        object like LDSR's `LowResConcat`: prepare, crop, low_res, __call__), or None: the
+        captions through objectives.conditioning_for."""
+        return None
+
     def lora_train_targets(self, cfg) -> tuple[str, ...]:
         """Module-path suffixes in the denoiser that `sdloom train` puts LoRA adapters on."""
         raise SdloomError(f"LoRA training for {cfg.family} models is not supported")

@@ -415,10 +415,12 @@ class LDSRFamily(Family):
         return {}
 
     def training_refusal(self, cfg, what: str) -> str | None:
-        if what == "vae":
-            return None  # the VQ autoencoder (training/vq_train.py)
-        return ("training LDSR's U-Net is not supported yet; what=vae trains its VQ "
-                "autoencoder")
+        if what in ("vae", "unet"):  # the VQ autoencoder (training/vq_train.py), the U-Net
+            return None
+        return f"what={what} does not apply to LDSR: what=vae (its VQ autoencoder) or unet"
+
+    def training_conditioning(self, model: LDSRModel) -> LowResConcat:
+        return LowResConcat(model.config)
 
     def generation_refusal(self, cfg) -> str | None:
         return ("LDSR upscales images rather than generating them: put it in --upscaler-dir "
@@ -431,7 +433,33 @@ class LDSRFamily(Family):
         raise SdloomError("ControlNet does not apply to LDSR")
 
 
-# ---------------------------------------------------------------- upscaling
+# ---------------------------------------------------------------- training and upscaling
+
+class LowResConcat:
+    """What `sdloom train what=unet` conditions LDSR's U-Net on: the high-res batch made f×
+    smaller (antialiased bicubic, rounded to 8-bit levels: x4_upscaler.low_res_of's rule) and
+    concatenated to the noisy latent; no text. LDM trained bsr_sr on BSR degradations (blur,
+    noise, JPEG); this is the plain bicubic case."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.f = cfg.vae.downscale
+
+    def prepare(self, captions: list[str], size: tuple[int, int], device: torch.device
+                ) -> dict:
+        return {}
+
+    def crop(self, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return high  # fully convolutional: crops are the data set's (random_crop, resolution)
+
+    def low_res(self, high: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        low = F.interpolate(high.float(), scale_factor=1 / self.f, mode="bicubic",
+                            antialias=True, align_corners=False)
+        return {"c_concat": (((low.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1)
+                .to(high.dtype)}
+
+    def __call__(self, prepared: dict) -> dict[str, torch.Tensor]:
+        return {"c_concat": prepared["c_concat"]}
+
 
 def _weighting(h: int, w: int) -> torch.Tensor:
     """LDM's patch weights (`delta_border` clipped to [0.01, 0.5]): the normalised distance to

@@ -469,7 +469,10 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas),
                             **({"fused": True} if device.type == "cuda" else {}))
-    conditioning = conditioning_for(family, model) if objective is not None else None
+    conditioning = None
+    if objective is not None:  # the family's own (LDSR: the low-res image), else the captions
+        conditioning = (family.training_conditioning(model)
+                        or conditioning_for(family, model))
     if cfg.what == "x4":  # + the upscaler's low-res input, made from each batch's images
         conditioning = LowResConditioning(conditioning, model.config, cfg.x4_crop)
     trainee = Trainee(model, cfg, objective, conditioning).to(device)
@@ -494,10 +497,10 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
                                codebook)
     cache = None
     if cfg.what != "vae" and cfg.cache_latents:
-        if cfg.what == "x4":
+        if hasattr(conditioning, "low_res"):
             if d.main:
-                print("sdloom: not caching latents: what=x4 makes its inputs from the images",
-                      file=sys.stderr)
+                print(f"sdloom: not caching latents: what={cfg.what} makes its inputs from the "
+                      "images", file=sys.stderr)
         elif cfg.random_crop:
             if d.main:
                 print("sdloom: not caching latents: random crops differ every epoch",
@@ -676,13 +679,13 @@ def _diffusion_step(cfg, module, model, objective, conditioning, b, gen, device
         x0 = b["latents"].to(device, non_blocking=True)
     else:
         pixels = b["pixels"].to(device, non_blocking=True)
-        if isinstance(conditioning, LowResConditioning):
+        if hasattr(conditioning, "low_res"):  # an upscaler's (x4, LDSR)
             pixels = conditioning.crop(pixels, gen)
         with torch.no_grad():
             x0 = model.first_stage_model.latent_from_image(pixels).float()
     n, f = x0.shape[0], model.config.vae.downscale
     prepared = conditioning.prepare(b["captions"], (x0.shape[3] * f, x0.shape[2] * f), device)
-    if isinstance(conditioning, LowResConditioning):
+    if hasattr(conditioning, "low_res"):
         prepared.update(conditioning.low_res(pixels, gen))
     # drawn on the CPU generator: the same run on any device, and restorable on resume
     t = objective.draw(n, gen)
