@@ -268,7 +268,7 @@ def _unet_from_json(uc: dict) -> UNetConfig:
     boc = list(uc["block_out_channels"])
     lpb = uc.get("layers_per_block", 2)
     depth = tuple(int("Attn" in b) for b in uc["down_block_types"])
-    hd = uc.get("attention_head_dim")
+    hd = uc.get("attention_head_dim", 8)  # UNet2DModel's default; None: one head per block
     heads = dict(num_head_channels=int(hd)) if hd else dict(num_heads=1, num_head_channels=-1)
     return UNetConfig(in_channels=uc["in_channels"], out_channels=uc["out_channels"],
                       model_channels=boc[0], channel_mult=tuple(c // boc[0] for c in boc),
