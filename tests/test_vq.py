@@ -208,7 +208,7 @@ def test_vq_training_loss_falls_and_usage_is_logged(vq_file, tmp_path, ema):
     moved = (m.vae.quantize.embedding.weight - before).abs().max()
     assert moved > 1e-3  # trained by its loss, or set by its EMA
     st = torch.load(next((tmp_path / "states").iterdir()) / "trainer.pt", weights_only=True)
-    assert ("vq_ema" in st) == (ema > 0)
+    assert ("vq" in st) == (ema > 0)
 
 
 def test_vq_commitment_and_codebook_terms():
@@ -233,11 +233,13 @@ def test_vq_commitment_and_codebook_terms():
 
 
 def test_vq_ema_resume_reproduces_the_run(vq_file, tmp_path):
-    """The EMA codebook (not an optimizer parameter) comes back from the training state."""
+    """The EMA codebook (not an optimizer parameter) and the restarts' running usage come back
+    from the training state."""
     from sdloom.checkpoints.load import load_model
     from sdloom.training.train import train
     path, data = vq_file
-    c = _train_cfg(path, vq_ema=0.9, steps=4, log_every=1, save_every=2, warmup=0)
+    c = _train_cfg(path, vq_ema=0.9, vq_restart=0.5, steps=4, log_every=1, save_every=2,
+                   warmup=0)
     full = train(c, data, tmp_path / "a", progress=False)["losses"]
     train(c, data, tmp_path / "b", progress=False, stop_after=2)
     rest = train(c, data, tmp_path / "b", resume=True, progress=False)["losses"]
@@ -245,3 +247,24 @@ def test_vq_ema_resume_reproduces_the_run(vq_file, tmp_path):
     wa, wb = (load_model(tmp_path / d / "model.safetensors").model.vae.quantize.embedding.weight
               for d in "ab")
     assert torch.allclose(wa, wb, atol=1e-6)
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_dead_codes_restart_on_batch_latents(ema):
+    """A codebook whose entries all sit far from the latents: one training pass with restarts
+    moves the unused codes onto latents of the batch, so the next pass uses many codes; without
+    restarts it stays at one."""
+    from sdloom.training.vq_train import VQLoss
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    used = []
+    for restart in (0.0, 0.5):
+        vq = VQModel(TINY)
+        with torch.no_grad():
+            vq.quantize.embedding.weight.fill_(100.0)
+            vq.quantize.embedding.weight[0].zero_()  # the one code anything is near
+        loss_fn = VQLoss(vq, "l2", 0.25, ema_decay=ema, restart=restart).train()
+        loss_fn(vq, x)
+        with torch.no_grad():
+            used.append(vq.quantize.indices(vq.encode(x)).unique().numel())
+    assert used[0] == 1 and used[1] > 20

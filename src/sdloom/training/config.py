@@ -54,6 +54,7 @@ class TrainConfig:
     vae_scale_by_std: bool = True
     vq_beta: float = 0.25
     vq_ema: float = 0.0
+    vq_restart: float = 0.0
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_text_encoder: bool = False
@@ -107,8 +108,8 @@ class TrainConfig:
                   "bucket_step"):
             if getattr(self, k) < 1:
                 raise SdloomError(f"{k} must be at least 1")
-        if not 0.0 <= self.vq_ema < 1.0 or self.vq_beta < 0:
-            raise SdloomError("vq_ema must be in [0, 1) and vq_beta ≥ 0")
+        if not 0.0 <= self.vq_ema < 1.0 or self.vq_beta < 0 or not 0 <= self.vq_restart < 1:
+            raise SdloomError("vq_ema and vq_restart must be in [0, 1), vq_beta ≥ 0")
         if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise SdloomError("caption_dropout must be in [0, 1] and ema_decay in [0, 1)")
         if self.x4_crop < 0 or self.x4_crop > self.resolution:
@@ -198,6 +199,8 @@ HELP: dict[str, str] = {
     "vq_beta": "VQ autoencoders: commitment weight β (‖z − sg[e]‖², van den Oord et al. 2017)",
     "vq_ema": "VQ autoencoders: codebook as an EMA of assigned encoder outputs with this "
               "decay (e.g. 0.99; 0 = trained by the codebook loss)",
+    "vq_restart": "VQ autoencoders: move codes used less than this fraction of a uniform "
+                  "share (running average) to random encoder outputs (e.g. 0.03; 0 = off)",
     "vae_scale_by_std": "store 1/std of the training latents as the VAE's scale factor "
                         "(LDM's scale_by_std), so diffusion sees unit-variance latents",
     "lora_rank": "LoRA rank",

@@ -44,7 +44,7 @@ from .ema import EMA
 from .lora_train import inject_lora, lora_metadata, lora_parameters, lora_state_dict
 from .objectives import conditioning_for, objective_for
 from .state import claim_output, clean_leftovers, load_state, publish_state, trim_log
-from .vq_train import CodebookEMA, VQLoss
+from .vq_train import VQLoss
 
 SampleFn = Callable[[nn.Module, list[str], int], list[Image.Image]]
 MODEL_PRESETS = {**SD_PRESETS, **X4_PRESETS, **LDSR_PRESETS}
@@ -182,7 +182,8 @@ class Trainee(nn.Module):
         if objective is not None:
             self.denoise = family_of(model.config).denoiser_model(model).__call__
         # a VQ first stage trains on its own terms (vq_train.py)
-        self.vq = (VQLoss(model.first_stage_model, cfg.rec_loss, cfg.vq_beta, cfg.vq_ema)
+        self.vq = (VQLoss(model.first_stage_model, cfg.rec_loss, cfg.vq_beta, cfg.vq_ema,
+                          cfg.vq_restart)
                    if cfg.what == "vae" and model.config.vae.n_embed else None)
 
     def vae_loss(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,7 +344,7 @@ def save_samples(out: Path, cfg: TrainConfig, model: nn.Module, ema: EMA | None,
 def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, adapters: dict,
                     opt, ema: EMA | None, scaler, disc, disc_opt, gen: torch.Generator,
                     step: int, d: Dist, calib: list[torch.Tensor] | None = None,
-                    codebook: CodebookEMA | None = None) -> None:
+                    vq: VQLoss | None = None) -> None:
     """model.safetensors (or lora.safetensors; EMA weights when EMA is on), written atomically,
     then a training state for an exact resume, published whole (see state.py)."""
     rng = {"data": gen.get_state(), "torch": torch.get_rng_state()}
@@ -383,14 +384,14 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, adapters: dic
         st["scaler"] = scaler.state_dict()
     if disc is not None:
         st["disc"], st["disc_optimizer"] = disc.state_dict(), disc_opt.state_dict()
-    if codebook is not None:
-        st["vq_ema"] = codebook.state_dict(model.first_stage_model)
+    if vq is not None and (vq_state := vq.state_dict_of(model.first_stage_model)):
+        st["vq"] = vq_state
     publish_state(out, step, raw, st, cfg)
 
 
 def load_checkpoint(state: Path, cfg: TrainConfig, model: nn.Module, opt, ema, scaler,
                     disc, disc_opt, gen: torch.Generator, d: Dist,
-                    codebook: CodebookEMA | None = None) -> int:
+                    vq: VQLoss | None = None) -> int:
     """Restore weights, optimizer, EMA, scaler and RNGs; returns the step to continue from."""
     raw, st = load_state(state, cfg)
     own = {k: p for k, p in model.named_parameters() if p.requires_grad}
@@ -412,8 +413,8 @@ def load_checkpoint(state: Path, cfg: TrainConfig, model: nn.Module, opt, ema, s
     if disc is not None and "disc" in st:  # adv_weight turned on: the discriminator starts
         disc.load_state_dict(st["disc"])
         disc_opt.load_state_dict(st["disc_optimizer"])
-    if codebook is not None and "vq_ema" in st:
-        codebook.load_state_dict(model.first_stage_model, st["vq_ema"])
+    if vq is not None and "vq" in st:
+        vq.load_state_dict_of(model.first_stage_model, st["vq"])
     if st["world"] != d.world:
         print(f"sdloom: resuming a {st['world']}-process run on {d.world}: data order and "
               "noise differ from the uninterrupted run", file=sys.stderr)
@@ -491,10 +492,9 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)  # timesteps and noise
     torch.manual_seed(cfg.seed + d.rank)
     step = 0
-    codebook = trainee.vq.ema if trainee.vq is not None else None
     if state is not None:
         step = load_checkpoint(state, cfg, model, opt, ema, scaler, disc, disc_opt, gen, d,
-                               codebook)
+                               trainee.vq)
     cache = None
     if cfg.what != "vae" and cfg.cache_latents:
         if hasattr(conditioning, "low_res"):
@@ -600,7 +600,7 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
             bar.update(1)
         if step % cfg.save_every == 0 or step == end:
             save_checkpoint(out, cfg, model, adapters, opt, ema, scaler, disc, disc_opt, gen,
-                            step, d, calib, codebook)
+                            step, d, calib, trainee.vq)
         if (sample_fn is not None and cfg.sample_every and step % cfg.sample_every == 0
                 and d.main):
             save_samples(out, cfg, model, ema, step, sample_fn)

@@ -8,6 +8,10 @@ is used here. With vq_ema > 0 the codebook is not trained by its term but set to
 moving averages of the encoder outputs assigned to each code (VQ-VAE App. A.1; Razavi et al.
 2019), with Laplace-smoothed counts. Usage is reported at every log step: the perplexity
 exp(−Σ p·log p) of the code frequencies and the fraction of codes used since the last log.
+With vq_restart > 0, codes whose running usage (an EMA of their batch counts, decay 0.99)
+falls below that fraction of a uniform share are moved to randomly chosen encoder outputs of
+the batch (dead-code restarts, as Dhariwal et al. 2020 "Jukebox" and Zeghidour et al. 2021
+"SoundStream" do); LDM has none. Rank 0's choice is broadcast, so ranks stay identical.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ class CodebookEMA:
         flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, d)
         counts = torch.bincount(idx.flatten(), minlength=n).float()
         sums = torch.zeros_like(self.sums).index_add_(0, idx.flatten(), flat)
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         self.counts.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -60,16 +64,64 @@ class CodebookEMA:
             vq.quantize.embedding.weight.copy_(st["weight"])
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 class VQLoss(nn.Module):
     """Reconstruction + codebook + β·commitment of a VQModel, counting the codes it assigns."""
+    USAGE_DECAY = 0.99
 
-    def __init__(self, vq: VQModel, rec_loss: str, beta: float, ema_decay: float = 0.0):
+    def __init__(self, vq: VQModel, rec_loss: str, beta: float, ema_decay: float = 0.0,
+                 restart: float = 0.0):
         super().__init__()
-        self.rec_loss, self.beta = rec_loss, beta
+        self.rec_loss, self.beta, self.restart = rec_loss, beta, restart
         # with an EMA the codebook is no trained parameter (train.trainable freezes it)
         self.ema = CodebookEMA(vq, ema_decay) if ema_decay > 0 else None
+        dev = vq.quantize.embedding.weight.device
         # code frequencies since the last `usage()` (a plain tensor: DDP must not broadcast it)
-        self.hits = torch.zeros(vq.config.n_embed, device=vq.quantize.embedding.weight.device)
+        self.hits = torch.zeros(vq.config.n_embed, device=dev)
+        self.running = None  # EMA of per-batch code counts (restarts)
+
+    @torch.no_grad()
+    def _restart_dead(self, vq: VQModel, z: torch.Tensor, idx: torch.Tensor) -> None:
+        """Move codes used less than `restart` × a uniform share to random batch latents."""
+        n, d = vq.quantize.embedding.weight.shape
+        counts = torch.bincount(idx.flatten(), minlength=n).float()
+        if _distributed():
+            dist.all_reduce(counts)
+        share = float(counts.sum()) / n
+        if self.running is None:  # the first batch: unused codes restart at once
+            self.running = counts.clone()
+        self.running.mul_(self.USAGE_DECAY).add_(counts, alpha=1 - self.USAGE_DECAY)
+        dead = self.running < self.restart * share
+        k = int(dead.sum())
+        if not k:
+            return
+        flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, d)
+        new = flat[torch.randint(0, len(flat), (k,), device=flat.device)]
+        if _distributed():
+            dist.broadcast(new, 0)
+        w = vq.quantize.embedding.weight
+        w[dead] = new.to(w.dtype)
+        self.running[dead] = share
+        if self.ema is not None:  # the moved codes start their averages afresh
+            self.ema.counts[dead] = 1.0
+            self.ema.sums[dead] = new
+
+    def state_dict_of(self, vq: VQModel) -> dict:
+        """What an exact resume needs beyond the optimizer: the EMA codebook's statistics and
+        the codebook itself (no trained parameter then), the running usage of restarts."""
+        st = {} if self.ema is None else self.ema.state_dict(vq)
+        if self.running is not None:
+            st["running"] = self.running.cpu()
+        return st
+
+    def load_state_dict_of(self, vq: VQModel, st: dict) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict(vq, st)
+        if "running" in st:
+            self.running = st["running"].to(self.hits.device)
 
     def forward(self, vq: VQModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, reconstruction) of images x in [-1, 1]."""
@@ -81,6 +133,8 @@ class VQLoss(nn.Module):
             loss = loss + (e - z.detach()).pow(2).mean()
         elif self.training:
             self.ema.update(vq, z, idx)
+        if self.restart > 0 and self.training:
+            self._restart_dead(vq, z, idx)  # after this batch's loss used the old codes
         zq = z + (e - z).detach()  # straight-through: the decoder's gradient reaches z
         rec = vq.decoder(vq.post_quant_conv(zq.to(x.dtype))).float()
         err = (rec - x).abs() if self.rec_loss == "l1" else (rec - x).pow(2)
