@@ -59,10 +59,14 @@ EMBEDDED = ModelConfig(
     UNetConfig(model_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1,
                transformer_depth=(0, 1, 1), transformer_depth_middle=1, num_heads=4,
                context_dim=96, num_groups=16),
-    # the shipped file's VAE scale (1 / latent std, measured by `train --vae-scale-by-std`) and
-    # prediction type, so that detection from shapes alone reproduces its stored config
+    # the shipped file's VAE scale (1 / latent std, measured by `train --vae-scale-by-std`),
+    # live-preview factors (fitted by training.train.fit_latent_rgb on its VAE) and prediction
+    # type, so that detection from shapes alone reproduces its stored config
     VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, num_groups=16,
-              scale_factor=0.9614258695585899),
+              scale_factor=0.9614258695585899,
+              latent_rgb=(0.31709, -0.20972, -0.50033, 0.207, -0.04797, -0.67666, 0.01289,
+                          0.09831, 0.43461, -0.31783, -0.80498, -1.32298, 0.30108, 0.42991,
+                          0.71699)),
     (TextEncoderConfig(layout="hf", width=96, layers=4, heads=2, act="quick_gelu"),),
     prediction="v", default_size=128, name="embedded")
 PRESETS["embedded"] = EMBEDDED
