@@ -1,6 +1,7 @@
 """Edge agreement of a canny ControlNet: does the output follow the condition's edges?
 
-For N images of a data set (its held-out rows first, then evenly spaced others) the canny map
+For N images of a data set (half evenly spaced over its held-out rows, which neither the model
+nor the ControlNet trained on, half over the others; reported apart) the canny map
 of the image (sdloom's `controlnet.canny`, the extension's 100/200 thresholds, at the model's
 size) is the condition. Each prompt is generated twice with the same seed, with and without the
 ControlNet (module none: the map as it is), and the canny map of each output is compared with
@@ -34,14 +35,17 @@ from sdloom.training.data import cover, crop, load_rgb, npy_cache
 
 
 def pick_rows(data: Path, n: int) -> list[tuple[int, dict]]:
-    """(row, record): the held-out rows first, then evenly spaced training rows."""
+    """(row, record): n/2 evenly spaced held-out rows (fewer if there are fewer), the rest
+    evenly spaced training rows."""
     rows = [json.loads(ln) for ln in (data / "metadata.jsonl").read_text(encoding="utf-8")
             .splitlines() if ln.strip()]
     held = [(i, r) for i, r in enumerate(rows) if r.get("holdout")]
     rest = [(i, r) for i, r in enumerate(rows) if not r.get("holdout")]
-    k = max(0, n - len(held))
-    spaced = [rest[j * len(rest) // k] for j in range(k)] if k and rest else []
-    return (held + spaced)[:n]
+
+    def spaced(xs: list, k: int) -> list:
+        return [xs[j * len(xs) // k] for j in range(k)] if k > 0 and xs else []
+    h = spaced(held, min(len(held), n // 2))
+    return h + spaced(rest, min(len(rest), n - len(h)))
 
 
 def source(data: Path, row: int, rec: dict, size: int) -> Image.Image:
@@ -79,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default="other,own", help="comma list of other, own, empty")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
-    ap.add_argument("--grid", help="also write the first 8 of the first prompt kind as rows "
-                                   "of condition | without | with control")
+    ap.add_argument("--grid", help="also write 8 evenly spaced picks (first prompt kind) as "
+                                   "rows of condition | without | with control")
     a = ap.parse_args(argv)
     kinds = [k.strip() for k in a.prompts.split(",") if k.strip()]
     if not kinds or set(kinds) - {"other", "own", "empty"}:
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     eng = Engine.load(a.model, device=a.device, precision=a.precision)
     size = eng.config.default_size
     picked = pick_rows(Path(a.data), a.n)
-    scores: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    scores: dict[tuple[str, str, str], list[tuple[float, float, float]]] = {}
     tiles = []
     for k, (row, rec) in enumerate(picked):
         cond = canny(np.asarray(source(Path(a.data), row, rec, size)), 100, 200)
@@ -108,18 +112,20 @@ def main(argv: list[str] | None = None) -> int:
             for name, units in (("without_control", []), ("with_control", [unit])):
                 img = generate(eng, GenerationParams(**base, controlnets=units)).images[0]
                 edges = canny(np.asarray(img.convert("RGB")), 100, 200) > 0
-                scores.setdefault((kind, name), []).append(
-                    agreement(edges, cond > 0, a.tolerance))
+                group = "held_out" if rec.get("holdout") else "training"
+                for g in (group, "all"):
+                    scores.setdefault((kind, g, name), []).append(
+                        agreement(edges, cond > 0, a.tolerance))
                 row_tiles.append(img)
-            if a.grid and k < 8 and kind == kinds[0]:
+            if a.grid and k % max(1, len(picked) // 8) == 0 and kind == kinds[0]:
                 tiles.append(row_tiles)
     out: dict = {"n": len(picked), "controlnet": Path(a.controlnet).name,
                  "data": str(a.data), "steps": a.steps, "cfg": a.cfg, "sampler": a.sampler,
                  "weight": a.weight, "tolerance_px": a.tolerance, "device": str(eng.device),
                  "seconds": round(time.perf_counter() - t0, 1)}
-    for (kind, name), s in scores.items():
+    for (kind, group, name), s in scores.items():
         m = np.asarray(s).mean(axis=0)
-        out.setdefault(f"prompt_{kind}", {})[name] = {
+        out.setdefault(f"prompt_{kind}", {}).setdefault(group, {"n": len(s)})[name] = {
             "precision": round(float(m[0]), 4), "recall": round(float(m[1]), 4),
             "f1": round(float(m[2]), 4)}
     if a.grid and tiles:
