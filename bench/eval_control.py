@@ -13,7 +13,7 @@ set redraws that image anyway, so this measures agreement more than control), `e
 JSON with the means per prompt kind, with and without control. Runs on CUDA and on the CPU.
 
 Usage: python bench/eval_control.py [--controlnet FILE] [--model FILE] [--data data/emoji128]
-       [--n 64] [--steps 20] [--prompts other,own] [--grid grid.png]
+       [--n 64] [--steps 20] [--prompts empty,own,other] [--grid grid.png]
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight", type=float, default=1.0)
     ap.add_argument("--tolerance", type=int, default=1, help="pixels (dilation radius)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompts", default="other,own", help="comma list of other, own, empty")
+    ap.add_argument("--prompts", default="empty,own,other",
+                    help="comma list of empty, own, other")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--grid", help="also write 8 evenly spaced picks (first prompt kind) as "
