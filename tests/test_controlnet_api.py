@@ -131,6 +131,19 @@ def test_a_client_unit_gives_the_library_image(setup):
                                    "resize_mode": 1})) == crop
 
 
+def test_a_reference_unit_takes_no_model(setup):
+    """The extension sends reference units with model "None"; threshold_a is the fidelity."""
+    root, cdir, server, client = setup
+    img = square()
+    assert "reference_only" in client.get("/controlnet/module_list").json()["module_list"]
+    r = txt2img(client, {"enabled": True, "module": "reference_only", "model": "None",
+                         "image": b64(img), "threshold_a": 0.7, "weight": 0.9})
+    assert pixels(r) == library(server, ControlUnit("None", img, module="reference_only",
+                                                    threshold_a=0.7, weight=0.9))
+    cn0 = parse_infotext(json.loads(r.json()["info"])["infotexts"][0])["ControlNet 0"]
+    assert cn0.startswith("Module: reference_only, Model: None, Weight: 0.9")
+
+
 def test_two_units_and_disabled_or_empty_units(setup):
     root, cdir, server, client = setup
     a = {**CLIENT_UNIT, "model": "cn", "image": b64(square())}

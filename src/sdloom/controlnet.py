@@ -57,7 +57,12 @@ NEEDS_WEIGHTS = {
 }
 # (threshold_a, threshold_b) defaults of the weight-free preprocessors (the extension's sliders)
 DEFAULTS = {"none": (-1, -1), "invert": (-1, -1), "canny": (100, 200), "threshold": (127, -1),
-            "shuffle": (-1, -1), "tile_resample": (1.0, -1)}
+            "shuffle": (-1, -1), "tile_resample": (1.0, -1),
+            # no model: the reference image steers the U-Net itself (models/reference.py);
+            # threshold_a is the style fidelity
+            "reference_only": (0.5, -1), "reference_adain": (0.5, -1),
+            "reference_adain+attn": (0.5, -1)}
+REFERENCE = ("reference_only", "reference_adain", "reference_adain+attn")
 ALIASES = {"invert (from white bg & black line)": "invert", "binary": "threshold",
            "tile": "tile_resample", "content_shuffle": "shuffle"}
 DEFAULT_RES = 512
@@ -225,7 +230,7 @@ def preprocess(unit: ControlUnit, image: Image.Image, seed: int = 0) -> Image.Im
     """The detected map of a resolved unit's image (RGB)."""
     img = image.convert("RGB")
     m = unit.module
-    if m == "none":
+    if m == "none" or m in REFERENCE:
         return img
     if m == "invert":
         return Image.fromarray(255 - np.asarray(img))
@@ -312,12 +317,17 @@ def load_controlnet(path: str | Path, base, latent_channels: int, device: torch.
 
 @dataclass
 class PreparedUnit:
-    """A unit with its ControlNet and detected map, ready to give each pass its hint."""
+    """A unit with its ControlNet (none for a reference unit) and detected map, ready to give
+    each pass its hint."""
     unit: ControlUnit
-    net: ControlNet
+    net: ControlNet | None
     detected: Image.Image
     label: str  # "name [hash]"
     passes: set[str] = field(default_factory=set)  # "low", "high"
+
+    @property
+    def reference(self) -> bool:
+        return self.unit.module in REFERENCE
 
     def active(self, w: int, h: int) -> ActiveControl:
         u = self.unit
@@ -350,12 +360,15 @@ def prepare_units(units, base, latent_channels: int, device: torch.device, dtype
                               "uses the init image)")
         if u.pixel_perfect:
             u.processor_res = pixel_perfect_res(image, w, h, u.resize_mode)
+        passes = {"Both": {"low", "high"}, "Low res only": {"low"},
+                  "High res only": {"high"}}[u.hr_option] if hires else {"low"}
+        if u.module in REFERENCE:  # the extension's reference units take no model
+            out.append(PreparedUnit(u, None, preprocess(u, image, seed), "None", passes))
+            continue
         model = _builtin_or_path(u.model)
         net = load_controlnet(model, base, latent_channels, device, dtype)
         path = _weights_file(Path(model))
         name = Path(model).stem if Path(model).is_file() else Path(model).name
-        passes = {"Both": {"low", "high"}, "Low res only": {"low"},
-                  "High res only": {"high"}}[u.hr_option] if hires else {"low"}
         out.append(PreparedUnit(u, net, preprocess(u, image, seed),
                                 f"{name} [{legacy_hash(path)}]", passes))
     return out

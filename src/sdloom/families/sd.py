@@ -192,6 +192,15 @@ class SDFamily(Family):
         from ..models.ip_adapter import IPAdaptedModel
         return IPAdaptedModel(inner, model.unet, units, fraction, pass_mark)
 
+    def reference_model(self, model: LatentDiffusion, inner: nn.Module, units, fraction,
+                        generator: torch.Generator, pass_mark: bool) -> nn.Module:
+        """A denoiser model steered by reference images (models.reference.ActiveReference
+        units); its write passes run the plain U-Net."""
+        from ..models.reference import ReferenceModel
+        return ReferenceModel(inner, UNetAdapter(model.unet), model.unet, units, fraction,
+                              self.model_sampling(model.config).schedule.alphas_cumprod,
+                              generator, pass_mark, model.config.is_sdxl)
+
     def prompt_encoder(self, model: LatentDiffusion, embeddings: EmbeddingDB) -> PromptEncoder:
         return PromptEncoder(get_tokenizer(), model.text_encoders,
                              list(model.config.text_encoders), embeddings)

@@ -83,8 +83,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
+    # reference-only control (models/reference.py) sets this for the length of one call
+    reference = None
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)
+        h = self.norm1(x)
+        if self.reference is not None and not self.disable_self_attn:
+            x = x + self.reference.self_attention(self.attn1, h)
+        else:
+            x = x + self.attn1(h, context if self.disable_self_attn else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 

@@ -239,6 +239,7 @@ class _Job:
         den = e.cfg_denoiser(prompts, negs, p.steps, p.cfg_scale, p.clip_skip, w, h,
                              p.aesthetic_score)
         den = self._controlled(den, "low", w, h, len(self.sigmas) - 1)
+        den = self._referenced(den, "low", w, h, len(self.sigmas) - 1, seeds[0])
         den = self._ip_adapted(den, len(self.sigmas) - 1, hires=False)
         if init_img is None:
             x = e.sampling.noised(torch.zeros_like(noise), noise, self.sigmas[0])
@@ -285,6 +286,7 @@ class _Job:
         den = e.cfg_denoiser(prompts, negs, self.p.steps, hp.cfg_scale, hp.clip_skip, w, h,
                              hp.aesthetic_score, hires_steps=self.hr_steps)
         den = self._controlled(den, "high", w, h, len(self.hr_sigmas) - 1)
+        den = self._referenced(den, "high", w, h, len(self.hr_sigmas) - 1, seeds[0])
         den = self._ip_adapted(den, len(self.hr_sigmas) - 1, hires=True)
         extra = self._conditioning(None, None, seeds, w, h)
         return self._sample(hp, den, x, self.hr_sigmas, rng, extra, done)
@@ -377,7 +379,8 @@ class _Job:
         important". Guidance start/end read A1111's step counter as the extension does
         (state.sampling_step / state.sampling_steps: the last finished step over the pass's
         sampler steps), not sigmas, so a unit stops at the step it stops at in A1111."""
-        active = [u.active(w, h) for u in self.units if which in u.passes]
+        active = [u.active(w, h) for u in self.units
+                  if which in u.passes and not u.reference]
         self.clock = None
         if not active:
             return den
@@ -386,6 +389,35 @@ class _Job:
         den.denoiser = e.sampling.denoiser(
             e.family.controlled_model(e.model, ControlSet(active, self.clock)))
         den.cond, den.uncond = _marked(den.cond, 1.0), _marked(den.uncond, 0.0)
+        return den
+
+    def _referenced(self, den, which: str, w: int, h: int, steps: int, seed: int):
+        """The pass's denoiser with the reference units (reference_only / reference_adain):
+        the reference image's latent (VAE, posterior sampled with the job's seed) noised to
+        each call's timestep steers the U-Net's self-attention and block statistics."""
+        from ..controlnet import hint_tensor
+        from ..models.reference import ActiveReference, style_fidelity
+        refs = [u for u in self.units if u.reference and which in u.passes]
+        if not refs:
+            return den
+        e = self.engine
+        if not hasattr(e.family, "reference_model"):
+            raise SdloomError("reference-only control needs an SD U-Net")
+        active = []
+        for u in refs:
+            px = hint_tensor(u.detected, w, h, u.unit.resize_mode) * 2 - 1
+            active.append(ActiveReference(
+                e.encode(px, [seed]), u.unit.module, u.unit.weight, u.unit.guidance_start,
+                u.unit.guidance_end, style_fidelity(u.unit.threshold_a, u.unit.control_mode,
+                                                    which == "high", e.config.is_sdxl)))
+        controlled = self.clock is not None
+        if not controlled:
+            self.clock = ControlClock(0, steps, hires=which == "high")
+            den.cond, den.uncond = _marked(den.cond, 1.0), _marked(den.uncond, 0.0)
+        clock = self.clock
+        den.denoiser = e.sampling.denoiser(e.family.reference_model(
+            e.model, eager(den.denoiser.model), active, lambda: clock.fraction,
+            torch.Generator().manual_seed(int(seed)), controlled))
         return den
 
     def _prepare_ip_adapters(self) -> list:

@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from ..controlnet import (ALIASES, DEFAULTS, HR_OPTIONS, RESIZE_MODES,
+from ..controlnet import (ALIASES, DEFAULTS, HR_OPTIONS, REFERENCE, RESIZE_MODES,
                           ControlUnit, find_controlnet, list_controlnets, preprocess,
                           preprocessor_name)
 from ..errors import NotFoundError, SdloomError
@@ -54,6 +54,8 @@ SLIDERS: dict[str, tuple[dict | None, dict | None, dict | None]] = {
     "shuffle": (RES_SLIDER, None, None),
     "tile_resample": (None, {"name": "Down Sampling Rate", "value": 1.0, "min": 1.0,
                              "max": 8.0, "step": 0.01}, None),
+    **{m: (None, {"name": "Style Fidelity (only for Balanced mode)", "value": 0.5, "min": 0.0,
+                  "max": 1.0, "step": 0.01}, None) for m in REFERENCE},
 }
 assert set(SLIDERS) == set(DEFAULTS)
 LABELS = {v: k for k, v in ALIASES.items() if k.startswith("invert")}  # alias_names=true
@@ -62,7 +64,8 @@ LABELS = {v: k for k, v in ALIASES.items() if k.startswith("invert")}  # alias_n
 CONTROL_TYPES = {"All": (list(DEFAULTS), "", "none"), "Canny": (["none", "canny", "invert"],
                                                                  "canny", "canny"),
                  "Shuffle": (["none", "shuffle"], "shuffle", "shuffle"),
-                 "Tile": (["none", "tile_resample"], "tile", "tile_resample")}
+                 "Tile": (["none", "tile_resample"], "tile", "tile_resample"),
+                 "Reference": (list(REFERENCE), "", "reference_only")}
 
 
 # ---------------------------------------------------------------------- request values
@@ -161,14 +164,17 @@ def parse_unit(raw: Any, where: str, server, decode) -> ControlUnit | None:
     elif model in (None, "", "None") and unit.get("image") in (None, ""):
         return None  # an empty slot
     module = _module(unit.get("module", "none"), f"{where}.module")
-    if not isinstance(model, str) or model in ("", "None"):
+    if module in REFERENCE:  # reference units take no model (the extension sends "None")
+        path = "None"
+    elif not isinstance(model, str) or model in ("", "None"):
         raise SdloomError(f"{where}.model: an enabled unit needs a ControlNet model; "
                           "GET /controlnet/model_list lists them")
-    try:
-        path = find_controlnet(model, server.controlnet_dir, server.loaded_config())
-    except NotFoundError as e:
-        raise SdloomError(f"{where}.model: {e}; GET /controlnet/model_list lists them") \
-            from None
+    else:
+        try:
+            path = find_controlnet(model, server.controlnet_dir, server.loaded_config())
+        except NotFoundError as e:
+            raise SdloomError(f"{where}.model: {e}; GET /controlnet/model_list lists them") \
+                from None
     res_s, a_s, b_s = SLIDERS[module]
     kw: dict[str, Any] = {"module": module}
     for name in ("weight", "guidance_start", "guidance_end"):
