@@ -78,7 +78,7 @@ def main() -> None:
              width=a.size, generator=g, output_type="pil")
 
     ref_s, ref_mem = timed_runs(run_ref, a.runs, a.device)
-    del pipe
+    pipe = None
     if a.device == "cuda":
         torch.cuda.empty_cache()
     eng = Engine.load(folder, device=a.device, precision=a.dtype)

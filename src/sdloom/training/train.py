@@ -273,7 +273,7 @@ class Logger:
         trim_log(path, start)
         self.file = open(path, "a", encoding="utf-8")
         try:
-            import tensorboard  # noqa: F401  (optional dependency)
+            # an optional dependency: torch's writer needs the tensorboard package
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
         except ImportError:
