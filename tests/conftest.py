@@ -23,5 +23,15 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for a test: several OpenMP threads on a shared, busy 2-core CPU spin
+    against each other (training tests ran 20× slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def randomize():
     return randomize_

@@ -24,13 +24,7 @@ from sdloom.sampling.schedules import DiscreteSchedule  # noqa: E402
 STEPS = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # several OpenMP threads on a shared, busy CPU spin against each other (as test_training)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def tiny_pipeline():

@@ -239,3 +239,48 @@ def test_any_multiple_of_8_over_http_with_a1111_seed_fields(client, w, h):
                                                 "init_images": [b64(init)], **extra})
         assert r.status_code == 200, r.text
         assert unb64(r.json()["images"][0]).size == (w, h)
+
+
+def test_a1111_leniency(client, server):
+    """What A1111's pydantic-1 models accept: null for any field (its default), a float in an
+    integer field (its integer part), a legacy combined sampler name (split as 1.9+ does), a
+    mask of another size, resize mode 3 (the latent of the image as it is, scaled)."""
+    base = {"prompt": "a red apple", "seed": 5, "steps": 2, "width": 64, "height": 64,
+            "sampler_name": "Euler"}
+
+    def pixels(r):
+        assert r.status_code == 200, r.text
+        return unb64(r.json()["images"][0]).convert("RGB").tobytes()
+
+    plain = pixels(client.post(f"{API}/txt2img", json=base))
+    nulls = {**base, "negative_prompt": None, "styles": None, "n_iter": None,
+             "override_settings": None, "subseed": None, "eta": None}
+    assert pixels(client.post(f"{API}/txt2img", json=nulls)) == plain
+    r = client.post(f"{API}/txt2img", json={**base, "steps": 2.7, "seed": 5.0})
+    assert pixels(r) == plain and json.loads(r.json()["info"])["steps"] == 2
+    r = client.post(f"{API}/txt2img", json={**base, "sampler_name": "DPM++ 2M Karras"})
+    assert json.loads(r.json()["info"])["sampler_name"] == "DPM++ 2M"
+    assert pixels(r) == pixels(client.post(f"{API}/txt2img", json={
+        **base, "sampler_name": "DPM++ 2M", "scheduler": "Karras"}))
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    small = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # RGBA: the alpha is the mask
+    small.paste((0, 0, 0, 255), (8, 8, 24, 24))
+    body = {**base, "init_images": [b64(init)], "denoising_strength": 0.6, "mask_blur": 0,
+            "inpaint_full_res": False}
+    # A1111: the binary mask (alpha > 128) resized by the resize mode (0: Lanczos) to w×h
+    big = small.getchannel("A").point(lambda v: 255 if v > 128 else 0).resize(
+        (64, 64), Image.LANCZOS)
+    assert pixels(client.post(f"{API}/img2img", json={**body, "mask": b64(small)})) == pixels(
+        client.post(f"{API}/img2img", json={**body, "mask": b64(big)}))
+    # resize mode 3: an image of the target size gives what mode 0 gives; another size is
+    # encoded as it is and its latent scaled, which differs from resizing the pixels
+    i2i = {**base, "denoising_strength": 0.6}
+    same = [pixels(client.post(f"{API}/img2img", json={**i2i, "init_images": [b64(init)],
+                                                        "resize_mode": m})) for m in (0, 3)]
+    assert same[0] == same[1]
+    odd = Image.new("RGB", (48, 40), (30, 200, 30))
+    odd.paste((0, 0, 255), (0, 0, 24, 20))
+    m0, m3 = [pixels(client.post(f"{API}/img2img", json={**i2i, "init_images": [b64(odd)],
+                                                          "resize_mode": m})) for m in (0, 3)]
+    assert m0 != m3 and unb64(client.post(f"{API}/img2img", json={
+        **i2i, "init_images": [b64(odd)], "resize_mode": 3}).json()["images"][0]).size == (64, 64)

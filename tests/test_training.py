@@ -46,13 +46,7 @@ def make_shapes(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # several OpenMP threads on a shared, busy CPU spin against each other (20× slower here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, embed_di
                  num_groups=8, n_embed=64, attn_levels=(1,), scale_factor=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # several OpenMP threads on a shared, busy CPU spin against each other (as test_training)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def diffusers_vq(cfg: VAEConfig):

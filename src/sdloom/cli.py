@@ -248,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(i)
     i.add_argument("--init", required=True, help="the input image")
     i.add_argument("--strength", "--denoise", type=_finite, default=0.75, dest="strength")
-    i.add_argument("--resize-mode", type=int, default=0, choices=[0, 1, 2],
-                   help="0 just resize, 1 crop and resize, 2 resize and fill")
+    i.add_argument("--resize-mode", type=int, default=0, choices=[0, 1, 2, 3],
+                   help="0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize "
+                        "in latent space (the image encoded as it is, its latent scaled)")
 
     m = sub.add_parser("inpaint", help="repaint the masked area (white = repaint)")
     _add_common(m)

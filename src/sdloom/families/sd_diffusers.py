@@ -54,7 +54,8 @@ def vae_config_from_diffusers(vc: dict, sdxl: bool) -> VAEConfig:
                      z_channels=vc.get("latent_channels", 4), embed_dim=vc.get("latent_channels", 4),
                      num_groups=vc.get("norm_num_groups", 32), scale_factor=scale,
                      shift_factor=vc.get("shift_factor") or 0.0,
-                     use_quant_conv=vc.get("use_quant_conv", True))
+                     use_quant_conv=vc.get("use_quant_conv", True),
+                     latent_rgb=tuple(vc.get("sdloom_latent_rgb") or ()))
 
 
 def mapped(where: str, keymap, *args):
@@ -162,7 +163,9 @@ def _vae_json(c: VAEConfig, sample_size: int) -> dict:
             "latent_channels": c.z_channels, "norm_num_groups": c.num_groups,
             "scaling_factor": c.scale_factor, "shift_factor": c.shift_factor or None,
             "use_quant_conv": c.use_quant_conv, "use_post_quant_conv": c.use_quant_conv,
-            "sample_size": sample_size}
+            "sample_size": sample_size,
+            # the live preview's fitted factors (diffusers ignores keys it does not know)
+            **({"sdloom_latent_rgb": list(c.latent_rgb)} if c.latent_rgb else {})}
 
 
 def _text_json(c: TextEncoderConfig, layers: int) -> dict:

@@ -66,9 +66,12 @@ class _Inpaint:
 def _prepare_init(p: GenerationParams) -> tuple[Image.Image, _Inpaint | None]:
     """The init image at processing size (filled where masked, for "fill"), and the mask."""
     init = p.init_image.convert("RGB")
-    if p.mask is None:
-        return resize_image(init, p.width, p.height, p.resize_mode), None
+    if p.mask is None:  # resize mode 3 scales the init latent instead (first_pass)
+        return (init if p.resize_mode == 3 else
+                resize_image(init, p.width, p.height, p.resize_mode)), None
     mask = mask_from_image(p.mask, (p.mask_blur_x, p.mask_blur_y), p.inpainting_mask_invert)
+    if p.inpaint_full_res and mask.size != init.size:  # a mask of another size (A1111 fails)
+        mask = mask.resize(init.size, Image.BILINEAR)
     box = crop_region(mask, p.inpaint_full_res_padding, p.width, p.height) \
         if p.inpaint_full_res else None  # an empty mask falls back to the whole picture
     if box is not None:
@@ -247,6 +250,10 @@ class _Job:
                                                                                  w, h), done)
         px = from_pil(init_img)
         init_lat = e.encode(px.expand(len(seeds), -1, -1, -1), seeds).to(e.device)
+        f = e.latent_format.factor
+        if p.resize_mode == 3 and init_lat.shape[-2:] != (h // f, w // f):
+            # A1111's "Just resize (latent upscale)": the latent of the image as it is, scaled
+            init_lat = F.interpolate(init_lat, size=(h // f, w // f), mode="bilinear")
         pix_mask = None
         if inp is not None:
             nmask = _latent_mask(inp.mask, *init_lat.shape[-2:]).to(init_lat)

@@ -133,9 +133,9 @@ class GenerationParams:
         if self.all_prompts is not None and len(self.all_prompts) != self.batch_size * self.n_iter:
             raise SdloomError(f"all_prompts holds {len(self.all_prompts)} prompts for "
                               f"{self.batch_size * self.n_iter} images")
-        if self.mask is not None and self.mask.size != self.init_image.size:
-            raise SdloomError(f"mask size {self.mask.size[0]}x{self.mask.size[1]} differs from "
-                              f"image size {self.init_image.size[0]}x{self.init_image.size[1]}")
+        if self.resize_mode == 3 and self.mask is not None:
+            raise SdloomError("resize mode 3 (latent upscale) takes no mask (as in A1111, "
+                              "the masked image must match the size): use 0, 1 or 2")
         if self.inpainting_fill not in FILL_NAMES:
             raise SdloomError(f"masked content must be one of {sorted(FILL_MODES)}")
         if self.mask_blur is not None:

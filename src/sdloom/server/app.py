@@ -49,7 +49,7 @@ from ..models.lora import extract_prompt_loras
 from ..pipelines.engine import EMBEDDED_MODEL, Engine
 from ..pipelines.generate import LATENT_UPSCALERS
 from ..pipelines.params import GenerationParams
-from ..sampling.samplers import SAMPLERS
+from ..sampling.samplers import SAMPLERS, resolve_sampler
 from ..sampling.schedules import LABELS
 from ..seeds import all_seeds, fix_seed
 from ..styles import StyleDB
@@ -590,6 +590,11 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
         subseed_strength=req.subseed_strength, batch_size=req.batch_size, n_iter=req.n_iter,
         clip_skip=opts["CLIP_stop_at_last_layers"], eta=req.eta, s_noise=req.s_noise,
         controlnets=units)
+    # A1111 1.9+ splits a legacy combined name ("DPM++ 2M Karras") into sampler and scheduler
+    # before it runs, so `info` and the echoed parameters name the sampler alone
+    spec, sched = resolve_sampler(p.sampler_name, p.scheduler)
+    if spec.name != p.sampler_name and spec.name.lower() != p.sampler_name.strip().lower():
+        p.sampler_name, p.scheduler = spec.name, sched
     if "seed_resize_from_w" in has:
         p.seed_resize_from_w, p.seed_resize_from_h = req.seed_resize_from_w, \
             req.seed_resize_from_h

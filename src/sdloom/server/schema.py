@@ -8,7 +8,8 @@ may ask of the machine is `Limits`, checked by GenerationParams.validate.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -53,7 +54,21 @@ class Body(BaseModel):
     @classmethod
     def _finite_and_valid_text(cls, data: Any) -> Any:
         check_json(data)
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            data = {k: _lenient(fields[k].annotation, v) if k in fields else v
+                    for k, v in data.items() if not (v is None and k in fields)}
         return data
+
+
+def _lenient(annotation: Any, v: Any) -> Any:
+    """A1111's pydantic-1 models take every field as Optional (null = not given, so the
+    default; dropped above) and turn a float in an integer field into its integer part."""
+    ints = annotation is int or (get_origin(annotation) in (Union, UnionType)
+                                 and int in get_args(annotation))
+    if ints and isinstance(v, float) and math.isfinite(v):
+        return int(v)
+    return v
 
 
 Seed = Annotated[int, Field(ge=-1, lt=SEED_END)]
