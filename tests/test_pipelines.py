@@ -283,9 +283,9 @@ def test_ensd_and_seed_resize_reach_the_sampler(engine):
 def test_bad_input(engine):
     with pytest.raises(SdloomError, match="unknown sampler"):
         run(engine, prompt="x", sampler_name="Nope")
-    with pytest.raises(SdloomError, match="mask size"):
+    with pytest.raises(SdloomError, match="resize mode 3"):
         run(engine, prompt="x", init_image=Image.new("RGB", (64, 64)),
-            mask=Image.new("L", (32, 32)))
+            mask=Image.new("L", (32, 32)), resize_mode=3)
     with pytest.raises(SdloomError, match="at least 64"):
         run(engine, prompt="x", width=0)
     with pytest.raises(SdloomError, match="finite"):
