@@ -193,6 +193,39 @@ def test_plus_adapter_matches_diffusers(tmp_path):
         assert (adapter.image_proj(feats) - tokens[:1]).abs().max() > 1e-3
 
 
+def test_full_face_adapter_matches_diffusers(tmp_path):
+    """Full-face IP-Adapter: its MLP projection of every penultimate hidden state against
+    diffusers' IPAdapterFullImageProjection loaded from the same original-layout file."""
+    ref, ours, cfg = make_pair("sd1")
+    g = torch.Generator().manual_seed(11)
+    r = lambda *shape, s=0.2: torch.randn(*shape, generator=g) * s  # noqa: E731
+    sd = {"image_proj.proj.0.weight": r(32, 32), "image_proj.proj.0.bias": r(32),
+          "image_proj.proj.2.weight": r(cfg.context_dim, 32),
+          "image_proj.proj.2.bias": r(cfg.context_dim),
+          "image_proj.proj.3.weight": 1 + r(cfg.context_dim), "image_proj.proj.3.bias": r(
+              cfg.context_dim)}
+    for i, a in cross_attentions(ours).items():
+        for n in ("to_k_ip", "to_v_ip"):
+            sd[f"ip_adapter.{i}.{n}.weight"] = r(a.to_q.weight.shape[0], cfg.context_dim, s=0.3)
+    ref._load_ip_adapter_weights([_nested(sd)], low_cpu_mem_usage=False)
+    save_file(sd, tmp_path / "full.safetensors")
+    adapter = load_ip_adapter(tmp_path / "full.safetensors", torch.device("cpu"), torch.float32)
+    assert adapter.plus  # it reads hidden states, as plus does
+    x, t, ctx = inputs(cfg)
+    feats, blank = torch.randn(1, 10, 32, generator=g), torch.randn(1, 10, 32, generator=g)
+    with torch.no_grad():
+        tokens = adapter.image_proj(torch.cat([feats, blank]))
+        want_tokens = ref.encoder_hid_proj.image_projection_layers[0](torch.cat([feats, blank]))
+        torch.testing.assert_close(tokens, want_tokens, atol=1e-5, rtol=1e-5)
+        want = ref(x, t, ctx, added_cond_kwargs={"image_embeds": [torch.stack([feats, blank])]}
+                   ).sample
+        unit = ActiveIPAdapter(adapter, tokens[:1], tokens[1:], weight=1.0)
+        got = IPAdaptedModel(_Plain(ours), ours, [unit], lambda: 0.0, pass_mark=False)(
+            x, t, ctx, cond_mark=torch.tensor([1.0, 0.0]))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert (got - ours(x, t, ctx)).abs().max() > 1e-2
+
+
 def test_plus_unit_reads_the_penultimate_hidden_states():
     from sdloom.models.ip_adapter import encode_unit
     ref = _hf_vision(seed=2)

@@ -4,7 +4,8 @@ through its own key/value projections; the result is added, weighted, to the tex
 
 File layout (the original `ip_adapter.bin` / `.safetensors`): `image_proj.{proj,norm}` (plain,
 4 tokens from the image embedding) or `image_proj.{latents,proj_in,layers,proj_out,norm_out}`
-(plus: a perceiver resampler over the vision tower's penultimate hidden states, 16 tokens),
+(plus: a perceiver resampler over the vision tower's penultimate hidden states, 16 tokens;
+full-face: `image_proj.proj.{0,2,3}`, an MLP over every penultimate hidden state),
 and `ip_adapter.{1,3,…}.to_{k,v}_ip`, numbered in diffusers' attention-processor order (all
 attn1/attn2 of the down blocks, then up, then mid; attn2 take the odd numbers).
 """
@@ -34,6 +35,19 @@ class ImageProjection(nn.Module):
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(embeds).reshape(embeds.shape[0], self.tokens, -1))
+
+
+class FullProjection(nn.Module):
+    """Full-face IP-Adapter: every patch of the penultimate hidden states [N, L, E] → a token
+    [N, L, C] through Linear, GELU, Linear, LayerNorm (`proj.0`, `proj.2`, `proj.3`)."""
+
+    def __init__(self, embed_dim: int, context_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(),
+                                  nn.Linear(embed_dim, context_dim), nn.LayerNorm(context_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features)
 
 
 class PerceiverAttention(nn.Module):
@@ -99,7 +113,8 @@ class IPAdapter(nn.Module):
         super().__init__()
         self.image_proj = image_proj
         self.context_dim = context_dim
-        self.plus = isinstance(image_proj, Resampler)
+        # plus and full-face read the penultimate hidden states, not the image embedding
+        self.plus = isinstance(image_proj, (Resampler, FullProjection))
         self.ip_adapter = nn.ModuleDict({str(i): IPKeyValue(context_dim, n)
                                          for i, n in sorted(inner.items())})
 
@@ -121,14 +136,17 @@ class IPAdapter(nn.Module):
                                      f"multiple of {PerceiverAttention.HEAD}")
             proj = Resampler(sd["image_proj.proj_in.weight"].shape[1], dim, inner, context,
                              queries, depth, sd["image_proj.layers.0.1.1.weight"].shape[0])
+        elif "image_proj.proj.3.weight" in sd and "image_proj.proj.0.weight" in sd:
+            context = sd["image_proj.proj.3.weight"].shape[0]
+            proj = FullProjection(sd["image_proj.proj.0.weight"].shape[1], context)
         elif "image_proj.proj.weight" in sd and "image_proj.norm.weight" in sd:
             out, embed = sd["image_proj.proj.weight"].shape
             context = sd["image_proj.norm.weight"].shape[0]
             proj = ImageProjection(embed, context, out // context)
         else:
             raise ModelFileError(f"{name}: not an IP-Adapter (expected image_proj.proj/norm, "
-                                 "or image_proj.latents for plus; FaceID and others are not "
-                                 "supported)")
+                                 "image_proj.latents for plus or image_proj.proj.0-3 for "
+                                 "full-face; FaceID and others are not supported)")
         inner = {int(k.split(".")[1]): v.shape[0] for k, v in sd.items()
                  if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")}
         model = cls(proj, context, inner)
