@@ -4,6 +4,8 @@
 The tools alternate image by image (round k: one sdloom image, one diffusers image, the order
 flipped every round), so a change in machine load lands on both; min and median per tool are
 printed as JSON. Usage: python bench/bench_embedded.py [--rounds 9] [--threads N]
+[--precision fp32|auto|bf16] [--compile] (--compile adds sdloom with torch.compile as a third
+tool; its first image, which compiles, is reported apart)
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "auto", "bf16"])
+    ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -30,7 +34,7 @@ def main() -> None:
     from sdloom.pipelines.generate import generate
     from sdloom.pipelines.params import GenerationParams
     t = time.perf_counter()
-    eng = Engine.load(None, device="cpu", precision="fp32")
+    eng = Engine.load(None, device="cpu", precision=a.precision)
     load = time.perf_counter() - t
     folder = tempfile.mkdtemp() + "/emoji"
     convert(EMBEDDED_MODEL, folder)  # a diffusers folder diffusers loads as it is
@@ -40,17 +44,23 @@ def main() -> None:
         final_sigmas_type="zero")
     pipe.set_progress_bar_config(disable=True)
 
-    def ours(seed: int) -> None:
-        generate(eng, GenerationParams(prompt="a red apple", steps=20, cfg_scale=7.0,
-                                       sampler_name="DPM++ 2M", seed=seed))
+    def ours(seed: int, engine=eng) -> None:
+        generate(engine, GenerationParams(prompt="a red apple", steps=20, cfg_scale=7.0,
+                                          sampler_name="DPM++ 2M", seed=seed))
 
     def theirs(seed: int) -> None:
         pipe(prompt="a red apple", num_inference_steps=20, guidance_scale=7.0, height=128,
              width=128, generator=torch.Generator().manual_seed(seed))
 
     tools = {"sdloom": ours, "diffusers": theirs}
-    for fn in tools.values():  # warm-up
+    first = {}
+    if a.compile:
+        compiled = Engine.load(None, device="cpu", precision=a.precision, compile=True)
+        tools["sdloom_compile"] = lambda seed: ours(seed, compiled)
+    for name, fn in tools.items():  # warm-up (compiles)
+        t = time.perf_counter()
         fn(0)
+        first[name] = round(time.perf_counter() - t, 2)
     times: dict[str, list[float]] = {k: [] for k in tools}
     for r in range(a.rounds):
         order = list(tools) if r % 2 == 0 else list(reversed(tools))
@@ -62,7 +72,11 @@ def main() -> None:
            for name, ts in times.items()}
     out["ratio_min"] = round(out["sdloom"]["min_s"] / out["diffusers"]["min_s"], 3)
     out["ratio_median"] = round(out["sdloom"]["median_s"] / out["diffusers"]["median_s"], 3)
-    out.update(rounds=a.rounds, threads=torch.get_num_threads(), sdloom_load_s=round(load, 2))
+    if a.compile:
+        out["ratio_min_compile"] = round(out["sdloom_compile"]["min_s"]
+                                         / out["diffusers"]["min_s"], 3)
+    out.update(rounds=a.rounds, threads=torch.get_num_threads(), sdloom_load_s=round(load, 2),
+               precision=a.precision, first_image_s=first)
     print(json.dumps(out))
 
 
