@@ -321,3 +321,30 @@ def test_a_client_that_disconnects_does_not_block_the_next_job(live, monkeypatch
     with httpx.Client(base_url=url, timeout=60) as c:
         r = c.post(f"{API}/txt2img", json=small(prompt="next"))
     assert r.status_code == 200 and gate.order == ["gone", "next"]
+
+
+def test_one_worker_and_one_engine_per_device(tmp_path):
+    """--device cpu,cpu: two workers, each with its own engine on its device, running two jobs
+    at once (a barrier that only two concurrent jobs pass), and the same image from either."""
+    from sdloom.pipelines.generate import generate
+    from sdloom.pipelines.params import GenerationParams
+    from sdloom.server.app import devices_of
+    assert devices_of("cuda:0, cuda:1") == ["cuda:0", "cuda:1"] and devices_of("cpu") == ["cpu"]
+    save_model(tiny_model(), TINY_SD1, tmp_path / "m.safetensors")
+    server = Server(str(tmp_path / "m.safetensors"), device="cpu,cpu", precision="fp32",
+                    outdir=str(tmp_path / "out"))
+    both = threading.Barrier(2, timeout=60)
+
+    def work(job):
+        eng, _ = server.with_engine(None, False, lambda e: both.wait(), worker=job.worker)
+        return job.worker, eng
+
+    a, b = server.jobs.submit(Job("a", work)), server.jobs.submit(Job("b", work))
+    (wa, ea), (wb, eb) = a.wait(120), b.wait(120)
+    assert {wa, wb} == {0, 1} and ea is not eb
+    assert server.engine_for(0) is server.engine and server.engine_for(1) in (ea, eb)
+    p = GenerationParams(prompt="a cat", seed=3, steps=2, width=64, height=64)
+    imgs = [generate(server.engine_for(w), p).images[0].tobytes() for w in (0, 1)]
+    assert imgs[0] == imgs[1]
+    server.unload()
+    assert not server._more

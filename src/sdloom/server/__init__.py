@@ -24,7 +24,9 @@ def add_serve_args(p) -> None:
                         "sdloom.limits.Limits lists them)")
     p.add_argument("--max-queue", type=int, default=8,
                    help="jobs that may run or wait at once; more get a 503 with Retry-After")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda:1; several (cuda:0,cuda:1) or all: a worker and a copy of "
+                        "the model on each, jobs go to the first free one")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     add_engine_args(p)
     p.add_argument("--outdir", default="outputs",

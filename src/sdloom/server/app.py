@@ -182,6 +182,18 @@ def check_options(values: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the server
+def devices_of(device: str) -> list[str]:
+    """`--device`: one device, a comma-separated list (a worker each), or `all` (every CUDA
+    device; the default device when there is none)."""
+    if device == "all":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] or ["auto"]
+    out = [d.strip() for d in str(device).split(",") if d.strip()]
+    if not out:
+        raise SdloomError("--device names no device")
+    return out
+
+
 @dataclass(frozen=True)
 class Unloaded:
     """What the routes still need to know of a model unloaded by /unload-checkpoint."""
@@ -211,6 +223,7 @@ class Server:
         self.upscaler_dir = Path(upscaler_dir) if upscaler_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
         self.device, self.precision = device, precision
+        self.devices = devices_of(device)  # one worker and one engine per device
         # Engine options of every model loaded: offload, compile, cuda_graphs
         self.engine_options = dict(engine_options or {})
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
@@ -224,8 +237,10 @@ class Server:
         self._unloaded: Unloaded | None = None
         self._engine_lock = threading.Lock()
         self.engine = self._load(model)
-        # one worker: the engine is used by one job at a time, model switches among them
-        self.jobs = JobQueue(max_queue, workers=1)
+        # the other devices' engines (worker index → engine), loaded on their first job
+        self._more: dict[int, Engine] = {}
+        # a worker per device: each engine is used by one job at a time
+        self.jobs = JobQueue(max_queue, workers=len(self.devices))
 
     # ------------------------------------------------------------------ models
     @property
@@ -272,6 +287,7 @@ class Server:
             self._unloaded = Unloaded(Path(eng.path) if eng.path else None, eng.hash,
                                       eng.config)
             self._engine = None
+            self._more.clear()
             del eng
         gc.collect()
         if torch.cuda.is_available():
@@ -290,14 +306,14 @@ class Server:
         """Re-read the embeddings folder into the loaded model's EmbeddingDB (in the queue, so
         no job sees a half-read folder). An unloaded model reads it when it loads again."""
         def work(job: Job) -> None:
-            eng = self._engine
-            if eng is None:
-                return
-            db = eng.prompt_encoder.embeddings
-            db.embeddings.clear()
-            db.errors.clear()
-            if self.embeddings_dir and Path(self.embeddings_dir).is_dir():
-                db.load_dir(self.embeddings_dir)
+            for eng in [self._engine, *self._more.values()]:
+                if eng is None:
+                    continue
+                db = eng.prompt_encoder.embeddings
+                db.embeddings.clear()
+                db.errors.clear()
+                if self.embeddings_dir and Path(self.embeddings_dir).is_dir():
+                    db.load_dir(self.embeddings_dir)
             db.version += 1  # always a new version: encoders rebuild their lookup tables
             for why in db.errors.values():
                 log.warning("embedding not loaded: %s", why)
@@ -347,8 +363,8 @@ class Server:
             "max_queue": self.max_queue, "limit": list(f.get("limit") or []),
         }
 
-    def _load(self, model: str | Path | None) -> Engine:
-        return self.loader(str(model) if model else None, device=self.device,
+    def _load(self, model: str | Path | None, device: str | None = None) -> Engine:
+        return self.loader(str(model) if model else None, device=device or self.devices[0],
                            precision=self.precision, lora_dir=self.lora_dir,
                            embeddings_dir=self.embeddings_dir, upscaler_dir=self.upscaler_dir,
                            **self.engine_options)
@@ -469,7 +485,8 @@ class Server:
 
         def work(job: Job) -> tuple[Engine, Generated]:
             engine, out = self.with_engine(model, keep_model, lambda eng: run_batches(
-                job, eng, params, seeds, subseeds, limits=self.limits, preview_every=every))
+                job, eng, params, seeds, subseeds, limits=self.limits, preview_every=every),
+                worker=job.worker)
             if save:
                 self.save(out.images, out.infotexts, out.seeds, kind == "img2img",
                           opts["samples_format"])
@@ -477,15 +494,33 @@ class Server:
 
         return self.jobs.submit(Job(kind, work, id=task_id, keep_on_disconnect=save))
 
+    def engine_for(self, worker: int | None) -> Engine:
+        """The engine of a worker: worker 0's is `engine`; another device's is a copy of the
+        loaded model on that device, loaded on its first job and again after a switch."""
+        primary = self.engine
+        if not worker:
+            return primary
+        eng = self._more.get(worker)
+        if eng is None or eng.path != primary.path:
+            self._more.pop(worker, None)  # the old copy goes before the new one loads
+            eng = self._more[worker] = self._load(primary.path, self.devices[worker])
+        return eng
+
     def with_engine(self, model: Path | None, keep_model: bool,
-                    run: Callable[[Engine], Any]) -> tuple[Engine, Any]:
-        """run(engine) on the loaded model, or on `model` (loaded for this job, kept only with
-        keep_model), then the engine restored to its state as loaded (on a worker thread)."""
-        engine = self.engine
+                    run: Callable[[Engine], Any], worker: int | None = None
+                    ) -> tuple[Engine, Any]:
+        """run(engine) on the loaded model (on `worker`'s device), or on `model` (loaded for
+        this job, kept only with keep_model: then every device switches, each on its next
+        job), then the engine restored to its state as loaded (on a worker thread)."""
+        engine = self.engine_for(worker)
         if model is not None and not self.is_loaded(model):
-            engine = self._load(model)
+            engine = self._load(model, self.devices[worker or 0])
             if keep_model:
-                self.engine = engine
+                if worker:
+                    self._more[worker] = engine
+                    self.engine = self._load(model)
+                else:
+                    self.engine = engine
         try:
             return engine, run(engine)
         finally:

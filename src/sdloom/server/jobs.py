@@ -12,10 +12,11 @@ the running one, instead of one global state; at most `max_queue` jobs run or wa
 get a 503 with Retry-After (A1111's queue is unbounded); a job whose client went away is
 cancelled (unless it saves images), so it never holds up the jobs behind it.
 
-One device for now: `JobQueue(workers=n)` starts n workers that take jobs from the same FIFO,
-and a job knows which worker (`job.worker`) runs it. What `--device cuda:0,cuda:1` still
-lacks is in the Server: one Engine per worker (loaded on its device), model switches and
-prompt LoRAs applied to the engine of `job.worker`, and /options' model applied to all.
+Several devices: `JobQueue(workers=n)` starts n workers that take jobs from the same FIFO,
+and a job knows which worker (`job.worker`) runs it; the Server (`--device cuda:0,cuda:1`
+or `all`) gives worker i an engine on device i (`Server.engine_for`), so prompt LoRAs and
+per-request models touch only that worker's engine, and a kept model switch reaches every
+device on its next job.
 """
 from __future__ import annotations
 

@@ -422,7 +422,7 @@ def xyz_job(server, req, img2img: bool, to_params: Callable) -> tuple[Job, Any, 
                 outs.append(run_batches(job, engine, p, seeds, subseeds, limits=lim,
                                         preview_every=every, first_batch=i * req.n_iter))
             return outs
-        engine, outs = server.with_engine(model, keep, run)
+        engine, outs = server.with_engine(model, keep, run, worker=job.worker)
         if not any(o.images for o in outs):
             return engine, Generated([], [], [], [])
         size = next(o.images[0].size for o in outs if o.images)
