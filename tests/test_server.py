@@ -284,3 +284,16 @@ def test_a1111_leniency(client, server):
                                                           "resize_mode": m})) for m in (0, 3)]
     assert m0 != m3 and unb64(client.post(f"{API}/img2img", json={
         **i2i, "init_images": [b64(odd)], "resize_mode": 3}).json()["images"][0]).size == (64, 64)
+
+
+def test_a_ray_replica_is_the_same_app_naming_itself(models, tmp_path):
+    """`serve --ray`'s replica app (built without Ray here): the routes of create_app over its
+    own Server, each response naming the replica's process."""
+    import os
+
+    from sdloom.server.ray_serve import build_app
+    app = build_app(dict(model=str(models / "tiny.safetensors"), device="cpu",
+                         precision="fp32", outdir=str(tmp_path)), {})
+    r = TestClient(app).post(f"{API}/txt2img", json={"prompt": "x", "steps": 2, "seed": 1})
+    assert r.status_code == 200 and r.headers["X-Sdloom-Replica"] == str(os.getpid())
+    assert TestClient(app).get("/internal/ping").headers["X-Sdloom-Replica"] == str(os.getpid())

@@ -39,6 +39,16 @@ def add_serve_args(p) -> None:
                    help="A1111 styles.csv (name, prompt, negative_prompt) that requests name "
                         "in `styles`; repeatable, later names replace earlier ones "
                         "(default: none)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="serve through Ray Serve (pip install 'sdloom[ray]'): replicas of this "
+                        "server behind Ray's HTTP proxy; ADDRESS of a Ray cluster, or none for "
+                        "a local one")
+    p.add_argument("--replicas", default="1", metavar="N|auto",
+                   help="with --ray: N replicas, or auto (1 to one per GPU, scaled by queue "
+                        "length)")
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="with --ray: GPUs each replica holds (default 1 where Ray sees GPUs, "
+                        "else 0)")
     p.add_argument("--controlnet-dir", help="folder of ControlNet models that requests name "
                    "in alwayson_scripts.controlnet (listed as \"name [hash]\" in "
                    "/controlnet/model_list; names only, never paths)")
@@ -74,19 +84,25 @@ def run_serve(args) -> int:
     if args.max_queue < 1:
         raise SdloomError("--max-queue must be ≥ 1")
     limits = DEFAULT_LIMITS.with_overrides(args.limit)
-    server = Server(args.model, models_dir=args.models_dir, device=args.device,
-                    precision=args.precision, lora_dir=args.lora_dir,
-                    embeddings_dir=args.embeddings, outdir=args.outdir, limits=limits,
-                    max_queue=args.max_queue, upscaler_dir=args.upscaler_dir,
-                    controlnet_dir=args.controlnet_dir,
-                    styles_file=getattr(args, "styles_file", None) or None,
-                    flags={k: getattr(args, k, None) for k in
-                           ("host", "port", "api_auth", "allowed_hosts", "limit")},
-                    engine_options=engine_options(args))
+    server_kwargs = dict(
+        model=args.model, models_dir=args.models_dir, device=args.device,
+        precision=args.precision, lora_dir=args.lora_dir, embeddings_dir=args.embeddings,
+        outdir=args.outdir, limits=limits, max_queue=args.max_queue,
+        upscaler_dir=args.upscaler_dir, controlnet_dir=args.controlnet_dir,
+        styles_file=getattr(args, "styles_file", None) or None,
+        flags={k: getattr(args, k, None) for k in
+               ("host", "port", "api_auth", "allowed_hosts", "limit")},
+        engine_options=engine_options(args))
+    app_kwargs = dict(api_auth=args.api_auth,
+                      allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts))
     if args.host not in LOOPBACK and not args.api_auth:
         print(f"sdloom: serving on {args.host} without --api-auth: anyone who can reach this "
               "address can use the API", file=sys.stderr)
-    app = create_app(server, args.api_auth,
-                     allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts))
+    if getattr(args, "ray", None) is not None:  # the same app in Ray Serve replicas
+        from .ray_serve import start
+        start(args.ray, args.host, args.port, server_kwargs, app_kwargs, args.replicas,
+              args.gpus_per_replica, args.max_queue)
+        return 0
+    app = create_app(Server(**server_kwargs), **app_kwargs)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
