@@ -297,3 +297,45 @@ def test_a_ray_replica_is_the_same_app_naming_itself(models, tmp_path):
     r = TestClient(app).post(f"{API}/txt2img", json={"prompt": "x", "steps": 2, "seed": 1})
     assert r.status_code == 200 and r.headers["X-Sdloom-Replica"] == str(os.getpid())
     assert TestClient(app).get("/internal/ping").headers["X-Sdloom-Replica"] == str(os.getpid())
+
+
+def test_vae_dir_and_sd_vae(models, tmp_path):
+    """--vae-dir: /sd-vae lists its files; sd_vae (per request or in options) decodes with that
+    VAE — as loading the model with --vae does — and the infotext/info name it; Automatic gives
+    the model's own VAE back; an unknown name is a 404 naming it."""
+    from safetensors.torch import save_file
+
+    from sdloom.infotext import model_hash
+    from sdloom.pipelines.engine import Engine
+    vdir = tmp_path / "vae"
+    vdir.mkdir()
+    vae = tiny_model(seed=5).first_stage_model.state_dict()  # another VAE of the same shape
+    save_file({k: v.contiguous() for k, v in vae.items()}, vdir / "other.safetensors")
+    server = Server(str(models / "tiny.safetensors"), device="cpu", precision="fp32",
+                    outdir=str(tmp_path / "out"), vae_dir=str(vdir))
+    client = TestClient(create_app(server))
+    listed = client.get(f"{API}/sd-vae").json()
+    assert [v["model_name"] for v in listed] == ["other.safetensors"]
+    body = {"prompt": "a cat", "seed": 3, "steps": 2, "width": 64, "height": 64,
+            "sampler_name": "Euler"}
+
+    def image(r):
+        assert r.status_code == 200, r.text
+        return unb64(r.json()["images"][0]).convert("RGB").tobytes()
+
+    own = image(client.post(f"{API}/txt2img", json=body))
+    r = client.post(f"{API}/txt2img", json={**body, "override_settings": {
+        "sd_vae": "other.safetensors"}})
+    want = generate(Engine.load(models / "tiny.safetensors", device="cpu", precision="fp32",
+                                vae=str(vdir / "other.safetensors")),
+                    GenerationParams(**{k: v for k, v in body.items()})).images[0].tobytes()
+    assert image(r) == want != own
+    info = json.loads(r.json()["info"])
+    assert info["sd_vae_name"] == "other.safetensors"
+    assert parse_infotext(info["infotexts"][0])["VAE hash"] == model_hash(
+        vdir / "other.safetensors")
+    assert image(client.post(f"{API}/txt2img", json=body)) == own  # restored
+    assert client.post(f"{API}/options", json={"sd_vae": "other.safetensors"}).status_code == 200
+    assert image(client.post(f"{API}/txt2img", json=body)) == want
+    r = client.post(f"{API}/txt2img", json={**body, "override_settings": {"sd_vae": "nope"}})
+    assert r.status_code == 404 and "nope" in r.json()["detail"]

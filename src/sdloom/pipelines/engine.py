@@ -112,6 +112,8 @@ class Engine:
                   file=sys.stderr)
         self.loras = LoraManager(self.model, lambda: self.family.lora_targets(self.model))
         self._lora_key: list[tuple[str, float]] = []  # the (file, weight) pairs merged now
+        self._vae_key: str | None = None  # the VAE file in use instead of the model's own
+        self._vae_own: dict[str, torch.Tensor] | None = None
         self._offload = None
         self._device = self.model.device
         if self.offload not in MODES:
@@ -213,6 +215,34 @@ class Engine:
             raise NotFoundError(f"LoRA not found: {ref!r}" + ("" if self.lora_dir else
                                                             " (no LoRA folder is set)"))
         return found
+
+    # ---------------------------------------------------------------- VAE override
+    def set_vae(self, path: str | Path | None) -> None:
+        """Use this VAE file's weights (A1111's sd_vae), or the model's own with None; the
+        model's own weights are kept in CPU memory on the first switch and put back later."""
+        from ..checkpoints.load import load_vae_into
+        key = str(Path(path).resolve()) if path else None
+        if key == self._vae_key:
+            return
+        vae = self.model.first_stage_model
+        if self._vae_own is None and key is not None:
+            self._vae_own = {k: v.detach().to("cpu", copy=True)
+                             for k, v in vae.state_dict().items()}
+        try:
+            if key is None:
+                vae.load_state_dict(self._vae_own, strict=True)
+            else:
+                load_vae_into(self.model, key)
+        except BaseException:
+            vae.load_state_dict(self._vae_own, strict=True)  # never half a VAE
+            self._vae_key = None
+            raise
+        self._vae_key = key
+
+    @property
+    def vae_override(self) -> Path | None:
+        """The VAE file in use instead of the model's own, if any."""
+        return Path(self._vae_key) if self._vae_key else None
 
     # ---------------------------------------------------------------- conditioning
     def cond_kwargs(self, c: Conditioning, width: int, height: int,

@@ -476,6 +476,10 @@ class _Job:
             else None,
             "RNG": "CPU",
         }
+        if e.vae_override is not None:  # A1111 names a chosen VAE and its hash
+            from ..infotext import model_hash
+            params["VAE hash"] = model_hash(e.vae_override)
+            params["VAE"] = e.vae_override.name
         params.update(extra)
         params["Version"] = f"sdloom {__version__}"
         return format_infotext(prompt, p.negative_prompt, params)

@@ -39,6 +39,8 @@ def add_serve_args(p) -> None:
                    help="A1111 styles.csv (name, prompt, negative_prompt) that requests name "
                         "in `styles`; repeatable, later names replace earlier ones "
                         "(default: none)")
+    p.add_argument("--vae-dir", help="folder of VAE files that requests name in sd_vae "
+                   "(listed by /sdapi/v1/sd-vae; Automatic/None keep the model's own)")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="serve through Ray Serve (pip install 'sdloom[ray]'): replicas of this "
                         "server behind Ray's HTTP proxy; ADDRESS of a Ray cluster, or none for "
@@ -88,7 +90,7 @@ def run_serve(args) -> int:
         model=args.model, models_dir=args.models_dir, device=args.device,
         precision=args.precision, lora_dir=args.lora_dir, embeddings_dir=args.embeddings,
         outdir=args.outdir, limits=limits, max_queue=args.max_queue,
-        upscaler_dir=args.upscaler_dir, controlnet_dir=args.controlnet_dir,
+        upscaler_dir=args.upscaler_dir, controlnet_dir=args.controlnet_dir, vae_dir=args.vae_dir,
         styles_file=getattr(args, "styles_file", None) or None,
         flags={k: getattr(args, k, None) for k in
                ("host", "port", "api_auth", "allowed_hosts", "limit")},

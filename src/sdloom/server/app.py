@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import LimitError, NotFoundError, SdloomError
 from ..images import flatten
-from ..infotext import encode_image, parse_infotext
+from ..infotext import encode_image, model_hash, parse_infotext
 from ..limits import DEFAULT_LIMITS, Limits
 from ..models.lora import extract_prompt_loras
 from ..pipelines.engine import EMBEDDED_MODEL, Engine
@@ -157,9 +157,13 @@ def _samples_format(v: Any) -> str:
 
 
 def _sd_vae(v: Any) -> str:
-    if v not in ("Automatic", "None", None, ""):
-        raise NotFoundError(f"VAE not found: {v!r}; GET /sdapi/v1/sd-vae lists them")
-    return v or "Automatic"
+    """"Automatic" and "None" (the model's own VAE, as sdloom has no per-model VAE files) or a
+    name from --vae-dir, which check_options looks up."""
+    if v in (None, ""):
+        return "Automatic"
+    if not isinstance(v, str):
+        raise SdloomError("sd_vae must be a VAE name")
+    return v
 
 
 # the options sdloom has: each value is checked (and normalised) before it is used or kept,
@@ -176,9 +180,26 @@ OPTIONS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def check_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The options sdloom knows, checked; the others are left out (A1111 has hundreds)."""
-    return {k: OPTIONS[k](v) for k, v in values.items() if k in OPTIONS}
+def check_options(values: dict[str, Any], vaes: dict[str, Path] | None = None
+                  ) -> dict[str, Any]:
+    """The options sdloom knows, checked; the others are left out (A1111 has hundreds).
+    `vaes`: the names sd_vae may take besides Automatic and None (Server.vaes)."""
+    out = {k: OPTIONS[k](v) for k, v in values.items() if k in OPTIONS}
+    vae = out.get("sd_vae")
+    if vae not in (None, "Automatic", "None") and vae not in (vaes or {}):
+        raise NotFoundError(f"VAE not found: {vae!r}; GET /sdapi/v1/sd-vae lists them")
+    return out
+
+
+VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+def list_vaes(folder: Path | None) -> dict[str, Path]:
+    """VAE files directly in --vae-dir by file name, as A1111's sd_vae lists them."""
+    if folder is None or not folder.is_dir():
+        return {}
+    return {f.name: f for f in sorted(folder.iterdir())
+            if f.suffix.lower() in VAE_SUFFIXES and f.is_file()}
 
 
 # ---------------------------------------------------------------------- the server
@@ -213,7 +234,7 @@ class Server:
                  controlnet_dir: str | None = None,
                  styles_file: str | list[str] | None = None,
                  flags: dict[str, Any] | None = None,
-                 engine_options: dict[str, Any] | None = None):
+                 engine_options: dict[str, Any] | None = None, vae_dir: str | None = None):
         # the styles file is read first: a broken one fails before the model loads
         self.styles_files = [styles_file] if isinstance(styles_file, str) else \
             list(styles_file or [])
@@ -222,6 +243,7 @@ class Server:
         self.models_dir = Path(models_dir) if models_dir else None
         self.upscaler_dir = Path(upscaler_dir) if upscaler_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
+        self.vae_dir = Path(vae_dir) if vae_dir else None
         self.device, self.precision = device, precision
         self.devices = devices_of(device)  # one worker and one engine per device
         # Engine options of every model loaded: offload, compile, cuda_graphs
@@ -353,6 +375,7 @@ class Server:
             "lora_dir": str(self.lora_dir) if self.lora_dir else None,
             "embeddings_dir": str(self.embeddings_dir) if self.embeddings_dir else None,
             "esrgan_models_path": str(self.upscaler_dir) if self.upscaler_dir else None,
+            "vae_dir": str(self.vae_dir) if self.vae_dir else None,
             "controlnet_dir": str(self.controlnet_dir) if self.controlnet_dir else None,
             "styles_file": [str(p) for p in self.styles_files],
             "outdir": str(self.outdir),
@@ -368,6 +391,19 @@ class Server:
                            precision=self.precision, lora_dir=self.lora_dir,
                            embeddings_dir=self.embeddings_dir, upscaler_dir=self.upscaler_dir,
                            **self.engine_options)
+
+    def vaes(self) -> dict[str, Path]:
+        return list_vaes(self.vae_dir)
+
+    def vae_path(self, opts: dict[str, Any]) -> Path | None:
+        """The VAE file the job's sd_vae names; None: the model's own."""
+        name = opts.get("sd_vae", "Automatic")
+        if name in ("Automatic", "None"):
+            return None
+        found = self.vaes().get(name)
+        if found is None:
+            raise NotFoundError(f"VAE not found: {name!r}; GET /sdapi/v1/sd-vae lists them")
+        return found
 
     def models(self) -> list[Path]:
         """The embedded model, the loaded one, and the files and diffusers folders in
@@ -482,11 +518,12 @@ class Server:
                                     params.subseed_strength)
         opts = opts or self.options
         every = opts.get("show_progress_every_n_steps", PREVIEW_EVERY)
+        vae = self.vae_path(opts)
 
         def work(job: Job) -> tuple[Engine, Generated]:
             engine, out = self.with_engine(model, keep_model, lambda eng: run_batches(
                 job, eng, params, seeds, subseeds, limits=self.limits, preview_every=every),
-                worker=job.worker)
+                worker=job.worker, vae=vae)
             if save:
                 self.save(out.images, out.infotexts, out.seeds, kind == "img2img",
                           opts["samples_format"])
@@ -507,8 +544,8 @@ class Server:
         return eng
 
     def with_engine(self, model: Path | None, keep_model: bool,
-                    run: Callable[[Engine], Any], worker: int | None = None
-                    ) -> tuple[Engine, Any]:
+                    run: Callable[[Engine], Any], worker: int | None = None,
+                    vae: Path | None = None) -> tuple[Engine, Any]:
         """run(engine) on the loaded model (on `worker`'s device), or on `model` (loaded for
         this job, kept only with keep_model: then every device switches, each on its next
         job), then the engine restored to its state as loaded (on a worker thread)."""
@@ -522,6 +559,7 @@ class Server:
                 else:
                     self.engine = engine
         try:
+            engine.set_vae(vae)  # the job's sd_vae (the model's own without one)
             return engine, run(engine)
         finally:
             self._restore(engine)
@@ -610,7 +648,7 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
     if unsupported:
         raise SdloomError(f"not supported by sdloom: {', '.join(unsupported)}")
     overrides = req.override_settings or {}
-    opts = {**server.options, **check_options(overrides)}
+    opts = {**server.options, **check_options(overrides, server.vaes())}
     model = None
     if "sd_model_checkpoint" in overrides:
         model = server.find_model(overrides["sd_model_checkpoint"])
@@ -819,8 +857,9 @@ def create_app(server: Server, api_auth: str | None = None, *,
             "batch_size": p.batch_size,
             "denoising_strength": p.denoising_strength if img2img or p.enable_hr else None,
             "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": eng.name, "sd_model_hash": eng.hash, "sd_vae_name": None,
-            "sd_vae_hash": None,
+            "sd_model_name": eng.name, "sd_model_hash": eng.hash,
+            "sd_vae_name": eng.vae_override.name if eng.vae_override else None,
+            "sd_vae_hash": model_hash(eng.vae_override) if eng.vae_override else None,
             "seed_resize_from_w": getattr(p, "seed_resize_from_w", -1),
             "seed_resize_from_h": getattr(p, "seed_resize_from_h", -1),
             "extra_generation_params": _extra_params(infos),
@@ -925,7 +964,7 @@ def create_app(server: Server, api_auth: str | None = None, *,
         are checked, then kept; other keys are ignored (options sdloom does not have).
         Nothing is stored unless every value is valid and the model loaded."""
         values = dict(body.model_extra or {})
-        checked = check_options(values)
+        checked = check_options(values, server.vaes())
         if "sd_model_checkpoint" in values:
             job = server.select_model_job(values["sd_model_checkpoint"])
             if job is not None:
@@ -970,8 +1009,10 @@ def create_app(server: Server, api_auth: str | None = None, *,
         return out
 
     @app.get(f"{api}/sd-vae")
-    def sd_vae() -> list:
-        return []
+    def sd_vae() -> list[dict[str, str]]:
+        """The VAE files of --vae-dir as A1111 lists them (names only inside the folder)."""
+        return [{"model_name": name, "filename": str(path)}
+                for name, path in server.vaes().items()]
 
     @app.get(f"{api}/loras")
     def loras() -> list[dict[str, Any]]:

@@ -408,6 +408,7 @@ def xyz_job(server, req, img2img: bool, to_params: Callable) -> tuple[Job, Any, 
     if w and h:
         lim.check("X/Y/Z grid pixels", n_cells * w * h, "max_pixels")
     every = opts.get("show_progress_every_n_steps", PREVIEW_EVERY)
+    vae = server.vae_path(opts)
     keep = not req.override_settings_restore_afterwards
     kind = "img2img" if img2img else "txt2img"
 
@@ -422,7 +423,7 @@ def xyz_job(server, req, img2img: bool, to_params: Callable) -> tuple[Job, Any, 
                 outs.append(run_batches(job, engine, p, seeds, subseeds, limits=lim,
                                         preview_every=every, first_batch=i * req.n_iter))
             return outs
-        engine, outs = server.with_engine(model, keep, run, worker=job.worker)
+        engine, outs = server.with_engine(model, keep, run, worker=job.worker, vae=vae)
         if not any(o.images for o in outs):
             return engine, Generated([], [], [], [])
         size = next(o.images[0].size for o in outs if o.images)
