@@ -224,6 +224,8 @@ class Engine:
         key = str(Path(path).resolve()) if path else None
         if key == self._vae_key:
             return
+        if self._offload is not None:  # load into the weights' CPU home
+            self._offload.evict()
         vae = self.model.first_stage_model
         if self._vae_own is None and key is not None:
             self._vae_own = {k: v.detach().to("cpu", copy=True)
