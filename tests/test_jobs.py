@@ -348,3 +348,42 @@ def test_one_worker_and_one_engine_per_device(tmp_path):
     assert imgs[0] == imgs[1]
     server.unload()
     assert not server._more
+
+
+def test_full_vae_preview_and_preview_format(model, monkeypatch):
+    """show_progress_type "Full": the preview is x̂0 through the VAE (the image size, equal to
+    decoding that x̂0); live_previews_image_format picks the encoding; the A1111 types that
+    need other weights are a 422 naming the option."""
+    from sdloom.images import to_pil
+    server = make_server(model)
+    client = TestClient(create_app(server))
+    seen = []
+    real_set = Job.set_preview
+
+    def record(self, img, step):
+        seen.append((step, img))
+        real_set(self, img, step)
+    monkeypatch.setattr(Job, "set_preview", record)
+    x0s = {}
+    real = jobs_mod.generate
+
+    def keep(engine, p, cb=None, **kw):
+        def cb2(step, total, x0):
+            x0s[step] = x0.clone()
+            cb(step, total, x0)
+        return real(engine, p, cb2, **kw)
+    monkeypatch.setattr(jobs_mod, "generate", keep)
+    body = small(steps=4, override_settings={"show_progress_every_n_steps": 2,
+                                             "show_progress_type": "Full"})
+    assert client.post(f"{API}/txt2img", json=body).status_code == 200
+    assert [s for s, _ in seen] == [2, 4]
+    step, img = seen[0]
+    assert img.size == (64, 64)
+    assert img.tobytes() == to_pil(server.engine.decode(x0s[step]))[0].tobytes()
+    job = Job("p", lambda j: None)
+    job.set_preview(img, 1)
+    job.preview_format = "jpeg"
+    assert base64.b64decode(job.preview_png())[:3] == b"\xff\xd8\xff"  # JPEG
+    r = client.post(f"{API}/txt2img", json=small(override_settings={
+        "show_progress_type": "TAESD"}))
+    assert r.status_code == 422 and "show_progress_type" in r.json()["detail"]

@@ -95,8 +95,10 @@ def assert_shape(r, status: int | tuple[int, ...]):
 
 # ------------------------------------------------------------------ 1. one error shape
 def test_sdloom_errors_map_to_the_a1111_error_body_with_their_status(client):
-    b = assert_shape(client.post(f"{API}/txt2img", json=small(sampler_name="Nope")), 422)
-    assert "unknown sampler" in b["detail"] and b["error"].endswith("Error")
+    b = assert_shape(client.post(f"{API}/txt2img", json=small(width=32)), 422)
+    assert "at least 64" in b["detail"] and b["error"].endswith("Error")
+    b = assert_shape(client.post(f"{API}/txt2img", json=small(sampler_name="Nope")), 404)
+    assert b["error"] == "NotFoundError" and "Sampler not found" in b["detail"]
     b = assert_shape(client.post(f"{API}/txt2img", json=small(prompt="<lora:nosuch:1> x")), 404)
     assert b["error"] == "NotFoundError" and "LoRA not found" in b["detail"]
 

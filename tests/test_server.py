@@ -118,7 +118,7 @@ def test_bad_input_is_a_clear_422(client):
     r = client.post(f"{API}/txt2img", json={"prompt": "x", "width": 8192, "steps": 2})
     assert r.status_code == 413 and "max_side" in r.json()["detail"]
     r = client.post(f"{API}/txt2img", json={"sampler_name": "Nope", "steps": 2})
-    assert r.status_code == 422 and "unknown sampler" in r.json()["detail"]
+    assert r.status_code == 404 and "Sampler not found" in r.json()["detail"]  # as A1111
     r = client.post(f"{API}/txt2img", json={"restore_faces": True})
     assert r.status_code == 422 and "restore_faces" in r.json()["detail"]
     r = client.post(f"{API}/img2img", json={"init_images": ["not base64!"]})

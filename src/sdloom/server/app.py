@@ -177,7 +177,19 @@ OPTIONS: dict[str, Callable[[Any], Any]] = {
     # A1111's "Live preview display period": every N steps; -1 (or 0) = no preview
     "show_progress_every_n_steps": lambda v: _int_option("show_progress_every_n_steps", v,
                                                          -1, 1000),
+    "show_progress_type": lambda v: _choice("show_progress_type", v,
+                                            ("Approx cheap", "Full"),
+                                            "(Approx NN and TAESD need weights sdloom lacks)"),
+    "live_previews_image_format": lambda v: _choice("live_previews_image_format",
+                                                    str(v).lower(), ("png", "jpeg", "webp")),
 }
+
+
+def _choice(name: str, v: Any, allowed: tuple[str, ...], why: str = "") -> str:
+    if v not in allowed:
+        raise SdloomError(f"{name} must be one of {', '.join(allowed)}, got {v!r} {why}"
+                          .rstrip())
+    return v
 
 
 def check_options(values: dict[str, Any], vaes: dict[str, Path] | None = None
@@ -254,7 +266,9 @@ class Server:
         self.loader = loader
         self.options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png",
                                         "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
-                                        "show_progress_every_n_steps": PREVIEW_EVERY}
+                                        "show_progress_every_n_steps": PREVIEW_EVERY,
+                                        "show_progress_type": "Approx cheap",
+                                        "live_previews_image_format": "png"}
         self._engine: Engine | None = None
         self._unloaded: Unloaded | None = None
         self._engine_lock = threading.Lock()
@@ -521,8 +535,10 @@ class Server:
         vae = self.vae_path(opts)
 
         def work(job: Job) -> tuple[Engine, Generated]:
+            job.preview_format = opts.get("live_previews_image_format", "png")
             engine, out = self.with_engine(model, keep_model, lambda eng: run_batches(
-                job, eng, params, seeds, subseeds, limits=self.limits, preview_every=every),
+                job, eng, params, seeds, subseeds, limits=self.limits, preview_every=every,
+                preview=opts.get("show_progress_type", "Approx cheap")),
                 worker=job.worker, vae=vae)
             if save:
                 self.save(out.images, out.infotexts, out.seeds, kind == "img2img",
@@ -665,7 +681,10 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
         controlnets=units)
     # A1111 1.9+ splits a legacy combined name ("DPM++ 2M Karras") into sampler and scheduler
     # before it runs, so `info` and the echoed parameters name the sampler alone
-    spec, sched = resolve_sampler(p.sampler_name, p.scheduler)
+    try:
+        spec, sched = resolve_sampler(p.sampler_name, p.scheduler)
+    except SdloomError as e:  # A1111's validate_sampler_name: 404 "Sampler not found"
+        raise NotFoundError(f"Sampler not found: {e}") from None
     if spec.name != p.sampler_name and spec.name.lower() != p.sampler_name.strip().lower():
         p.sampler_name, p.scheduler = spec.name, sched
     if "seed_resize_from_w" in has:

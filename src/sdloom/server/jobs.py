@@ -83,6 +83,7 @@ class Job:
         self.status = "queued"  # queued | running | done | failed | cancelled
         self.created, self.started, self.finished = time.time(), 0.0, 0.0
         self.worker: int | None = None
+        self.preview_format = "png"  # A1111's live_previews_image_format
         self.stop: str | None = None  # "interrupt" | "skip": read by the progress callback
         self.job_count = self.job_no = self.sampling_step = self.sampling_steps = 0
         self.job_timestamp = "0"
@@ -126,7 +127,8 @@ class Job:
         self.preview_id += 1
 
     def preview_png(self) -> str | None:
-        """The live preview as base64 PNG, encoded once per preview (on the caller's thread)."""
+        """The live preview as base64 (PNG, or the job's live_previews_image_format), encoded
+        once per preview (on the caller's thread)."""
         img, pid = self.preview, self.preview_id
         if img is None:
             return None
@@ -134,7 +136,8 @@ class Job:
         if cached is not None and cached[0] == pid:
             return cached[1]
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        fmt = {"jpeg": "JPEG", "webp": "WEBP"}.get(self.preview_format, "PNG")
+        (img.convert("RGB") if fmt == "JPEG" else img).save(buf, format=fmt)
         data = base64.b64encode(buf.getvalue()).decode("ascii")
         self._preview_b64 = (pid, data)
         return data
@@ -365,15 +368,17 @@ def _partial_infotext(engine, p: GenerationParams, prompt: str, seed: int) -> st
 
 def run_batches(job: Job, engine, params: GenerationParams, seeds: list[int],
                 subseeds: list[int], *, limits: Limits = DEFAULT_LIMITS,
-                preview_every: int = PREVIEW_EVERY, first_batch: int | None = None
-                ) -> Generated:
+                preview_every: int = PREVIEW_EVERY, first_batch: int | None = None,
+                preview: str = "Approx cheap") -> Generated:
     """Run a generation job batch by batch (n_iter batches of batch_size) on `engine`.
 
     /skip drops the batch in progress; /interrupt also the batches still to come, and returns
     the partly denoised batch in progress decoded from its latest x̂0 (A1111 returns the
     sampler's last x̂0), except for masked img2img, whose overlay needs the finished image.
     first_batch: where these batches start in a job the caller has begun (job.begin) for
-    several runs, as the X/Y/Z plot's cells; None begins the job here with n batches."""
+    several runs, as the X/Y/Z plot's cells; None begins the job here with n batches.
+    preview: A1111's show_progress_type, "Approx cheap" (latent → RGB factors) or "Full"
+    (x̂0 through the VAE: exact, one decode per preview)."""
     bs, n = params.batch_size, params.n_iter
     factors = engine.family.preview_factors(engine.config) if preview_every > 0 else None
     out = Generated([], [], [], [])
@@ -385,8 +390,13 @@ def run_batches(job: Job, engine, params: GenerationParams, seeds: list[int],
         job.sampling_step, job.sampling_steps = step, total
         if x0 is not None:
             latest["x0"] = x0
-            if factors is not None and step - job.preview_step >= preview_every:
-                job.set_preview(approx_preview(x0, factors), step)
+            if preview_every > 0 and step - job.preview_step >= preview_every:
+                if preview == "Full":
+                    images = to_pil(engine.decode(x0))
+                    job.set_preview(images[0] if len(images) == 1 else image_grid(images),
+                                    step)
+                elif factors is not None:
+                    job.set_preview(approx_preview(x0, factors), step)
         job.check()
 
     kw = {"limits": limits} if _accepts(generate, "limits") else {}

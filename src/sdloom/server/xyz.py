@@ -421,7 +421,9 @@ def xyz_job(server, req, img2img: bool, to_params: Callable) -> tuple[Job, Any, 
                     outs.append(Generated([], [], [], []))
                     continue
                 outs.append(run_batches(job, engine, p, seeds, subseeds, limits=lim,
-                                        preview_every=every, first_batch=i * req.n_iter))
+                                        preview_every=every, first_batch=i * req.n_iter,
+                                        preview=opts.get("show_progress_type",
+                                                         "Approx cheap")))
             return outs
         engine, outs = server.with_engine(model, keep, run, worker=job.worker, vae=vae)
         if not any(o.images for o in outs):
