@@ -339,3 +339,19 @@ def test_vae_dir_and_sd_vae(models, tmp_path):
     assert image(client.post(f"{API}/txt2img", json=body)) == want
     r = client.post(f"{API}/txt2img", json={**body, "override_settings": {"sd_vae": "nope"}})
     assert r.status_code == 404 and "nope" in r.json()["detail"]
+
+
+def test_sd_models_sha256_and_unknown_options_logged_once(client, server, models, caplog):
+    """sd-models gives a checkpoint's sha256 once it has been hashed (the loaded one), as
+    A1111; an option sdloom does not have is accepted and named once in the log."""
+    import hashlib
+    import logging
+    assert server.engine.hash  # the loaded model's hash (cached on disk)
+    listed = {m["model_name"]: m for m in client.get(f"{API}/sd-models").json()}
+    want = hashlib.sha256((models / "tiny.safetensors").read_bytes()).hexdigest()
+    assert listed["tiny"]["sha256"] == want and listed["tiny"]["hash"] == want[:10]
+    with caplog.at_level(logging.WARNING, logger="sdloom.server"):
+        for _ in range(2):
+            assert client.post(f"{API}/options", json={"some_ui_option_xyz": 1}).status_code \
+                == 200
+    assert sum("some_ui_option_xyz" in r.getMessage() for r in caplog.records) == 1

@@ -257,11 +257,14 @@ def _read_cache() -> dict:
         return {}  # no cache yet, or a damaged one: it is only a cache
 
 
-def file_sha256(path: str | Path) -> str:
-    """The file's sha256 (hex), read in 1 MiB blocks. Cached by (path, size, mtime) in memory
-    and on disk, so a multi-GB checkpoint is hashed once, not on every run."""
+def known_sha256(path: str | Path) -> str | None:
+    """The file's sha256 if it was hashed before (memory or the disk cache), else None —
+    never reads the file (A1111 lists a checkpoint's sha256 only once it has one)."""
     p = Path(path).resolve()
-    st = p.stat()
+    try:
+        st = p.stat()
+    except OSError:
+        return None
     key = (str(p), st.st_size, st.st_mtime_ns)
     with _HASH_LOCK:
         if key in _HASHES:
@@ -271,6 +274,18 @@ def file_sha256(path: str | Path) -> str:
                 and isinstance(hit.get("sha256"), str):
             _HASHES[key] = hit["sha256"]
             return hit["sha256"]
+    return None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256 (hex), read in 1 MiB blocks. Cached by (path, size, mtime) in memory
+    and on disk, so a multi-GB checkpoint is hashed once, not on every run."""
+    known = known_sha256(path)
+    if known is not None:
+        return known
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
     h = hashlib.sha256()
     with open(p, "rb") as f:
         while block := f.read(1 << 20):

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import LimitError, NotFoundError, SdloomError
 from ..images import flatten
-from ..infotext import encode_image, model_hash, parse_infotext
+from ..infotext import encode_image, known_sha256, model_hash, parse_infotext
 from ..limits import DEFAULT_LIMITS, Limits
 from ..models.lora import extract_prompt_loras
 from ..pipelines.engine import EMBEDDED_MODEL, Engine
@@ -192,10 +192,19 @@ def _choice(name: str, v: Any, allowed: tuple[str, ...], why: str = "") -> str:
     return v
 
 
+HANDLED_ELSEWHERE = {"sd_model_checkpoint"}  # read by the routes themselves
+_REPORTED: set[str] = set()
+
+
 def check_options(values: dict[str, Any], vaes: dict[str, Path] | None = None
                   ) -> dict[str, Any]:
-    """The options sdloom knows, checked; the others are left out (A1111 has hundreds).
-    `vaes`: the names sd_vae may take besides Automatic and None (Server.vaes)."""
+    """The options sdloom knows, checked; the others are left out (A1111 has hundreds) and
+    each named once in the log. `vaes`: the names sd_vae may take besides Automatic and None
+    (Server.vaes)."""
+    for k in values:
+        if k not in OPTIONS and k not in HANDLED_ELSEWHERE and k not in _REPORTED:
+            _REPORTED.add(k)
+            log.warning("option %r is not one sdloom has; ignored", k[:100])
     out = {k: OPTIONS[k](v) for k, v in values.items() if k in OPTIONS}
     vae = out.get("sd_vae")
     if vae not in (None, "Automatic", "None") and vae not in (vaes or {}):
@@ -1022,9 +1031,10 @@ def create_app(server: Server, api_auth: str | None = None, *,
         out = []
         for p in server.models():
             loaded = server.is_loaded(p)
+            sha = known_sha256(p) if p.is_file() else None  # hashed before: A1111 shows it
             out.append({"title": server.title(p), "model_name": p.stem,
-                        "hash": server.loaded_hash() if loaded else None, "sha256": None,
-                        "filename": str(p), "config": None})
+                        "hash": server.loaded_hash() if loaded else (sha or "")[:10] or None,
+                        "sha256": sha, "filename": str(p), "config": None})
         return out
 
     @app.get(f"{api}/sd-vae")
