@@ -153,7 +153,8 @@ def test_switching_models(client, server, models):
     r = client.post(f"{API}/options", json={"sd_model_checkpoint": "other"})
     assert r.status_code == 200
     assert server.engine.path.name == "other.safetensors"
-    assert client.post(f"{API}/options", json={"sd_model_checkpoint": "nope"}).status_code == 404
+    r = client.post(f"{API}/options", json={"sd_model_checkpoint": "nope"})
+    assert r.status_code == 422 and "sd_model_checkpoint" in r.json()["detail"]
     client.post(f"{API}/options", json={"sd_model_checkpoint": "tiny.safetensors"})
     assert server.engine.path.name == "tiny.safetensors"
 
@@ -302,7 +303,7 @@ def test_a_ray_replica_is_the_same_app_naming_itself(models, tmp_path):
 def test_vae_dir_and_sd_vae(models, tmp_path):
     """--vae-dir: /sd-vae lists its files; sd_vae (per request or in options) decodes with that
     VAE — as loading the model with --vae does — and the infotext/info name it; Automatic gives
-    the model's own VAE back; an unknown name is a 404 naming it."""
+    the model's own VAE back; an unknown name is a 422 naming the option and the value."""
     from safetensors.torch import save_file
 
     from sdloom.infotext import model_hash
@@ -338,7 +339,8 @@ def test_vae_dir_and_sd_vae(models, tmp_path):
     assert client.post(f"{API}/options", json={"sd_vae": "other.safetensors"}).status_code == 200
     assert image(client.post(f"{API}/txt2img", json=body)) == want
     r = client.post(f"{API}/txt2img", json={**body, "override_settings": {"sd_vae": "nope"}})
-    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    assert r.status_code == 422 and "sd_vae" in r.json()["detail"] and "nope" in r.json()[
+        "detail"]
 
 
 def test_sd_models_sha256_and_unknown_options_logged_once(client, server, models, caplog):

@@ -208,7 +208,7 @@ def check_options(values: dict[str, Any], vaes: dict[str, Path] | None = None
     out = {k: OPTIONS[k](v) for k, v in values.items() if k in OPTIONS}
     vae = out.get("sd_vae")
     if vae not in (None, "Automatic", "None") and vae not in (vaes or {}):
-        raise NotFoundError(f"VAE not found: {vae!r}; GET /sdapi/v1/sd-vae lists them")
+        raise SdloomError(f"sd_vae: VAE not found: {vae!r}; GET /sdapi/v1/sd-vae lists them")
     return out
 
 
@@ -425,7 +425,8 @@ class Server:
             return None
         found = self.vaes().get(name)
         if found is None:
-            raise NotFoundError(f"VAE not found: {name!r}; GET /sdapi/v1/sd-vae lists them")
+            raise SdloomError(f"sd_vae: VAE not found: {name!r}; GET /sdapi/v1/sd-vae lists "
+                              "them")
         return found
 
     def models(self) -> list[Path]:
@@ -453,7 +454,9 @@ class Server:
         for p in self.models():
             if name in (self.title(p), p.name, p.stem, str(p)) or name.split(" [")[0] == p.name:
                 return p
-        raise NotFoundError(f"model not found: {name!r}; GET /sdapi/v1/sd-models lists them")
+        # an option value sdloom cannot honour: a 422 naming it (the rule for options)
+        raise SdloomError(f"sd_model_checkpoint: model not found: {name!r}; "
+                          "GET /sdapi/v1/sd-models lists them")
 
     def is_loaded(self, path: Path) -> bool:
         return self.loaded_path() is not None and self.loaded_path() == path
