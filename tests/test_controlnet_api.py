@@ -300,3 +300,39 @@ def test_serve_takes_a_controlnet_dir():
     from sdloom.cli import build_parser
     assert build_parser().parse_args(["serve", "--controlnet-dir", "cn"]).controlnet_dir == "cn"
     assert build_parser().parse_args(["serve"]).controlnet_dir is None
+
+
+def test_ip_adapter_units_as_the_extension_sends_them(tmp_path):
+    """module ip-adapter_clip_sd15 + model "<adapter> [hash]" from the ControlNet folder, the
+    encoder clip_h from --clip-vision-dir: the image the library gives with that IPAdapterUnit;
+    infotext as the extension's unit; a missing encoder names the file it needs."""
+    from test_ip_adapter import _adapter_sd, _hf_vision
+    from test_offload import live_model  # no zero-initialised layers: the adapter shows
+
+    from sdloom.models.ip_adapter import IPAdapterUnit
+    model = live_model()
+    save_model(model, TINY_SD1, tmp_path / "m.safetensors")
+    cdir, vdir = tmp_path / "cn", tmp_path / "clip_vision"
+    cdir.mkdir()
+    sd = _adapter_sd(model.unet, 16, TINY_SD1.unet.context_dim, seed=6)
+    save_file(sd, cdir / "ip-adapter_tiny.safetensors")
+    _hf_vision(seed=4).save_pretrained(vdir / "clip_h")
+    server = Server(str(tmp_path / "m.safetensors"), device="cpu", precision="fp32",
+                    outdir=str(tmp_path / "out"), controlnet_dir=str(cdir),
+                    clip_vision_dir=str(vdir))
+    client = TestClient(create_app(server))
+    assert "ip-adapter_clip_sd15" in client.get("/controlnet/module_list").json()["module_list"]
+    img = square()
+    title = f"ip-adapter_tiny [{legacy_hash(cdir / 'ip-adapter_tiny.safetensors')}]"
+    unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": title,
+            "image": b64(img), "weight": 0.8, "guidance_end": 0.9}
+    r = txt2img(client, unit)
+    want = generate(server.engine, GenerationParams(**BASE, ip_adapters=[IPAdapterUnit(
+        str(cdir / "ip-adapter_tiny.safetensors"), str(vdir / "clip_h"), [img], weight=0.8,
+        guidance_end=0.9)])).images[0].tobytes()
+    assert pixels(r) == want != pixels(txt2img(client))
+    cn0 = parse_infotext(json.loads(r.json()["info"])["infotexts"][0])["ControlNet 0"]
+    assert cn0 == (f"Module: ip-adapter_clip_sd15, Model: {title}, Weight: 0.8, "
+                   "Guidance Start: 0.0, Guidance End: 0.9")
+    r = txt2img(client, {**unit, "module": "ip-adapter_clip_sdxl"})
+    assert r.status_code == 422 and "clip_g.pth" in r.json()["detail"]

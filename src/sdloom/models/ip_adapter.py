@@ -205,6 +205,7 @@ class IPAdapterUnit:
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     combine: str = "concat"  # or "average"
+    label: str = ""  # "module|model [hash]" when it came as a ControlNet-extension unit
 
     def check(self) -> None:
         if not self.images:

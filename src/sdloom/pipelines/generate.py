@@ -378,6 +378,13 @@ class _Job:
                                               in zip(self.lora_names, self.loras))
         for i, u in enumerate(self.units):  # sd-webui-controlnet's Infotext.write_infotext
             extra[f"ControlNet {i}"] = u.infotext()
+        # IP-Adapters that came as the extension's units are its units too, numbered after
+        labelled = [u for u in p.ip_adapters if u.label]
+        for i, u in enumerate(labelled, len(self.units)):
+            module, model = u.label.split("|", 1)
+            extra[f"ControlNet {i}"] = (f"Module: {module}, Model: {model}, Weight: {u.weight}, "
+                                        f"Guidance Start: {u.guidance_start}, "
+                                        f"Guidance End: {u.guidance_end}")
         return extra
 
     def _controlled(self, den, which: str, w: int, h: int, steps: int):

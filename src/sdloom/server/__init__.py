@@ -41,6 +41,9 @@ def add_serve_args(p) -> None:
                         "(default: none)")
     p.add_argument("--vae-dir", help="folder of VAE files that requests name in sd_vae "
                    "(listed by /sdapi/v1/sd-vae; Automatic/None keep the model's own)")
+    p.add_argument("--clip-vision-dir", help="CLIP vision encoders for IP-Adapter units of "
+                   "the ControlNet API: clip_h.pth (ViT-H) and clip_g.pth (ViT-bigG), as the "
+                   "extension's annotator/downloads/clip_vision")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="serve through Ray Serve (pip install 'sdloom[ray]'): replicas of this "
                         "server behind Ray's HTTP proxy; ADDRESS of a Ray cluster, or none for "
@@ -91,6 +94,7 @@ def run_serve(args) -> int:
         precision=args.precision, lora_dir=args.lora_dir, embeddings_dir=args.embeddings,
         outdir=args.outdir, limits=limits, max_queue=args.max_queue,
         upscaler_dir=args.upscaler_dir, controlnet_dir=args.controlnet_dir, vae_dir=args.vae_dir,
+        clip_vision_dir=args.clip_vision_dir,
         styles_file=getattr(args, "styles_file", None) or None,
         flags={k: getattr(args, k, None) for k in
                ("host", "port", "api_auth", "allowed_hosts", "limit")},

@@ -255,7 +255,8 @@ class Server:
                  controlnet_dir: str | None = None,
                  styles_file: str | list[str] | None = None,
                  flags: dict[str, Any] | None = None,
-                 engine_options: dict[str, Any] | None = None, vae_dir: str | None = None):
+                 engine_options: dict[str, Any] | None = None, vae_dir: str | None = None,
+                 clip_vision_dir: str | None = None):
         # the styles file is read first: a broken one fails before the model loads
         self.styles_files = [styles_file] if isinstance(styles_file, str) else \
             list(styles_file or [])
@@ -265,6 +266,7 @@ class Server:
         self.upscaler_dir = Path(upscaler_dir) if upscaler_dir else None
         self.controlnet_dir = Path(controlnet_dir) if controlnet_dir else None
         self.vae_dir = Path(vae_dir) if vae_dir else None
+        self.clip_vision_dir = Path(clip_vision_dir) if clip_vision_dir else None
         self.device, self.precision = device, precision
         self.devices = devices_of(device)  # one worker and one engine per device
         # Engine options of every model loaded: offload, compile, cuda_graphs
@@ -414,6 +416,21 @@ class Server:
                            precision=self.precision, lora_dir=self.lora_dir,
                            embeddings_dir=self.embeddings_dir, upscaler_dir=self.upscaler_dir,
                            **self.engine_options)
+
+    def clip_vision(self, name: str, where: str) -> Path:
+        """The CLIP vision encoder an IP-Adapter preprocessor names (clip_h: ViT-H/14, clip_g:
+        ViT-bigG/14) in --clip-vision-dir: name.pth/.safetensors/.bin (the extension's
+        annotator/downloads/clip_vision files) or a transformers folder `name/`."""
+        folder = self.clip_vision_dir
+        if folder is not None and folder.is_dir():
+            for cand in [folder / name, *(folder / (name + s) for s in
+                                          (".safetensors", ".pth", ".bin"))]:
+                if cand.exists() and cand.resolve().parent == folder.resolve():
+                    return cand
+        raise SdloomError(f"{where}: needs the CLIP vision encoder {name}.pth "
+                          f"({'ViT-H/14' if name == 'clip_h' else 'ViT-bigG/14'}, the IP-Adapter "
+                          "image_encoder) in --clip-vision-dir"
+                          + ("" if folder else ", which is not set"))
 
     def vaes(self) -> dict[str, Path]:
         return list_vaes(self.vae_dir)
@@ -682,7 +699,7 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
         model = server.find_model(overrides["sd_model_checkpoint"])
     prompt, negative, hr_prompt, hr_negative = apply_styles(req, server.styles)
     _prompt_loras([prompt, negative, hr_prompt, hr_negative])
-    units = units_from_scripts(req.alwayson_scripts, server, decode_image, img2img)
+    units, ip_units = units_from_scripts(req.alwayson_scripts, server, decode_image, img2img)
     p = GenerationParams(
         prompt=prompt, negative_prompt=negative, width=req.width,
         height=req.height, steps=req.steps, cfg_scale=req.cfg_scale,
@@ -690,7 +707,7 @@ def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
         scheduler=req.scheduler or "automatic", seed=req.seed, subseed=req.subseed,
         subseed_strength=req.subseed_strength, batch_size=req.batch_size, n_iter=req.n_iter,
         clip_skip=opts["CLIP_stop_at_last_layers"], eta=req.eta, s_noise=req.s_noise,
-        controlnets=units)
+        controlnets=units, ip_adapters=ip_units)
     # A1111 1.9+ splits a legacy combined name ("DPM++ 2M Karras") into sampler and scheduler
     # before it runs, so `info` and the echoed parameters name the sampler alone
     try:

@@ -19,14 +19,15 @@ preprocessor yet).
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from ..controlnet import (ALIASES, DEFAULTS, HR_OPTIONS, REFERENCE, RESIZE_MODES,
-                          ControlUnit, find_controlnet, list_controlnets, preprocess,
-                          preprocessor_name)
+                          ControlUnit, find_controlnet, legacy_hash, list_controlnets,
+                          preprocess, preprocessor_name)
 from ..errors import NotFoundError, SdloomError
 from ..families.sd_controlnet import MODES
 from ..infotext import encode_image
@@ -65,7 +66,9 @@ CONTROL_TYPES = {"All": (list(DEFAULTS), "", "none"), "Canny": (["none", "canny"
                                                                  "canny", "canny"),
                  "Shuffle": (["none", "shuffle"], "shuffle", "shuffle"),
                  "Tile": (["none", "tile_resample"], "tile", "tile_resample"),
-                 "Reference": (list(REFERENCE), "", "reference_only")}
+                 "Reference": (list(REFERENCE), "", "reference_only"),
+                 "IP-Adapter": (["ip-adapter_clip_sd15", "ip-adapter_clip_sdxl_plus_vith",
+                                 "ip-adapter_clip_sdxl"], "ip-adapter", "ip-adapter_clip_sd15")}
 
 
 # ---------------------------------------------------------------------- request values
@@ -145,9 +148,45 @@ def _unit_image(unit: dict[str, Any], where: str, limits, decode) -> Any:
     return out
 
 
-def parse_unit(raw: Any, where: str, server, decode) -> ControlUnit | None:
-    """One unit of `alwayson_scripts.controlnet.args` → a checked ControlUnit, or None when it
-    is disabled (or an empty slot)."""
+# the extension's IP-Adapter preprocessors → the CLIP vision encoder each runs (its file in the
+# extension's annotator/downloads/clip_vision, here --clip-vision-dir)
+IP_ADAPTER_MODULES = {"ip-adapter_clip_sd15": "clip_h",
+                      "ip-adapter_clip_sdxl_plus_vith": "clip_h",
+                      "ip-adapter_clip_sdxl": "clip_g"}
+
+
+def _ip_unit(unit: dict[str, Any], module: str, where: str, server, decode):
+    """An IP-Adapter unit as the extension takes it: the adapter file from the ControlNet
+    folder (`model`), the encoder its preprocessor names, weight and guidance start/end."""
+    from ..models.ip_adapter import IPAdapterUnit
+    model = unit.get("model", "None")
+    if not isinstance(model, str) or model in ("", "None"):
+        raise SdloomError(f"{where}.model: an IP-Adapter unit needs its adapter file; "
+                          "GET /controlnet/model_list lists them")
+    try:
+        path = find_controlnet(model, server.controlnet_dir, server.loaded_config())
+    except NotFoundError as e:
+        raise SdloomError(f"{where}.model: {e}; GET /controlnet/model_list lists them") \
+            from None
+    encoder = server.clip_vision(IP_ADAPTER_MODULES[module], f"{where}.module")
+    kw = {name: _number(unit[name], f"{where}.{name}")
+          for name in ("weight", "guidance_start", "guidance_end") if name in unit}
+    image = _unit_image(unit, where, server.limits, decode)
+    if image is None:
+        raise SdloomError(f"{where}.image: an IP-Adapter unit needs its reference image")
+    u = IPAdapterUnit(str(path), str(encoder), [image], **kw)
+    try:
+        u.check()
+    except SdloomError as e:
+        raise SdloomError(f"{where}: {e}") from None
+    u.label = f"{module}|{Path(path).stem} [{legacy_hash(Path(path))}]"
+    return u
+
+
+def parse_unit(raw: Any, where: str, server, decode):
+    """One unit of `alwayson_scripts.controlnet.args` → a checked ControlUnit (an
+    IPAdapterUnit for the ip-adapter_* modules), or None when it is disabled (or an empty
+    slot)."""
     if not isinstance(raw, dict):
         raise SdloomError(f"{where}: a ControlNet unit must be an object with the "
                           "extension's field names (the positional form is not supported)")
@@ -163,6 +202,8 @@ def parse_unit(raw: Any, where: str, server, decode) -> ControlUnit | None:
             return None
     elif model in (None, "", "None") and unit.get("image") in (None, ""):
         return None  # an empty slot
+    if unit.get("module") in IP_ADAPTER_MODULES:
+        return _ip_unit(unit, unit["module"], where, server, decode)
     module = _module(unit.get("module", "none"), f"{where}.module")
     if module in REFERENCE:  # reference units take no model (the extension sends "None")
         path = "None"
@@ -207,9 +248,10 @@ def parse_unit(raw: Any, where: str, server, decode) -> ControlUnit | None:
 
 
 def units_from_scripts(scripts: dict[str, Any], server, decode, img2img: bool
-                       ) -> list[ControlUnit]:
-    """`alwayson_scripts` → ControlNet units; any other script is refused, by name."""
-    units: list[ControlUnit] = []
+                       ) -> tuple[list[ControlUnit], list]:
+    """`alwayson_scripts` → (ControlNet units, IP-Adapter units); any other script is
+    refused, by name."""
+    units: list = []
     other = [k for k in scripts if k.lower() != "controlnet"]
     if other:
         raise SdloomError(f"alwayson_scripts: not supported by sdloom: "
@@ -225,14 +267,15 @@ def units_from_scripts(scripts: dict[str, Any], server, decode, img2img: bool
             u = parse_unit(raw, f"{where}.args[{i}]", server, decode)
             if u is None:
                 continue
-            if u.image is None and not img2img:
+            if isinstance(u, ControlUnit) and u.image is None and not img2img:
                 raise SdloomError(f"{where}.args[{i}].image: txt2img needs a control image "
                                   "(img2img uses the init image)")
             units.append(u)
     if len(units) > MAX_UNITS:
         raise SdloomError(f"alwayson_scripts.controlnet: at most {MAX_UNITS} enabled units, "
                           f"got {len(units)}")
-    return units
+    return ([u for u in units if isinstance(u, ControlUnit)],
+            [u for u in units if not isinstance(u, ControlUnit)])
 
 
 # ---------------------------------------------------------------------- routes
@@ -248,7 +291,10 @@ class DetectRequest(Body):
 
 
 def module_detail(name: str) -> dict[str, Any]:
-    return {"model_free": False, "sliders": [s for s in SLIDERS[name] if s is not None]}
+    if name in IP_ADAPTER_MODULES:
+        return {"model_free": False, "sliders": []}
+    return {"model_free": name in REFERENCE,
+            "sliders": [s for s in SLIDERS[name] if s is not None]}
 
 
 def add_controlnet_routes(app: FastAPI, server, decode) -> None:
@@ -267,6 +313,7 @@ def add_controlnet_routes(app: FastAPI, server, decode) -> None:
     @app.get("/controlnet/module_list")
     def module_list(alias_names: bool = False) -> dict[str, Any]:
         names = [LABELS.get(m, m) if alias_names else m for m in DEFAULTS]
+        names += list(IP_ADAPTER_MODULES)
         return {"module_list": names,
                 "module_detail": {n: module_detail(ALIASES.get(n, n)) for n in names}}
 
