@@ -54,6 +54,9 @@ NEEDS_WEIGHTS = {
     "seg_ofcoco": "150_16_swin_l_oneformer_coco_100ep.pth (OneFormer)",
     "seg_ufade20k": "upernet_global_small.pth (UniFormer)",
     "mediapipe_face": "the mediapipe face-mesh model",
+    "ip-adapter_face_id": "InsightFace buffalo_l (face embedding)",
+    "ip-adapter_face_id_plus": "InsightFace buffalo_l and clip_h.pth",
+    "revision_clipvision": "clip_g.pth (ReVision)", "revision_ignore_prompt": "clip_g.pth",
 }
 # (threshold_a, threshold_b) defaults of the weight-free preprocessors (the extension's sliders)
 DEFAULTS = {"none": (-1, -1), "invert": (-1, -1), "canny": (100, 200), "threshold": (127, -1),
