@@ -362,3 +362,34 @@ def test_cli_control(sd1, tmp_path, capsys):
                      "--output", str(tmp_path / "x.png")]) != 0
         err = capsys.readouterr().err.strip()
         assert want in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_only_masked_inpainting_crops_the_control_image(sd1, monkeypatch):
+    """The extension's rule for inpaint "Only masked": the control image is fitted to the
+    mask's size by the unit's resize mode, cropped to the masked region (A1111's crop region),
+    and fitted to the processing size with Resize and Fill — before its preprocessor runs."""
+    import sdloom.controlnet as cn_mod
+    from sdloom.images import crop_region, mask_from_image, resize_image
+    from sdloom.pipelines.engine import Engine
+    from sdloom.pipelines.generate import generate
+    from sdloom.pipelines.params import GenerationParams
+    root, _, _, hint = sd1
+    seen = []
+    real = cn_mod.preprocess
+    monkeypatch.setattr(cn_mod, "preprocess",
+                        lambda u, image, seed=0: (seen.append(image), real(u, image, seed))[1])
+    eng = Engine.load(root / "m.safetensors", device="cpu", precision="fp32")
+    init = hint.resize((96, 80))
+    control = Image.fromarray((np.random.default_rng(1).random((60, 72, 3)) * 255)
+                              .astype(np.uint8))
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (50, 30, 70, 52))
+    p = GenerationParams(prompt="a cat", seed=3, steps=2, width=64, height=64,
+                         sampler_name="Euler", init_image=init, mask=mask,
+                         inpaint_full_res=True, inpaint_full_res_padding=4, mask_blur=0,
+                         controlnets=[ControlUnit(str(root / "cn"), control, module="canny",
+                                                  resize_mode=1)])
+    generate(eng, p)
+    box = crop_region(mask_from_image(mask), 4, 64, 64)
+    want = resize_image(resize_image(control, 96, 80, 1).crop(box), 64, 64, 2)
+    assert seen and seen[0].tobytes() == want.tobytes() and seen[0].size == (64, 64)

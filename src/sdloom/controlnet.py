@@ -350,10 +350,21 @@ class PreparedUnit:
         return ", ".join(f"{k}: {v}" for k, v in fields if v != -1)
 
 
+def crop_to_masked(image: Image.Image, mask_size: tuple[int, int],
+                   box: tuple[int, int, int, int], w: int, h: int, resize_mode: int
+                   ) -> Image.Image:
+    """The extension's control image for inpainting "Only masked": fitted to the mask's size by
+    the unit's resize mode, cropped to the masked region, fitted to w×h (Resize and Fill)."""
+    fitted = resize_image(image.convert("RGB"), *mask_size, resize_mode)
+    return resize_image(fitted.crop(box), w, h, 2)
+
+
 def prepare_units(units, base, latent_channels: int, device: torch.device, dtype: torch.dtype,
                   w: int, h: int, init_image: Image.Image | None, hires: bool,
-                  seed: int) -> list[PreparedUnit]:
-    """Resolve, load and preprocess every unit once per job (before any sampling)."""
+                  seed: int, crop: tuple[tuple[int, int], tuple[int, int, int, int]] | None
+                  = None) -> list[PreparedUnit]:
+    """Resolve, load and preprocess every unit once per job (before any sampling). `crop`:
+    (mask size, box) of inpainting's "Only masked" region, which control images follow."""
     out = []
     for i, raw in enumerate(units):
         u = raw.resolved()
@@ -361,6 +372,8 @@ def prepare_units(units, base, latent_channels: int, device: torch.device, dtype
         if image is None:
             raise SdloomError(f"ControlNet unit {i} has no image (txt2img needs one; img2img "
                               "uses the init image)")
+        if crop is not None:
+            image = crop_to_masked(image, crop[0], crop[1], w, h, u.resize_mode)
         if u.pixel_perfect:
             u.processor_res = pixel_perfect_res(image, w, h, u.resize_mode)
         passes = {"Both": {"low", "high"}, "Low res only": {"low"},

@@ -306,10 +306,14 @@ class _Job:
         seeds, subseeds = all_seeds(seed, p.batch_size * p.n_iter, subseed, p.subseed_strength)
         init_img, inp = _prepare_init(p) if self.img2img else (None, None)
         if p.controlnets:
+            crop = None  # "Only masked": control images follow the crop (the extension)
+            if inp is not None and inp.paste_to is not None:
+                x, y, cw, ch = inp.paste_to
+                crop = (inp.overlay.size, (x, y, x + cw, y + ch))
             self.units = prepare_units(p.controlnets, e.family.control_base(e.config),
                                        e.latent_format.channels,
                                        e.device, e.dtype, p.width, p.height, p.init_image,
-                                       self.hr, seeds[0])
+                                       self.hr, seeds[0], crop)
         if p.ip_adapters:
             self.ip_units = self._prepare_ip_adapters()
         extra = self._extra_params(inp)
