@@ -372,7 +372,7 @@ def prepare_units(units, base, latent_channels: int, device: torch.device, dtype
         if image is None:
             raise SdloomError(f"ControlNet unit {i} has no image (txt2img needs one; img2img "
                               "uses the init image)")
-        if crop is not None:
+        if crop is not None and u.module not in REFERENCE:  # the extension skips reference
             image = crop_to_masked(image, crop[0], crop[1], w, h, u.resize_mode)
         if u.pixel_perfect:
             u.processor_res = pixel_perfect_res(image, w, h, u.resize_mode)
