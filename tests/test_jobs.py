@@ -328,7 +328,7 @@ def test_one_worker_and_one_engine_per_device(tmp_path):
     at once (a barrier that only two concurrent jobs pass), and the same image from either."""
     from sdloom.pipelines.generate import generate
     from sdloom.pipelines.params import GenerationParams
-    from sdloom.server.app import devices_of
+    from sdloom.server.options import devices_of
     assert devices_of("cuda:0, cuda:1") == ["cuda:0", "cuda:1"] and devices_of("cpu") == ["cpu"]
     save_model(tiny_model(), TINY_SD1, tmp_path / "m.safetensors")
     server = Server(str(tmp_path / "m.safetensors"), device="cpu,cpu", precision="fp32",
