@@ -53,6 +53,27 @@ def digest(resp: dict) -> str:
     return hashlib.sha256(base64.b64decode(resp["images"][0])).hexdigest()[:16]
 
 
+def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
+    """`sdloom serve` with the embedded model on a free loopback port, once it answers."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.join(os.path.dirname(__file__), "..", "src"), os.environ.get("PYTHONPATH", "")]))
+    server = subprocess.Popen([sys.executable, "-m", "sdloom.cli", "serve", "--port", str(port),
+                               "--device", "cpu", *args],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):  # wait for the model to load
+        try:
+            urllib.request.urlopen(base + "/internal/ping", timeout=1)
+            return server, base
+        except OSError:
+            if server.poll() is not None:
+                raise SystemExit("server exited: " + server.stderr.read().decode()[-2000:])
+            time.sleep(0.2)
+    server.terminate()
+    raise SystemExit("server did not answer in 120 s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-queue", type=int, default=2)
@@ -61,22 +82,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     a = ap.parse_args()
     clients = a.clients or 4 * a.max_queue
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.join(os.path.dirname(__file__), "..", "src"), os.environ.get("PYTHONPATH", "")]))
-    server = subprocess.Popen([sys.executable, "-m", "sdloom.cli", "serve", "--port", str(port),
-                               "--max-queue", str(a.max_queue), "--device", "cpu"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server(["--max-queue", str(a.max_queue)])
     try:
-        for _ in range(600):  # wait for the model to load
-            try:
-                urllib.request.urlopen(base + "/internal/ping", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit("server exited: " + server.stderr.read().decode()[-2000:])
-                time.sleep(0.2)
         body = {"prompt": "a red apple", "steps": a.steps, "sampler_name": "Euler",
                 "width": 128, "height": 128}
         status, _, single = post(base + "/sdapi/v1/txt2img", {**body, "seed": 11})

@@ -16,9 +16,8 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 
-from bench_server_load import free_port
+from bench_server_load import start_server
 
 
 def main() -> None:
@@ -30,23 +29,11 @@ def main() -> None:
                                                       "schemathesis")
     if not os.path.exists(st):
         raise SystemExit("schemathesis is not installed: pip install schemathesis")
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.join(os.path.dirname(__file__), "..", "src"), os.environ.get("PYTHONPATH", "")]))
-    limits = ["max_steps=4", "max_side=256", "max_pixels=65536", "max_batch_size=2", "max_images=2", "max_image_pixels=1048576"]
-    cmd = [sys.executable, "-m", "sdloom.cli", "serve", "--port", str(port), "--device", "cpu",
-           "--max-queue", "4"] + [x for lim in limits for x in ("--limit", lim)]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    limits = ["max_steps=4", "max_side=256", "max_pixels=65536", "max_batch_size=2",
+              "max_images=2", "max_image_pixels=1048576"]
+    server, base = start_server(["--max-queue", "4"]
+                                + [x for lim in limits for x in ("--limit", lim)])
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(base + "/internal/ping", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit("server exited: " + server.stderr.read().decode()[-2000:])
-                time.sleep(0.2)
         t = time.perf_counter()
         run = subprocess.run([st, "run", base + "/openapi.json", "--checks",
                               "not_a_server_error", "--max-examples", str(a.max_examples),

@@ -167,3 +167,11 @@ def test_auth_and_host_checks_cover_the_new_routes(server):
                     headers={"Host": "evil.example"}).status_code == 400, route
         assert call(f"{API}/{route}", auth=("me", "secret")).status_code == 200, route
     assert server._engine is not None  # the last unload was followed by a reload
+
+
+def test_refresh_embeddings_while_unloaded_is_no_error(tmp_path):
+    """Found by bench/fuzz_api.py: refresh-embeddings after unload-checkpoint answered 500."""
+    server = Server(device="cpu", precision="fp32", outdir=str(tmp_path))
+    client = TestClient(create_app(server))
+    assert client.post("/sdapi/v1/unload-checkpoint").status_code == 200
+    assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200

@@ -261,9 +261,9 @@ class Server:
                 db.errors.clear()
                 if self.embeddings_dir and Path(self.embeddings_dir).is_dir():
                     db.load_dir(self.embeddings_dir)
-            db.version += 1  # always a new version: encoders rebuild their lookup tables
-            for why in db.errors.values():
-                log.warning("embedding not loaded: %s", why)
+                db.version += 1  # always a new version: encoders rebuild their lookup tables
+                for why in db.errors.values():
+                    log.warning("embedding not loaded: %s", why)
         return self.jobs.submit(Job("refresh-embeddings", work, keep_on_disconnect=True))
 
     def embeddings(self) -> dict[str, dict[str, Any]]:
