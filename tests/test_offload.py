@@ -80,9 +80,11 @@ def test_lora_merges_into_the_cpu_home(tmp_path):
     assert np.array_equal(_pixels(eng), plain)  # and unmerged again
 
 
-def test_unknown_mode_is_refused():
+def test_unknown_mode_and_compile_are_refused():
     with pytest.raises(SdloomError, match="offload must be one of"):
         Engine(tiny_model(), offload="everything")
+    with pytest.raises(SdloomError, match="cannot be combined"):
+        Engine(tiny_model(), offload="model", offload_device="cpu", compile=True)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

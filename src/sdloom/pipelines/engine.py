@@ -119,6 +119,8 @@ class Engine:
         if self.offload not in MODES:
             raise SdloomError(f"offload must be one of {', '.join(MODES)}, not {self.offload!r}")
         if self.offload != "none":
+            if self.compile:  # weights that move between calls would recompile every call
+                raise SdloomError("--compile and --offload cannot be combined")
             self._device = torch.device(self.offload_device)
             self._offload = Offload(self.model, self._device, self.offload)
             self.cuda_graphs = False
