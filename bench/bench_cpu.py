@@ -2,14 +2,16 @@
 and fp32, against diffusers fp32 and diffusers under `torch.autocast("cpu", bfloat16)`, on
 (a) the embedded model at its defaults (128², 20 steps DPM++ 2M Karras, CFG 7) and
 (b) an SD1.5-shaped model with random weights (a diffusers folder both load), 256², 4 Euler
-steps, CFG 7.
+steps, CFG 7 — and stable-diffusion.cpp (`pip install stable-diffusion-cpp-python`, built from
+source) on the same weights as one single file, when it is installed (`--sdcpp f32,q8_0`).
 
 Tools alternate image by image (the order flipped every round) in one process, after one warm-up
 image each, so a change in machine load lands on all of them; min and median per tool are printed
 as JSON. Not one fresh process per image: load time and first-call costs are left out.
 
 Usage: python bench/bench_cpu.py [--rounds-embedded 7] [--rounds-full 3] [--skip-full]
-       [--threads N]
+       [--threads N] [--sdcpp f32] [--only "sdloom auto,diffusers fp32,…"] (--only keeps those
+       tools of the full-size run)
 """
 from __future__ import annotations
 
@@ -67,6 +69,22 @@ def diffusers_tools(pipe, kwargs: dict) -> dict[str, Callable[[int], None]]:
     return {"diffusers fp32": fp32, "diffusers bf16 autocast": bf16_autocast}
 
 
+def sdcpp_tools(path, kwargs: dict, wtypes: list[str]) -> dict[str, Callable[[int], None]]:
+    """stable-diffusion.cpp on a single-file checkpoint, one tool per weight type (none when
+    the package is not installed)."""
+    try:
+        from stable_diffusion_cpp import StableDiffusion
+    except ImportError:
+        return {}
+    tools = {}
+    for wtype in wtypes:
+        sd = StableDiffusion(model_path=str(path), wtype=wtype,
+                             n_threads=torch.get_num_threads(), verbose=False)
+        tools[f"stable-diffusion.cpp {wtype}"] = (
+            lambda seed, sd=sd: sd.generate_image(**kwargs, seed=seed))
+    return tools
+
+
 def embedded(rounds: int) -> dict:
     import diffusers
 
@@ -87,7 +105,7 @@ def embedded(rounds: int) -> dict:
     return {"times": out, "ratio_min_vs_diffusers_fp32": ratios(out), "rounds": rounds}
 
 
-def full_size(rounds: int) -> dict:
+def full_size(rounds: int, sdcpp: list[str], only: list[str] | None) -> dict:
     import diffusers
     import transformers
 
@@ -120,6 +138,14 @@ def full_size(rounds: int) -> dict:
                                       sampler_name="Euler", width=256, height=256))
     tools |= diffusers_tools(pipe, dict(prompt=prompt, num_inference_steps=4, guidance_scale=7.0,
                                         height=256, width=256))
+    if sdcpp:
+        from sdloom.checkpoints.save import convert
+        single = folder + ".safetensors"  # the same weights as one file, as sd.cpp reads them
+        convert(folder, single)
+        tools |= sdcpp_tools(single, dict(prompt=prompt, width=256, height=256, sample_steps=4,
+                                          cfg_scale=7.0, sample_method="euler"), sdcpp)
+    if only:
+        tools = {k: v for k, v in tools.items() if k in only}
     out = interleaved(tools, rounds)
     return {"times": out, "ratio_min_vs_diffusers_fp32": ratios(out), "rounds": rounds}
 
@@ -130,6 +156,9 @@ def main() -> None:
     ap.add_argument("--rounds-full", type=int, default=3)
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--sdcpp", default="f32", help="stable-diffusion.cpp weight types ('' = "
+                    "none)")
+    ap.add_argument("--only", help="comma-separated tools of the full-size run to keep")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -145,7 +174,9 @@ def main() -> None:
     res["embedded_128_20steps_dpmpp2m"] = embedded(a.rounds_embedded)
     print(json.dumps(res), flush=True)
     if not a.skip_full:
-        res["sd15_random_256_4steps_euler"] = full_size(a.rounds_full)
+        res["sd15_random_256_4steps_euler"] = full_size(
+            a.rounds_full, [w for w in a.sdcpp.split(",") if w],
+            [t.strip() for t in a.only.split(",")] if a.only else None)
         print(json.dumps(res))
 
 
