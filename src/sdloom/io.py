@@ -137,7 +137,7 @@ def _pickle_refusal(path: Path, err: Exception):
     one_liner = (
         f"python -c \"import importlib, torch; from safetensors.torch import save_file; "
         f"torch.serialization.add_safe_globals([{allow}]); "
-        f"sd = torch.load('{name}', map_location='cpu'); "
+        f"sd = torch.load('{name}', map_location='cpu', weights_only=True); "
         f"sd = sd.get('state_dict', sd); save_file({{k: v.contiguous() for k, v in sd.items() "
         f"if isinstance(v, torch.Tensor)}}, '{out}')\"")
     return ModelFileError(f"{head}; if you trust the file, convert it to .safetensors in your "
