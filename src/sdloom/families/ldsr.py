@@ -39,7 +39,7 @@ from .keymaps.unet import unet_diffusers_to_ldm, unet_ldm_to_diffusers
 from .keymaps.vae import vae_diffusers_to_ldm, vae_ldm_to_diffusers
 from .sd import DiffusionWrapper
 from .sd_detect import _groups, detect_vae
-from .sd_diffusers import mapped
+from .sd_diffusers import check_folder, mapped
 
 FAMILY = "ldsr"
 UNET, VQ = "model.diffusion_model.", "first_stage_model."
@@ -311,9 +311,7 @@ def open_ldsr_diffusers(name: str, component: ComponentReader, json_of: JsonRead
     cfg = _config(unet, vae, default_size=64 * vae.downscale,
                   linear_start=sched.get("beta_start", LINEAR_START),
                   linear_end=sched.get("beta_end", LINEAR_END))
-    if problems := config_problems(cfg, {k: tuple(v.shape) for k, v in sd.items()}):
-        raise ModelFileError(f"{where}: its config.json files do not match its weights: "
-                             + "; ".join(problems[:3]))
+    check_folder(where, config_problems(cfg, {k: tuple(v.shape) for k, v in sd.items()}))
     return cfg, sd
 
 

@@ -35,8 +35,8 @@ from .base import (ComponentMerge, ComponentReader, DetectionError, Family, Json
                    LatentFormat, Shapes, StateDict, short_repr)
 from .sd import DiffusionWrapper
 from .sd_detect import VAE_NOT_IN_SHAPES, detect_vae
-from .sd_diffusers import (_text_json, _vae_json, mapped, vae_config_from_diffusers,
-                          write_clip_tokenizer)
+from .sd_diffusers import (_text_json, _vae_json, check_folder, mapped,
+                           vae_config_from_diffusers, write_clip_tokenizer)
 
 DIT = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -311,9 +311,7 @@ class SD3Family(Family):
                        if not k.endswith("position_ids")})
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
         cfg = self.detect(shapes, mm)
-        if problems := self.config_problems(cfg, shapes):
-            raise ModelFileError(f"{where}: its config.json files do not match its weights: "
-                                 + "; ".join(problems[:3]))
+        check_folder(where, self.config_problems(cfg, shapes))
         vae = vae_config_from_diffusers(json_of("vae/config.json"), sdxl=False)
         cfg = cfg.replace(vae=dataclasses.replace(  # groups are not in the shapes
             vae, scale_factor=vae.scale_factor if vae.shift_factor else VAE_SCALE,

@@ -66,6 +66,13 @@ def mapped(where: str, keymap, *args):
         raise ModelFileError(f"{where}: {e}") from None
 
 
+def check_folder(where: str, problems: list[str]) -> None:
+    """One error for a diffusers folder whose config.json files do not describe its weights."""
+    if problems:
+        raise ModelFileError(f"{where}: its config.json files do not match its weights: "
+                             + "; ".join(problems[:3]))
+
+
 def open_sd_diffusers(name: str, component: ComponentReader, json_of: JsonReader
                       ) -> tuple[ModelConfig, StateDict]:
     """An SD1/SD2/SDXL diffusers folder → (config, state dict in single-file names)."""
@@ -119,9 +126,7 @@ def open_sd_diffusers(name: str, component: ComponentReader, json_of: JsonReader
         pred = "v" if sched.get("prediction_type") == "v_prediction" else "eps"
         cfg = ModelConfig(family, unet, vae, tuple(encs), prediction=pred,
                           default_size=8 * uc.get("sample_size", 64))
-    if problems := config_problems(cfg, {k: tuple(v.shape) for k, v in sd.items()}):
-        raise ModelFileError(f"{where}: its config.json files do not match its weights: "
-                             + "; ".join(problems[:3]))
+    check_folder(where, config_problems(cfg, {k: tuple(v.shape) for k, v in sd.items()}))
     return cfg, sd
 
 

@@ -38,8 +38,9 @@ from .keymaps.vae import vae_diffusers_to_ldm, vae_ldm_to_diffusers
 from .sd import LatentDiffusion, UNetAdapter
 from .sd_detect import (TEXT_NOT_IN_SHAPES, UNET_NOT_IN_SHAPES, VAE_NOT_IN_SHAPES,
                         detect_text_encoder, detect_unet, detect_vae)
-from .sd_diffusers import (_text_json, _unet_json, _vae_json, mapped, text_config_from_hf,
-                           vae_config_from_diffusers, write_clip_tokenizer)
+from .sd_diffusers import (_text_json, _unet_json, _vae_json, check_folder, mapped,
+                           text_config_from_hf, vae_config_from_diffusers,
+                           write_clip_tokenizer)
 
 FAMILY = "sd-x4-upscaler"
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
@@ -272,9 +273,7 @@ def open_x4_diffusers(name: str, component: ComponentReader, json_of: JsonReader
     cfg = ModelConfig(FAMILY, unet, vae, (te,), prediction=pred, default_size=512,
                       linear_start=sched.get("beta_start", LINEAR_START),
                       linear_end=sched.get("beta_end", LINEAR_END))
-    if problems := config_problems(cfg, {k: tuple(v.shape) for k, v in sd.items()}):
-        raise ModelFileError(f"{where}: its config.json files do not match its weights: "
-                             + "; ".join(problems[:3]))
+    check_folder(where, config_problems(cfg, {k: tuple(v.shape) for k, v in sd.items()}))
     return cfg, sd
 
 
