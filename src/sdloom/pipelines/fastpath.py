@@ -12,8 +12,8 @@ function as calling:
 - on CUDA, without autograd (inference), for the plain network (ControlNet and IP-Adapter
   wrappers read per-step Python state and are not captured; see generate.py);
 - weights change only in place (LoRA merging adds to the parameters, `LoraManager`), so a
-  graph keeps reading the current weights; anything that replaces parameter storage (moving
-  the model, offloading) must call `reset()`;
+  graph keeps reading the current weights; where weights move between calls (offload.py) the
+  engine turns graphs off;
 - a model whose capture fails (an op that syncs with the host) falls back to eager for good,
   with one line on stderr.
 
@@ -44,7 +44,7 @@ def _signature(args: tuple, kwargs: dict):
             return ("L", tuple(one(x) for x in v))
         raise TypeError
     try:
-        return tuple(one(a) for a in args), tuple((k, one(v)) for k, v in sorted(kwargs.items()))
+        return tuple(one(a) for a in args), tuple((k, one(v)) for k, v in kwargs.items())
     except TypeError:
         return None
 
@@ -84,10 +84,8 @@ class _Graph:
             elif isinstance(v, (tuple, list)):
                 for x in v:
                     collect(x)
-        for a in args:
-            collect(a)
-        for k in sorted(kwargs):  # the order `static` met them in: kwargs as given, so sort both
-            collect(kwargs[k])
+        for v in (*args, *kwargs.values()):  # the order `static` met them in
+            collect(v)
         for s, v in zip(self.tensors, new):
             s.copy_(v, non_blocking=True)
 
@@ -106,24 +104,20 @@ class GraphedModel(nn.Module):
         self.failed = False
         self.pool = None
 
-    def reset(self) -> None:
-        """Forget every graph (call after parameters were moved or replaced)."""
-        self.graphs.clear()
-        self.pool = None
-
     def forward(self, *args, **kwargs) -> torch.Tensor:
         x = args[0] if args else None
-        if (not self.use_graphs or self.failed or torch.is_grad_enabled() or not isinstance(x, torch.Tensor)
-                or x.device.type != "cuda"):
+        if (not self.use_graphs or self.failed or torch.is_grad_enabled()
+                or not isinstance(x, torch.Tensor) or x.device.type != "cuda"):
             return self.fn(*args, **kwargs)
-        key = _signature(args, {k: kwargs[k] for k in sorted(kwargs)})
+        kwargs = dict(sorted(kwargs.items()))  # one order for the key and the buffers
+        key = _signature(args, kwargs)
         if key is None:
             return self.fn(*args, **kwargs)
         g = self.graphs.get(key)
         if g is None:
             return self._capture(key, args, kwargs)
         self.graphs.move_to_end(key)
-        g.feed(args, {k: kwargs[k] for k in sorted(kwargs)})
+        g.feed(args, kwargs)
         g.graph.replay()
         return g.out.clone()
 
@@ -132,13 +126,13 @@ class GraphedModel(nn.Module):
             self.graphs.popitem(last=False)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        kwargs = {k: kwargs[k] for k in sorted(kwargs)}
         try:
             g = _Graph(self.fn, args, kwargs, self.pool, warmup=2 if self.fn is not self.model
                        else 1)
         except Exception as e:  # an op that cannot be captured: eager from now on
             self.failed = True
-            self.reset()
+            self.graphs.clear()
+            self.pool = None
             print(f"sdloom: CUDA graphs off for this model ({type(e).__name__}: "
                   f"{str(e).splitlines()[0] if str(e) else ''}); running eagerly",
                   file=sys.stderr)
