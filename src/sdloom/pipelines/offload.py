@@ -28,6 +28,10 @@ def _tensors(module: nn.Module, recurse: bool = True):
                 yield mod, name, p
 
 
+def _has_tensors(module: nn.Module, recurse: bool = True) -> bool:
+    return any(True for _ in _tensors(module, recurse))
+
+
 def _to(v, device: torch.device):
     if isinstance(v, torch.Tensor):
         return v.to(device, non_blocking=True)
@@ -80,9 +84,8 @@ class Offload:
                  block_params: int = 0):
         if mode not in MODES[1:]:
             raise ValueError(mode)
-        self.device, self.mode = device, mode
+        self.device = device
         self.units: list[_Unit] = []
-        self.handles = []
         total = sum(p.numel() for p in model.parameters())
         # blocks: the largest subtrees of at most 1/16 of the model (an SD U-Net's stages)
         self.block_params = block_params or max(1, total // 16)
@@ -91,23 +94,18 @@ class Offload:
                 self._component(child)
             else:
                 self._blocks(child)
-        own = [(model, False)] if any(True for _ in _tensors(model, False)) else []
-        if own:  # tensors held by the top module itself stay resident
-            self._always(_Unit(own, device))
-
-    def _always(self, unit: _Unit) -> None:
-        unit.enter()
+        if _has_tensors(model, False):  # tensors held by the top module itself stay resident
+            _Unit([(model, False)], device).enter()
 
     def _component(self, comp: nn.Module) -> None:
-        if not any(True for _ in _tensors(comp)):
+        if not _has_tensors(comp):
             return
         unit = _Unit([(comp, True)], self.device)
         self.units.append(unit)
         # the component's entry points: itself and its direct children (a VAE is entered
         # through encoder/decoder/quant convs, not its own forward)
         for m in [comp, *comp.children()]:
-            self.handles.append(m.register_forward_pre_hook(self._enter_only(unit),
-                                                            with_kwargs=True))
+            m.register_forward_pre_hook(self._enter_only(unit), with_kwargs=True)
 
     def _enter_only(self, unit: _Unit):
         def hook(_m, args, kwargs):
@@ -121,19 +119,18 @@ class Offload:
 
     def _blocks(self, m: nn.Module) -> None:
         n = sum(p.numel() for p in m.parameters())
-        direct = any(True for _ in _tensors(m, False))
+        direct = _has_tensors(m, False)
         kids = list(m.children())
         if n == 0 and not direct:
             return
         if n <= self.block_params or not kids:
             unit = _Unit([(m, True)], self.device)
             self.units.append(unit)
-            self.handles.append(m.register_forward_pre_hook(self._visit_in(unit),
-                                                            with_kwargs=True))
-            self.handles.append(m.register_forward_hook(lambda *_: unit.leave()))
+            m.register_forward_pre_hook(self._visit_in(unit), with_kwargs=True)
+            m.register_forward_hook(lambda *_: unit.leave())
             return
         if direct:  # e.g. a text encoder's positional embedding beside its big layers
-            self._always(_Unit([(m, False)], self.device))
+            _Unit([(m, False)], self.device).enter()
         for k in kids:
             self._blocks(k)
 
