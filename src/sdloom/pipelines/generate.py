@@ -409,6 +409,15 @@ class _Job:
         den.cond, den.uncond = _marked(den.cond, 1.0), _marked(den.uncond, 0.0)
         return den
 
+    def _clocked(self, den, steps: int, hires: bool) -> bool:
+        """The pass's A1111 step clock, made (and cond/uncond rows marked) by the first wrapper
+        that needs one; True when an inner wrapper already takes the marks."""
+        if self.clock is not None:
+            return True
+        self.clock = ControlClock(0, steps, hires=hires)
+        den.cond, den.uncond = _marked(den.cond, 1.0), _marked(den.uncond, 0.0)
+        return False
+
     def _referenced(self, den, which: str, w: int, h: int, steps: int, seed: int):
         """The pass's denoiser with the reference units (reference_only / reference_adain):
         the reference image's latent (VAE, posterior sampled with the job's seed) noised to
@@ -428,10 +437,7 @@ class _Job:
                 e.encode(px, [seed]), u.unit.module, u.unit.weight, u.unit.guidance_start,
                 u.unit.guidance_end, style_fidelity(u.unit.threshold_a, u.unit.control_mode,
                                                     which == "high", e.config.is_sdxl)))
-        controlled = self.clock is not None
-        if not controlled:
-            self.clock = ControlClock(0, steps, hires=which == "high")
-            den.cond, den.uncond = _marked(den.cond, 1.0), _marked(den.uncond, 0.0)
+        controlled = self._clocked(den, steps, which == "high")
         clock = self.clock
         den.denoiser = e.sampling.denoiser(e.family.reference_model(
             e.model, eager(den.denoiser.model), active, lambda: clock.fraction,
@@ -457,10 +463,7 @@ class _Job:
         if not self.ip_units:
             return den
         e = self.engine
-        controlled = self.clock is not None
-        if not controlled:
-            self.clock = ControlClock(0, steps, hires=hires)
-            den.cond, den.uncond = _marked(den.cond, 1.0), _marked(den.uncond, 0.0)
+        controlled = self._clocked(den, steps, hires)
         clock = self.clock
         # the plain network, never its CUDA graphs: the adapter sets per-call attention state
         den.denoiser = e.sampling.denoiser(e.family.ip_adapted_model(
