@@ -370,17 +370,11 @@ class LDSRFamily(Family):
     def claims(self, shapes: Shapes) -> bool:
         return EMBED in shapes and UNET + "input_blocks.0.0.weight" in shapes
 
-    def detect(self, shapes: Shapes) -> ModelConfig:
-        return detect(shapes)
-
-    def config_from_dict(self, d: dict) -> ModelConfig:
-        return ModelConfig.from_dict(d)
-
-    def config_problems(self, cfg: ModelConfig, shapes: Shapes) -> list[str]:
-        return config_problems(cfg, shapes)
-
-    def build(self, cfg: ModelConfig) -> LDSRModel:
-        return LDSRModel(cfg)
+    # the module's own functions (Family documents each)
+    detect = staticmethod(detect)
+    config_from_dict = staticmethod(ModelConfig.from_dict)
+    config_problems = staticmethod(config_problems)
+    build = staticmethod(LDSRModel)
 
     def open_diffusers(self, name: str, component: ComponentReader, json_of: JsonReader
                        ) -> tuple[ModelConfig, StateDict]:

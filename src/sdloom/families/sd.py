@@ -127,17 +127,11 @@ class SDFamily(Family):
     def claims(self, shapes: Shapes) -> bool:
         return any(k.startswith(UNET + "input_blocks.") for k in shapes)
 
-    def detect(self, shapes: Shapes) -> ModelConfig:
-        return detect(shapes)
-
-    def config_from_dict(self, d: dict) -> ModelConfig:
-        return ModelConfig.from_dict(d)
-
-    def config_problems(self, cfg: ModelConfig, shapes: Shapes) -> list[str]:
-        return config_problems(cfg, shapes)
-
-    def build(self, cfg: ModelConfig) -> LatentDiffusion:
-        return LatentDiffusion(cfg)
+    # the module's own functions (Family documents each)
+    detect = staticmethod(detect)
+    config_from_dict = staticmethod(ModelConfig.from_dict)
+    config_problems = staticmethod(config_problems)
+    build = staticmethod(LatentDiffusion)
 
     def optional_keys(self, model: LatentDiffusion) -> set[str]:
         """Logit scales, and projections that nothing reads."""

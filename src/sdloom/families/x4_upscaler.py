@@ -345,17 +345,11 @@ class X4UpscalerFamily(Family):
         # a plain class embedding (SDXL's ADM is label_emb.0.0.*) on a 4+3-channel input
         return LABEL in shapes and len(tuple(shapes[LABEL])) == 2
 
-    def detect(self, shapes: Shapes) -> ModelConfig:
-        return detect(shapes)
-
-    def config_from_dict(self, d: dict) -> ModelConfig:
-        return ModelConfig.from_dict(d)
-
-    def config_problems(self, cfg: ModelConfig, shapes: Shapes) -> list[str]:
-        return config_problems(cfg, shapes)
-
-    def build(self, cfg: ModelConfig) -> LatentDiffusion:
-        return LatentDiffusion(cfg)
+    # the module's own functions (Family documents each)
+    detect = staticmethod(detect)
+    config_from_dict = staticmethod(ModelConfig.from_dict)
+    config_problems = staticmethod(config_problems)
+    build = staticmethod(LatentDiffusion)
 
     def optional_keys(self, model: LatentDiffusion) -> set[str]:
         return {TEXT + "model.logit_scale", TEXT + "model.text_projection"}
