@@ -200,15 +200,15 @@ def test_z_axis_puts_labelled_sub_grids_side_by_side(client):
 
 
 def test_the_request_is_read_once_whatever_the_cell_count(client, monkeypatch):
-    import sdloom.server.app as app_module
+    import sdloom.server.generation as generation
     calls = []
-    real = app_module.decode_image
+    real = generation.decode_image
 
     def counting(data, what, limits):
         calls.append(what)
         return real(data, what, limits)
 
-    monkeypatch.setattr(app_module, "decode_image", counting)
+    monkeypatch.setattr(generation, "decode_image", counting)
     init = base64.b64encode(encode_image(Image.new("RGB", (64, 64), (9, 90, 200)), "png"))
     r = client.post(f"{API}/img2img", json={
         **BASE, "init_images": [init.decode()], "mask": init.decode(),

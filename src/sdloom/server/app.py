@@ -14,19 +14,16 @@ from what sdloom has; unload-checkpoint frees the model and the next job loads i
 
 What one request may do is bounded (SECURITY.md): the body and images are measured before
 they are read, per-request settings last one job, names resolve only inside their folders,
-and /progress, /interrupt and /skip never wait for a job. The web page's image browser of
-outdir is history.py; the extras routes (upscalers) are extras.py.
+and /progress, /interrupt and /skip never wait for a job. A txt2img/img2img request becomes
+GenerationParams, and the job's result its response, in generation.py; the listing and
+start-up probe routes are probes.py; the web page's image browser of outdir is history.py;
+the extras routes (upscalers) are extras.py.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import gc
-import io
-import json
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,34 +38,27 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import LimitError, NotFoundError, SdloomError
-from ..images import flatten
-from ..infotext import encode_image, known_sha256, model_hash, parse_infotext
+from ..errors import SdloomError
+from ..infotext import parse_infotext
 from ..limits import DEFAULT_LIMITS, Limits
-from ..models.lora import extract_prompt_loras
 from ..pipelines.engine import EMBEDDED_MODEL, Engine
-from ..pipelines.generate import LATENT_UPSCALERS
 from ..pipelines.params import GenerationParams
-from ..sampling.samplers import SAMPLERS, resolve_sampler
-from ..sampling.schedules import LABELS
 from ..seeds import all_seeds, fix_seed
 from ..styles import StyleDB
-from .controlnet_api import add_controlnet_routes, units_from_scripts
+from .controlnet_api import add_controlnet_routes
+from .generation import decode_image, response_body, to_params
 from .guard import BodyTooLarge, Guard, error_body, log, parse_users
 from .extras import extras_router
 from .history import history_router
 from .jobs import (PREVIEW_EVERY, Cancelled, Generated, Job, JobQueue, QueueFull, _accepts,
                    run_batches)
 from .options import check_options, devices_of, list_vaes
+from .probes import probes_router
 from .schema import Body, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
-from .xyz import SCRIPT_TITLE, is_xyz, xyz_job, xyz_script_info
+from .xyz import is_xyz, xyz_job
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 WEB = Path(__file__).parent / "web"  # the page: index.html, app.js, style.css
-LATENT_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
-                "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)")
-assert {m.lower() for m in LATENT_MODES} == set(LATENT_UPSCALERS)
-XYZ_NAME = SCRIPT_TITLE.lower()
 
 
 class OptionsRequest(Body):
@@ -86,53 +76,6 @@ class InternalProgressRequest(Body):
 IDLE_STATE = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
               "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
               "sampling_steps": 0}
-
-
-# ---------------------------------------------------------------------- images
-def decode_image(data: Any, what: str, limits: Limits) -> Image.Image:
-    """A base64 string or data URL → an image. Its size is read from the header and checked
-    against max_image_pixels before a pixel is decoded; anything unreadable is a 422."""
-    if not isinstance(data, str):
-        raise SdloomError(f"{what}: expected a base64 string")
-    if data.startswith(("http://", "https://")):
-        raise SdloomError(f"{what}: image URLs are not fetched; send base64")
-    if data.startswith("data:"):
-        data = data.split(",", 1)[-1]
-    try:
-        raw = base64.b64decode(data, validate=False)
-    except (binascii.Error, ValueError):
-        raise SdloomError(f"{what}: not a base64-encoded image") from None
-    over = f"{what}: image is over the limit max_image_pixels={limits.max_image_pixels}"
-    try:
-        img = Image.open(io.BytesIO(raw))  # reads the header only
-    except Image.DecompressionBombError:
-        raise LimitError(over) from None
-    except Exception as e:  # Pillow raises many types for broken headers
-        raise SdloomError(f"{what}: not a readable image ({type(e).__name__})") from None
-    w, h = img.size
-    if w * h > limits.max_image_pixels:
-        raise LimitError(f"{what}: image of {w}x{h} pixels is over the limit "
-                         f"max_image_pixels={limits.max_image_pixels}")
-    if w < 1 or h < 1:
-        raise SdloomError(f"{what}: image has no pixels")
-    try:
-        img.load()
-    except (Image.DecompressionBombError, MemoryError):
-        raise LimitError(over) from None
-    except Exception as e:
-        raise SdloomError(f"{what}: not a readable image ({type(e).__name__}: "
-                          f"{str(e)[:200]})") from None
-    return img
-
-
-def as_mask(img: Image.Image) -> Image.Image:
-    """The mask as decoded, for the pipeline's A1111 rule (alpha if not all opaque, else
-    luminance): modes with alpha become RGBA, odd modes (16-bit, float, palette) L."""
-    if img.mode in ("RGBA", "RGB", "L"):
-        return img
-    if "A" in img.getbands() or "transparency" in img.info:
-        return img.convert("RGBA")
-    return img.convert("L")
 
 
 # ---------------------------------------------------------------------- options
@@ -546,170 +489,6 @@ class Server:
                                          f"{e.strerror or type(e).__name__}") from None
 
 
-# ---------------------------------------------------------------------- requests → params
-def _prompt_loras(texts: list[str]) -> None:
-    """<lora:name:w> tags: a weight that is not a finite number is a 422 here, before the
-    job (the names are resolved by the engine, inside lora_dir only)."""
-    for t in texts:
-        try:
-            _, found = extract_prompt_loras(t)
-        except ValueError:
-            raise SdloomError("a <lora:name:weight> tag has a weight that is not a number") \
-                from None
-        for name, w in found:
-            if not -1e4 < w < 1e4:  # also NaN and ±inf
-                raise SdloomError(f"LoRA weight {w} of {name!r} is not a usable number")
-
-
-def apply_styles(req: Txt2ImgRequest, styles: StyleDB) -> tuple[str, str, str, str]:
-    """The prompts with the request's styles merged in, in order (A1111's setup_prompts):
-    prompt, negative prompt, and the hires prompts when set ("" stays "": the hires pass then
-    uses the styled first-pass prompt, as A1111). Unknown names merge nothing, as A1111;
-    the server log names them."""
-    names = list(req.styles or [])
-    if not names:
-        return req.prompt, req.negative_prompt, req.hr_prompt, req.hr_negative_prompt
-    unknown = styles.unknown(names)
-    if unknown:
-        log.warning("styles not found (ignored, as A1111): %s", ", ".join(map(repr, unknown)))
-    hr_prompt = styles.apply_prompt(req.hr_prompt, names) if req.hr_prompt else ""
-    hr_negative = styles.apply_negative(req.hr_negative_prompt, names) \
-        if req.hr_negative_prompt else ""
-    return (styles.apply_prompt(req.prompt, names),
-            styles.apply_negative(req.negative_prompt, names), hr_prompt, hr_negative)
-
-
-def to_params(req: Txt2ImgRequest, server: Server, img2img: bool
-              ) -> tuple[GenerationParams, dict[str, Any], Path | None]:
-    """An A1111 request → GenerationParams, the job's options, and the model it asks for
-    (override_settings.sd_model_checkpoint), refusing what sdloom does not do."""
-    has = set(GenerationParams.__dataclass_fields__)
-    unsupported = [name for name, on in (
-        ("restore_faces", req.restore_faces), ("tiling", req.tiling),
-        ("script_name", req.script_name),
-        ("seed_resize_from_w/h", "seed_resize_from_w" not in has
-         and (req.seed_resize_from_w > 0 or req.seed_resize_from_h > 0)))
-        if on]
-    if unsupported:
-        raise SdloomError(f"not supported by sdloom: {', '.join(unsupported)}")
-    overrides = req.override_settings or {}
-    opts = {**server.options, **check_options(overrides, server.vaes())}
-    model = None
-    if "sd_model_checkpoint" in overrides:
-        model = server.find_model(overrides["sd_model_checkpoint"])
-    prompt, negative, hr_prompt, hr_negative = apply_styles(req, server.styles)
-    _prompt_loras([prompt, negative, hr_prompt, hr_negative])
-    units, ip_units = units_from_scripts(req.alwayson_scripts, server, decode_image, img2img)
-    p = GenerationParams(
-        prompt=prompt, negative_prompt=negative, width=req.width,
-        height=req.height, steps=req.steps, cfg_scale=req.cfg_scale,
-        sampler_name=req.sampler_name or req.sampler_index or "Euler",
-        scheduler=req.scheduler or "automatic", seed=req.seed, subseed=req.subseed,
-        subseed_strength=req.subseed_strength, batch_size=req.batch_size, n_iter=req.n_iter,
-        clip_skip=opts["CLIP_stop_at_last_layers"], eta=req.eta, s_noise=req.s_noise,
-        controlnets=units, ip_adapters=ip_units)
-    # A1111 1.9+ splits a legacy combined name ("DPM++ 2M Karras") into sampler and scheduler
-    # before it runs, so `info` and the echoed parameters name the sampler alone
-    try:
-        spec, sched = resolve_sampler(p.sampler_name, p.scheduler)
-    except SdloomError as e:  # A1111's validate_sampler_name: 404 "Sampler not found"
-        raise NotFoundError(f"Sampler not found: {e}") from None
-    if spec.name != p.sampler_name and spec.name.lower() != p.sampler_name.strip().lower():
-        p.sampler_name, p.scheduler = spec.name, sched
-    if "seed_resize_from_w" in has:
-        p.seed_resize_from_w, p.seed_resize_from_h = req.seed_resize_from_w, \
-            req.seed_resize_from_h
-    if "eta_noise_seed_delta" in has:
-        p.eta_noise_seed_delta = opts["eta_noise_seed_delta"]
-    if not img2img:
-        p.enable_hr = req.enable_hr
-        p.hr_scale, p.hr_second_pass_steps = req.hr_scale, req.hr_second_pass_steps
-        p.hr_resize_x, p.hr_resize_y = req.hr_resize_x, req.hr_resize_y
-        p.hr_upscaler = req.hr_upscaler or "Latent"
-        p.hr_sampler_name, p.hr_scheduler = req.hr_sampler_name or None, req.hr_scheduler or None
-        p.hr_prompt, p.hr_negative_prompt = hr_prompt, hr_negative
-        p.denoising_strength = 0.75 if req.denoising_strength is None else req.denoising_strength
-        return p, opts, model
-    assert isinstance(req, Img2ImgRequest)
-    if not req.init_images:
-        raise NotFoundError("Init image not found")
-    init = decode_image(req.init_images[0], "init_images[0]", server.limits)
-    try:
-        p.init_image = flatten(init)  # transparency over white, as A1111's img2img
-    except (ValueError, OSError) as e:
-        raise SdloomError(f"init_images[0]: cannot convert a {init.mode} image ({e})") from None
-    p.denoising_strength = 0.75 if req.denoising_strength is None else req.denoising_strength
-    p.resize_mode = req.resize_mode
-    if p.width is None and p.height is None:  # keep the input's size, rounded down to 8
-        p.width, p.height = p.init_image.width // 8 * 8, p.init_image.height // 8 * 8
-    if req.mask:
-        p.mask = as_mask(decode_image(req.mask, "mask", server.limits))
-        if "mask_blur_x" in has:
-            p.mask_blur_x, p.mask_blur_y = req.mask_blur_x, req.mask_blur_y
-            p.mask_blur = req.mask_blur
-        else:
-            p.mask_blur = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
-        p.inpainting_fill = req.inpainting_fill
-        p.inpaint_full_res = req.inpaint_full_res
-        p.inpaint_full_res_padding = req.inpaint_full_res_padding
-        p.inpainting_mask_invert = bool(req.inpainting_mask_invert)
-    return p, opts, model
-
-
-def _extra_params(infos: list[str]) -> dict[str, Any]:
-    """A1111's extra_generation_params of the first image: here the ControlNet N entries
-    the extension adds (the infotext has them all)."""
-    if not infos:
-        return {}
-    return {k: v for k, v in parse_infotext(infos[0]).items() if k.startswith("ControlNet ")}
-
-
-# ---------------------------------------------------------------------- memory
-def ram_stats() -> dict[str, Any]:
-    """A1111's /memory `ram`: this process's resident memory as `used`, the machine's total,
-    and `free` = total − used (A1111's own definition); {error} when unreadable."""
-    import os
-    try:
-        try:
-            import psutil
-            used = psutil.Process(os.getpid()).memory_info().rss
-            total = psutil.virtual_memory().total
-        except ImportError:
-            fields = {}
-            for name in ("/proc/meminfo", "/proc/self/status"):
-                with open(name) as f:
-                    for line in f:
-                        k, _, v = line.partition(":")
-                        fields[k] = v.split()
-            total = int(fields["MemTotal"][0]) * 1024
-            used = int(fields["VmRSS"][0]) * 1024
-        return {"free": total - used, "used": used, "total": total}
-    except Exception as e:
-        return {"error": f"{type(e).__name__}"}
-
-
-def cuda_stats(engine: Engine | None) -> dict[str, Any]:
-    """A1111's /memory `cuda`: system free/used/total from mem_get_info and the caching
-    allocator's current/peak bytes; {"error": "unavailable"} without CUDA."""
-    try:
-        if not torch.cuda.is_available():
-            return {"error": "unavailable"}
-        dev = engine.device if engine is not None and engine.device.type == "cuda" else \
-            torch.device("cuda")
-        free, total = torch.cuda.mem_get_info(dev)
-        s = torch.cuda.memory_stats(dev)
-
-        def cp(key: str) -> dict[str, int]:
-            return {"current": s.get(f"{key}.all.current", 0), "peak": s.get(f"{key}.all.peak", 0)}
-        return {"system": {"free": free, "used": total - free, "total": total},
-                "active": cp("active_bytes"), "allocated": cp("allocated_bytes"),
-                "reserved": cp("reserved_bytes"), "inactive": cp("inactive_split_bytes"),
-                "events": {"retries": s.get("num_alloc_retries", 0),
-                           "oom": s.get("num_ooms", 0)}}
-    except Exception as e:
-        return {"error": f"{type(e).__name__}"}
-
-
 # ---------------------------------------------------------------------- the app
 def create_app(server: Server, api_auth: str | None = None, *,
                allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -789,39 +568,6 @@ def create_app(server: Server, api_auth: str | None = None, *,
         except Cancelled:  # interrupted while it waited: no images, as an early interrupt
             eng, out = server.engine, Generated([], [], [], [])
         return await run_in_threadpool(response_body, req, p, opts, eng, out, img2img)
-
-    def response_body(req: Txt2ImgRequest, p: GenerationParams, opts: dict[str, Any],
-                      eng: Engine, out: Generated, img2img: bool) -> dict[str, Any]:
-        images, infos, seeds, subseeds = out.images, out.infotexts, out.seeds, out.subseeds
-        fmt = opts["samples_format"]
-        info = {
-            "prompt": p.prompt, "all_prompts": [p.prompt] * len(images),
-            "negative_prompt": p.negative_prompt,
-            "all_negative_prompts": [p.negative_prompt] * len(images),
-            "seed": seeds[0] if seeds else None, "all_seeds": seeds,
-            "subseed": subseeds[0] if subseeds else None, "all_subseeds": subseeds,
-            "subseed_strength": p.subseed_strength, "width": p.width, "height": p.height,
-            "sampler_name": p.sampler_name, "cfg_scale": p.cfg_scale, "steps": p.steps,
-            "batch_size": p.batch_size,
-            "denoising_strength": p.denoising_strength if img2img or p.enable_hr else None,
-            "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": eng.name, "sd_model_hash": eng.hash,
-            "sd_vae_name": eng.vae_override.name if eng.vae_override else None,
-            "sd_vae_hash": model_hash(eng.vae_override) if eng.vae_override else None,
-            "seed_resize_from_w": getattr(p, "seed_resize_from_w", -1),
-            "seed_resize_from_h": getattr(p, "seed_resize_from_h", -1),
-            "extra_generation_params": _extra_params(infos),
-            "index_of_first_image": 0, "infotexts": infos,
-            "styles": list(req.styles or []), "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "clip_skip": p.clip_skip,
-            "is_using_inpainting_conditioning": eng.family.inpaint_channels(eng.config),
-            "version": f"sdloom {__version__}"}
-        params = req.model_dump()
-        if img2img and not params.get("include_init_images"):
-            params["init_images"], params["mask"] = None, None
-        images_b64 = [base64.b64encode(encode_image(im, fmt, t)).decode("ascii")
-                      for im, t in zip(images, infos)] if req.send_images else []
-        return {"images": images_b64, "parameters": params, "info": json.dumps(info)}
 
     @app.post(f"{api}/txt2img")
     async def txt2img(req: Txt2ImgRequest, request: Request) -> dict[str, Any]:
@@ -920,56 +666,8 @@ def create_app(server: Server, api_auth: str | None = None, *,
         server.options.update(checked)
         return {}
 
-    @app.get(f"{api}/samplers")
-    def samplers() -> list[dict[str, Any]]:
-        return [{"name": s.name, "aliases": list(s.aliases), "options": {}}
-                for s in SAMPLERS.values()]
-
-    @app.get(f"{api}/schedulers")
-    def schedulers() -> list[dict[str, Any]]:
-        return [{"name": k, "label": v, "aliases": None, "default_rho": -1,
-                 "need_inner_model": False} for k, v in LABELS.items()]
-
-    @app.get(f"{api}/upscalers")
-    def upscalers() -> list[dict[str, Any]]:
-        """None, Lanczos, Nearest, then upscaler_dir's models with their detected factor
-        (A1111 lists 4 for the built-ins; model_path is the file name, never the folder)."""
-        from ..upscalers import available
-        return [{"name": u.name, "model_name": "ESRGAN" if u.is_model else None,
-                 "model_path": u.path.name if u.path else None, "model_url": None,
-                 "scale": u.scale if u.is_model else 4}
-                for u in available(server.upscaler_dir)]
-
+    app.include_router(probes_router(server, wait), prefix=api)
     app.include_router(extras_router(server, wait, decode_image), prefix=api)
-
-    @app.get(f"{api}/latent-upscale-modes")
-    def latent_upscale_modes() -> list[dict[str, str]]:
-        return [{"name": n} for n in LATENT_MODES]
-
-    @app.get(f"{api}/sd-models")
-    def sd_models() -> list[dict[str, Any]]:
-        out = []
-        for p in server.models():
-            loaded = server.is_loaded(p)
-            sha = known_sha256(p) if p.is_file() else None  # hashed before: A1111 shows it
-            out.append({"title": server.title(p), "model_name": p.stem,
-                        "hash": server.loaded_hash() if loaded else (sha or "")[:10] or None,
-                        "sha256": sha, "filename": str(p), "config": None})
-        return out
-
-    @app.get(f"{api}/sd-vae")
-    def sd_vae() -> list[dict[str, str]]:
-        """The VAE files of --vae-dir as A1111 lists them (names only inside the folder)."""
-        return [{"model_name": name, "filename": str(path)}
-                for name, path in server.vaes().items()]
-
-    @app.get(f"{api}/loras")
-    def loras() -> list[dict[str, Any]]:
-        d = Path(server.lora_dir) if server.lora_dir else None
-        files = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".pt", ".ckpt")) \
-            if d and d.is_dir() else []
-        return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
-                for p in files]
 
     add_controlnet_routes(app, server, decode_image)
     app.include_router(history_router(server))  # the web page's image browser of outdir
@@ -983,73 +681,5 @@ def create_app(server: Server, api_auth: str | None = None, *,
         if name not in {p.name for p in WEB.iterdir()}:
             raise HTTPException(404, "not found")
         return FileResponse(WEB / name)
-
-    @app.post(f"{api}/refresh-checkpoints")
-    def refresh_checkpoints() -> dict[str, Any]:
-        return {}  # the list is read from models_dir on every request
-
-    # ------------------------------------------------------------------ start-up probes
-    @app.get(f"{api}/prompt-styles")
-    def prompt_styles() -> list[dict[str, str]]:
-        return server.styles.list()
-
-    @app.get(f"{api}/cmd-flags")
-    def cmd_flags() -> dict[str, Any]:
-        return server.cmd_flags()
-
-    @app.get(f"{api}/embeddings")
-    def embeddings() -> dict[str, dict[str, Any]]:
-        return server.embeddings()
-
-    @app.get(f"{api}/hypernetworks")
-    def hypernetworks() -> list:
-        return []  # sdloom has no hypernetworks
-
-    @app.get(f"{api}/face-restorers")
-    def face_restorers() -> list:
-        return []  # nor face restoration (restore_faces is refused)
-
-    @app.get(f"{api}/scripts")
-    def scripts() -> dict[str, list]:
-        return {"txt2img": [XYZ_NAME], "img2img": [XYZ_NAME]}  # A1111 lists titles lowercased
-
-    @app.get(f"{api}/script-info")
-    def script_info() -> list[dict[str, Any]]:
-        """The scripts requests may name: ControlNet in alwayson_scripts (A1111 lists an
-        extension's script once per tab; sdloom describes no args), the X/Y/Z plot in
-        script_name with its script_args."""
-        return [{"name": "controlnet", "is_alwayson": True, "is_img2img": tab, "args": []}
-                for tab in (False, True)] + xyz_script_info()
-
-    @app.get(f"{api}/extensions")
-    def extensions() -> list:
-        return []  # ControlNet and LoRA are built in, not extensions
-
-    @app.get(f"{api}/memory")
-    def memory() -> dict[str, Any]:
-        return {"ram": ram_stats(), "cuda": cuda_stats(server._engine)}
-
-    @app.post(f"{api}/unload-checkpoint")
-    async def unload_checkpoint(request: Request) -> dict[str, Any]:
-        await wait(server.unload_job(), request)
-        return {}
-
-    @app.post(f"{api}/reload-checkpoint")
-    async def reload_checkpoint(request: Request) -> dict[str, Any]:
-        await wait(server.reload_job(), request)
-        return {}
-
-    @app.post(f"{api}/refresh-embeddings")
-    async def refresh_embeddings(request: Request) -> dict[str, Any]:
-        await wait(server.refresh_embeddings_job(), request)
-        return {}
-
-    @app.post(f"{api}/refresh-loras")
-    def refresh_loras() -> dict[str, Any]:
-        return {}  # lora_dir is read on every request and every prompt
-
-    @app.post(f"{api}/refresh-vae")
-    def refresh_vae() -> dict[str, Any]:
-        return {}  # no VAE list to read (sd-vae lists none)
 
     return app
