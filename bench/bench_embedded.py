@@ -4,8 +4,9 @@
 The tools alternate image by image (round k: one sdloom image, one diffusers image, the order
 flipped every round), so a change in machine load lands on both; min and median per tool are
 printed as JSON. Usage: python bench/bench_embedded.py [--rounds 9] [--threads N]
-[--precision fp32|auto|bf16] [--compile] (--compile adds sdloom with torch.compile as a third
-tool; its first image, which compiles, is reported apart)
+[--precision fp32|auto|bf16] [--compile] [--autocast] (--compile adds sdloom with torch.compile
+as a tool, its first image, which compiles, reported apart; --autocast adds diffusers under
+torch.autocast("cpu", bfloat16), its best CPU mode, on the same fp32 pipeline)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "auto", "bf16"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--autocast", action="store_true")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -57,6 +59,11 @@ def main() -> None:
     if a.compile:
         compiled = Engine.load(None, device="cpu", precision=a.precision, compile=True)
         tools["sdloom_compile"] = lambda seed: ours(seed, compiled)
+    if a.autocast:
+        def theirs_autocast(seed: int) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                theirs(seed)
+        tools["diffusers_autocast"] = theirs_autocast
     for name, fn in tools.items():  # warm-up (compiles)
         t = time.perf_counter()
         fn(0)
@@ -75,6 +82,11 @@ def main() -> None:
     if a.compile:
         out["ratio_min_compile"] = round(out["sdloom_compile"]["min_s"]
                                          / out["diffusers"]["min_s"], 3)
+    if a.autocast:  # sdloom against diffusers' best CPU mode
+        out["ratio_min_autocast"] = round(out["sdloom"]["min_s"]
+                                          / out["diffusers_autocast"]["min_s"], 3)
+        out["ratio_median_autocast"] = round(out["sdloom"]["median_s"]
+                                             / out["diffusers_autocast"]["median_s"], 3)
     out.update(rounds=a.rounds, threads=torch.get_num_threads(), sdloom_load_s=round(load, 2),
                precision=a.precision, first_image_s=first)
     print(json.dumps(out))

@@ -34,7 +34,8 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        # [1]: the original's dropout slot (p = 0), an Identity: a no-op Dropout costs 2.5 µs
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         ctx = x if context is None else context
@@ -60,7 +61,8 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+        # [1]: the original's dropout slot (p = 0), an Identity: a no-op Dropout costs 2.5 µs
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

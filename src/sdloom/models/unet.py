@@ -36,8 +36,9 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        # [2]: the original's dropout slot (p = 0), an Identity that keeps the layer indices
         self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels), nn.SiLU(),
-                                        nn.Dropout(0.0),
+                                        nn.Identity(),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else nn.Conv2d(channels, out_channels, 1))

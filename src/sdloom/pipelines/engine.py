@@ -325,6 +325,11 @@ class Engine:
         """One latent [C, h, w] → image [1, 3, H, W] in fp32, tiled when `_vae_tiled` says."""
         vae, f = self.model.vae, self.latent_format.factor
         z = z[None].to(self.device, dtype)
+        if self.device.type == "cpu" and dtype != torch.float32:
+            # oneDNN's convolutions then run NHWC end to end: the embedded model's bf16 decode
+            # takes 0.77x the time (docs/benchmarks.md, 2026-11-30 profile). fp32 stays NCHW,
+            # its images unchanged (NHWC moves a few pixels by one level); GPUs: not measured
+            z = z.contiguous(memory_format=torch.channels_last)
         if self._vae_tiled(z.shape[-2] * f, z.shape[-1] * f):
             tile, overlap = self.vae_tile
             return image_from_latent_tiled(vae, z, tile=tile, overlap=overlap, factor=f).float()
