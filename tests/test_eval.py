@@ -85,3 +85,109 @@ def test_evaluate_runs_batched_and_reads_images_npy(tmp_path):
     assert np.array_equal(reference_features(data, entries), pngs[[1, 2, 3, 4, 0]])
     os.utime(data / "images.npy", (t - 10, t - 10))
     assert np.array_equal(reference_features(data, entries), pngs)
+
+
+# five discs; the last is a held-out composition. Captions as emoji_data writes them.
+DISCS = [("red disc, scarlet", "1F534"), ("green disc", "1F7E2"),
+         ("blue disc, navy, dark skin tone", "1F535"), ("yellow disc, lemon", "1F7E1 FE0F"),
+         ("black disc, dark skin tone", "26AB")]
+CLDR_XML = """<ldml><annotations>
+<annotation cp="🔴">circle | red</annotation><annotation cp="🔴" type="tts">red circle</annotation>
+<annotation cp="🟢">circle | green</annotation>
+<annotation cp="🟡">circle | yellow</annotation>
+<annotation cp="🔵" type="tts">blue circle</annotation>
+</annotations></ldml>"""
+
+
+def test_prompt_kinds_from_captions_and_cldr(tmp_path):
+    import pytest
+
+    from sdloom.errors import SdloomError
+    from sdloom.eval.adherence import (Entry, caption_parts, prompts_of,
+                                       read_cldr_keywords)
+    assert caption_parts("thumbs up, thumbs, medium-dark skin tone") == (
+        "thumbs up", ["thumbs"], ["medium-dark skin tone"])
+    assert caption_parts("kiss man man, light skin tone, dark skin tone") == (
+        "kiss man man", [], ["light skin tone", "dark skin tone"])
+    (tmp_path / "en.xml").write_text(CLDR_XML)
+    kw = read_cldr_keywords(tmp_path / "en.xml")
+    # tts lines are short names, not keywords; VS16 is ignored when matching
+    assert kw == {"1F534": ["circle", "red"], "1F7E2": ["circle", "green"],
+                  "1F7E1": ["circle", "yellow"]}
+    es = [Entry(tmp_path / "x.png", t, False, cp) for t, cp in DISCS]
+    got = {k: [prompts_of(e, k, kw) for e in es] for k in ("caption", "name", "alias", "keyword")}
+    assert got["caption"] == [[t] for t, _ in DISCS]
+    assert got["name"] == [["red disc"], ["green disc"], ["blue disc, dark skin tone"],
+                           ["yellow disc"], ["black disc, dark skin tone"]]
+    assert got["alias"] == [["scarlet"], [], ["navy, dark skin tone"], ["lemon"], []]
+    assert got["keyword"] == [["circle", "red"], ["circle", "green"], [],
+                              ["circle", "yellow"], []]
+    with pytest.raises(SdloomError, match="prompts must be one of"):
+        prompts_of(es[0], "shortname")
+    with pytest.raises(SdloomError, match="unicode-cldr-core"):
+        read_cldr_keywords(tmp_path / "missing.xml")
+
+
+def test_evaluate_scores_each_prompt_kind(tmp_path, monkeypatch):
+    """A stand-in generator that draws a chosen data-set image per prompt: the hits, misses,
+    prompt lists and seeds are then known exactly."""
+    import sdloom.pipelines.generate as gen
+    data = tmp_path / "d"
+    data.mkdir()
+    imgs = shapes()
+    rows = []
+    for i, (im, (text, cp)) in enumerate(zip(imgs, DISCS)):
+        im.save(data / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": text, "codepoints": cp, "holdout": i == 4})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "en.xml").write_text(CLDR_XML)
+    draws = {"red disc": 0, "green disc": 2, "blue disc, dark skin tone": 2, "yellow disc": 3,
+             "black disc, dark skin tone": 4, "scarlet": 0, "navy, dark skin tone": 0,
+             "lemon": 3, "circle": 1, "red": 3, "green": 1, "yellow": 3}
+    seeds = []
+
+    def fake_generate(engine, params):
+        seeds.append(params.seed)
+        return gen.GenerationResult(images=[imgs[draws[p]] for p in params.all_prompts],
+                                    **{k: None for k in gen.GenerationResult.__dataclass_fields__
+                                       if k != "images"})
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    kw = dict(batch=3, progress=False, keywords=tmp_path / "en.xml")
+    name = evaluate(None, data, prompts="name", **kw)
+    assert name["train"]["prompts"] == ["red disc", "green disc", "blue disc, dark skin tone",
+                                        "yellow disc"]
+    assert name["train"]["top1"] == 0.75 and name["holdout"]["top1"] == 1.0
+    assert seeds == [0, 3, 0]  # seed + index of the prompt within its split
+    (miss,) = name["train"]["misses"]
+    assert miss["prompt"] == "green disc" and miss["nearest"] == DISCS[2][0]
+    assert miss["distance_own"] > 5 > 0.1 > miss["distance_nearest"]  # it drew image 2 itself
+    alias = evaluate(None, data, prompts="alias", splits=("train",), **kw)
+    assert list(alias) == ["train"] and alias["train"]["emoji"] == 3
+    assert alias["train"]["prompts"] == ["scarlet", "navy, dark skin tone", "lemon"]
+    assert alias["train"]["top1"] == 2 / 3
+    # "circle" names three discs: drawing the green one is a hit; "red" drawn yellow is not
+    words = evaluate(None, data, prompts="keyword", **kw)
+    assert words["train"]["prompts"] == ["circle", "red", "green", "yellow"]
+    assert words["train"]["top1"] == 0.75 and words["train"]["emoji"] == 3
+    assert [m["prompt"] for m in words["train"]["misses"]] == ["red"]
+    assert words["holdout"]["n"] == 0
+    # the default is the training caption, one prompt per emoji
+    seeds.clear()
+    draws.update({t: i for i, (t, _) in enumerate(DISCS)})
+    cap = evaluate(None, data, limit=2, **kw)
+    assert cap["train"]["prompts"] == [DISCS[0][0], DISCS[2][0]]  # evenly spaced
+    assert cap["train"]["top1"] == 1.0 and cap["train"]["nearest"] == [0, 2]
+
+
+def test_eval_cli_flags():
+    import pytest
+
+    from sdloom.cli import build_parser
+    p = build_parser()
+    a = p.parse_args(["eval", "--data", "d"])
+    assert (a.prompts, a.keywords, a.split, a.show_misses) == ("caption", None, "both", 10)
+    a = p.parse_args(["eval", "--data", "d", "--prompts", "keyword", "--keywords", "k.xml",
+                      "--split", "train"])
+    assert (a.prompts, a.keywords, a.split) == ("keyword", "k.xml", "train")
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--data", "d", "--prompts", "shortname"])
