@@ -91,3 +91,32 @@ def test_evicts_least_recent_graph():
             x, t, ctx = _inputs(model, side=side, device="cuda", dtype=torch.float16)
             g(x, t, context=ctx)
     assert len(g.graphs) == 2
+
+
+def test_cpu_compile_matches_eager_and_follows_weight_changes():
+    """--compile on the CPU (inductor with its C++ wrapper, under GraphedModel): the image of
+    the eager engine within one 8-bit level, and weights changed in place after compiling (what
+    a LoRA merge does) reach the compiled model as they reach eager."""
+    import numpy as np
+
+    from sdloom.pipelines.generate import generate
+    from sdloom.pipelines.params import GenerationParams
+    model, _ = _net()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # zero-initialised output layers would hide the U-Net's weights
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    plain, compiled = Engine(model, cuda_graphs=False), Engine(model, compile=True)
+    assert compiled.denoiser.model.fn is not compiled.denoiser.model.model
+    p = GenerationParams(prompt="a red apple", steps=3, seed=1, width=64, height=64)
+
+    def pixels(eng):
+        return np.asarray(generate(eng, p).images[0], dtype=np.int16)
+    before = pixels(plain)
+    assert np.abs(pixels(compiled) - before).max() <= 1
+    with torch.no_grad():
+        model.unet.out[2].weight.mul_(-1.0)
+    after = pixels(plain)
+    assert np.abs(after - before).max() > 10  # the change shows in the image
+    assert np.abs(pixels(compiled) - after).max() <= 1

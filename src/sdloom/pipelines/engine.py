@@ -126,7 +126,9 @@ class Engine:
             self.cuda_graphs = False
         net = self.family.denoiser_model(self.model)
         if self.cuda_graphs or self.compile:
-            net = GraphedModel(net, graphs=self.cuda_graphs, compile=self.compile)
+            cpu = self._device.type == "cpu"  # C++ launches on the CPU (fastpath.py)
+            net = GraphedModel(net, graphs=self.cuda_graphs, compile=self.compile,
+                               compile_options={"cpp_wrapper": True} if cpu else None)
         self.denoiser = self.sampling.denoiser(net)
 
     @classmethod

@@ -20,7 +20,10 @@ function as calling:
 `compile=True` puts `torch.compile` (inductor, dynamic=False) under the same graphs: inductor's
 kernels are fused, the graphs remove their launch cost (what mode="reduce-overhead" does, here
 without its recompilation on every new shape being hidden). Inductor caches its kernels on disk
-($TORCHINDUCTOR_CACHE_DIR), so a second process compiles much faster.
+($TORCHINDUCTOR_CACHE_DIR), so a second process compiles much faster. On the CPU the engine asks
+for inductor's C++ wrapper (`cpp_wrapper`): the compiled U-Net's launches of its kernels then
+run from C++ instead of Python — at the embedded model's tiny ops that per-call cost is most of
+what is left (docs/benchmarks.md, 2026-11-30).
 """
 from __future__ import annotations
 
@@ -94,11 +97,13 @@ class GraphedModel(nn.Module):
     """`model(x, t, **cond)` replayed from one CUDA graph per input signature (module doc)."""
 
     def __init__(self, model: Callable[..., torch.Tensor], *, graphs: bool = True,
-                 compile: bool = False, max_graphs: int = 8):
+                 compile: bool = False, compile_options: dict | None = None,
+                 max_graphs: int = 8):
         super().__init__()
         self.model = model
         self.use_graphs = graphs
-        self.fn = torch.compile(model, dynamic=False) if compile else model
+        self.fn = (torch.compile(model, dynamic=False, options=compile_options) if compile
+                   else model)
         self.max_graphs = max_graphs
         self.graphs: OrderedDict = OrderedDict()
         self.failed = False
