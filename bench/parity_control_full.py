@@ -355,19 +355,11 @@ def _plus_sd(unet, embed_dim=1280, context=768, queries=16, dim=768, depth=4, se
     return _ip_kv(sd, unet, context, g)
 
 
-class _Plain(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, context, y=None):
-        return self.unet(x, t, context, y=y)
-
-
 @torch.no_grad()
 def check_ipa15(args) -> dict:
     from safetensors.torch import save_file
 
+    from sdloom.families.sd import UNetAdapter
     from sdloom.models.ip_adapter import ActiveIPAdapter, IPAdaptedModel, load_ip_adapter
     ref, _, ours, cfg = _unet_pair(SD15_UNET, 400, controlnet=False)
     L = args.ip_latent
@@ -400,8 +392,8 @@ def check_ipa15(args) -> dict:
     cond = adapter.image_proj(embeds).reshape(1, -1, cfg.context_dim)
     uncond = adapter.image_proj(torch.zeros_like(embeds)).reshape(cond.shape)
     log("  plain: ours")
-    m = IPAdaptedModel(_Plain(ours), ours, [ActiveIPAdapter(adapter, cond, uncond, weight=0.7)],
-                       lambda: 0.0, pass_mark=False)
+    unit = ActiveIPAdapter(adapter, cond, uncond, weight=0.7)
+    m = IPAdaptedModel(UNetAdapter(ours), ours, [unit], lambda: 0.0, pass_mark=False)
     got = m(x, t, ctx, cond_mark=mark)
     log("  plain: negative control")
     out["plain"] = {"tokens": cond.shape[1], "unet_err": rel(got, want),
@@ -422,7 +414,7 @@ def check_ipa15(args) -> dict:
     want = ref(x, t, ctx, added_cond_kwargs={"image_embeds": [torch.stack([feats, blank])]}
                ).sample
     log("  plus: ours")
-    m = IPAdaptedModel(_Plain(ours), ours, [ActiveIPAdapter(adapter, tokens[:1], tokens[1:],
+    m = IPAdaptedModel(UNetAdapter(ours), ours, [ActiveIPAdapter(adapter, tokens[:1], tokens[1:],
                                                             weight=1.0)],
                        lambda: 0.0, pass_mark=False)
     got = m(x, t, ctx, cond_mark=mark)

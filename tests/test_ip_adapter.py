@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 import transformers
 
 from sdloom.errors import ModelFileError, SdloomError
+from sdloom.families.sd import UNetAdapter
 from sdloom.models.clip_vision import (CLIPVisionConfig, CLIPVisionModel, load_clip_vision,
                                        preprocess)
 from sdloom.models.ip_adapter import (ActiveIPAdapter, IPAdaptedModel, IPAdapter,
@@ -119,7 +120,7 @@ def test_unet_with_ip_adapter_matches_diffusers(tmp_path):
         def run(model):
             return model(x, t, ctx, cond_mark=torch.tensor([1.0, 0.0]))
 
-        m = IPAdaptedModel(_Plain(ours), ours, [unit], lambda: 0.0, pass_mark=False)
+        m = IPAdaptedModel(UNetAdapter(ours), ours, [unit], lambda: 0.0, pass_mark=False)
         got = run(m)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         without = ours(x, t, ctx)
@@ -129,19 +130,10 @@ def test_unet_with_ip_adapter_matches_diffusers(tmp_path):
         m.attns = {1: m.attns[3], 3: m.attns[1], 5: m.attns[5], 7: m.attns[7]}
         assert (run(m) - want).abs().max() > 1e-3
         # outside its start/end window the adapter does nothing
-        late = IPAdaptedModel(_Plain(ours), ours, [ActiveIPAdapter(adapter, cond, uncond,
+        late = IPAdaptedModel(UNetAdapter(ours), ours, [ActiveIPAdapter(adapter, cond, uncond,
                                                                    0.7, 0.5, 1.0)],
                               lambda: 0.25, pass_mark=False)
         torch.testing.assert_close(run(late), without, atol=0, rtol=0)
-
-
-class _Plain(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, context, y=None):
-        return self.unet(x, t, context, y=y)
 
 
 def _plus_sd(unet, embed_dim: int, context: int, seed=4, queries=6, dim=64, depth=4):
@@ -185,7 +177,7 @@ def test_plus_adapter_matches_diffusers(tmp_path):
         want = ref(x, t, ctx, added_cond_kwargs={
             "image_embeds": [torch.stack([feats, blank])]}).sample  # [B, images, L, E]
         unit = ActiveIPAdapter(adapter, tokens[:1], tokens[1:], weight=1.0)
-        m = IPAdaptedModel(_Plain(ours), ours, [unit], lambda: 0.0, pass_mark=False)
+        m = IPAdaptedModel(UNetAdapter(ours), ours, [unit], lambda: 0.0, pass_mark=False)
         got = m(x, t, ctx, cond_mark=torch.tensor([1.0, 0.0]))
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         # negative control: the latent queries in another order change the result
@@ -220,7 +212,7 @@ def test_full_face_adapter_matches_diffusers(tmp_path):
         want = ref(x, t, ctx, added_cond_kwargs={"image_embeds": [torch.stack([feats, blank])]}
                    ).sample
         unit = ActiveIPAdapter(adapter, tokens[:1], tokens[1:], weight=1.0)
-        got = IPAdaptedModel(_Plain(ours), ours, [unit], lambda: 0.0, pass_mark=False)(
+        got = IPAdaptedModel(UNetAdapter(ours), ours, [unit], lambda: 0.0, pass_mark=False)(
             x, t, ctx, cond_mark=torch.tensor([1.0, 0.0]))
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert (got - ours(x, t, ctx)).abs().max() > 1e-2

@@ -49,6 +49,12 @@ def unb64(s: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(s)))
 
 
+def first_rgb(r) -> bytes:
+    """The RGB bytes of a 200 response's first image."""
+    assert r.status_code == 200, r.text
+    return unb64(r.json()["images"][0]).convert("RGB").tobytes()
+
+
 def test_txt2img_returns_the_pipelines_images_with_infotext(client, server):
     body = {"prompt": "a red apple", "seed": 5, "steps": 3, "width": 64, "height": 64,
             "sampler_name": "Euler", "batch_size": 2, "unknown_client_field": 1}
@@ -249,19 +255,15 @@ def test_a1111_leniency(client, server):
     base = {"prompt": "a red apple", "seed": 5, "steps": 2, "width": 64, "height": 64,
             "sampler_name": "Euler"}
 
-    def pixels(r):
-        assert r.status_code == 200, r.text
-        return unb64(r.json()["images"][0]).convert("RGB").tobytes()
-
-    plain = pixels(client.post(f"{API}/txt2img", json=base))
+    plain = first_rgb(client.post(f"{API}/txt2img", json=base))
     nulls = {**base, "negative_prompt": None, "styles": None, "n_iter": None,
              "override_settings": None, "subseed": None, "eta": None}
-    assert pixels(client.post(f"{API}/txt2img", json=nulls)) == plain
+    assert first_rgb(client.post(f"{API}/txt2img", json=nulls)) == plain
     r = client.post(f"{API}/txt2img", json={**base, "steps": 2.7, "seed": 5.0})
-    assert pixels(r) == plain and json.loads(r.json()["info"])["steps"] == 2
+    assert first_rgb(r) == plain and json.loads(r.json()["info"])["steps"] == 2
     r = client.post(f"{API}/txt2img", json={**base, "sampler_name": "DPM++ 2M Karras"})
     assert json.loads(r.json()["info"])["sampler_name"] == "DPM++ 2M"
-    assert pixels(r) == pixels(client.post(f"{API}/txt2img", json={
+    assert first_rgb(r) == first_rgb(client.post(f"{API}/txt2img", json={
         **base, "sampler_name": "DPM++ 2M", "scheduler": "Karras"}))
     init = Image.new("RGB", (64, 64), (200, 30, 30))
     small = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # RGBA: the alpha is the mask
@@ -271,18 +273,19 @@ def test_a1111_leniency(client, server):
     # A1111: the binary mask (alpha > 128) resized by the resize mode (0: Lanczos) to w×h
     big = small.getchannel("A").point(lambda v: 255 if v > 128 else 0).resize(
         (64, 64), Image.LANCZOS)
-    assert pixels(client.post(f"{API}/img2img", json={**body, "mask": b64(small)})) == pixels(
-        client.post(f"{API}/img2img", json={**body, "mask": b64(big)}))
+    assert (first_rgb(client.post(f"{API}/img2img", json={**body, "mask": b64(small)}))
+            == first_rgb(client.post(f"{API}/img2img", json={**body, "mask": b64(big)})))
     # resize mode 3: an image of the target size gives what mode 0 gives; another size is
     # encoded as it is and its latent scaled, which differs from resizing the pixels
     i2i = {**base, "denoising_strength": 0.6}
-    same = [pixels(client.post(f"{API}/img2img", json={**i2i, "init_images": [b64(init)],
-                                                        "resize_mode": m})) for m in (0, 3)]
+    same = [first_rgb(client.post(f"{API}/img2img", json={**i2i, "init_images": [b64(init)],
+                                                           "resize_mode": m})) for m in (0, 3)]
     assert same[0] == same[1]
     odd = Image.new("RGB", (48, 40), (30, 200, 30))
     odd.paste((0, 0, 255), (0, 0, 24, 20))
-    m0, m3 = [pixels(client.post(f"{API}/img2img", json={**i2i, "init_images": [b64(odd)],
-                                                          "resize_mode": m})) for m in (0, 3)]
+    m0, m3 = [first_rgb(client.post(f"{API}/img2img", json={**i2i, "init_images": [b64(odd)],
+                                                             "resize_mode": m}))
+              for m in (0, 3)]
     assert m0 != m3 and unb64(client.post(f"{API}/img2img", json={
         **i2i, "init_images": [b64(odd)], "resize_mode": 3}).json()["images"][0]).size == (64, 64)
 
@@ -320,24 +323,20 @@ def test_vae_dir_and_sd_vae(models, tmp_path):
     body = {"prompt": "a cat", "seed": 3, "steps": 2, "width": 64, "height": 64,
             "sampler_name": "Euler"}
 
-    def image(r):
-        assert r.status_code == 200, r.text
-        return unb64(r.json()["images"][0]).convert("RGB").tobytes()
-
-    own = image(client.post(f"{API}/txt2img", json=body))
+    own = first_rgb(client.post(f"{API}/txt2img", json=body))
     r = client.post(f"{API}/txt2img", json={**body, "override_settings": {
         "sd_vae": "other.safetensors"}})
     want = generate(Engine.load(models / "tiny.safetensors", device="cpu", precision="fp32",
                                 vae=str(vdir / "other.safetensors")),
                     GenerationParams(**{k: v for k, v in body.items()})).images[0].tobytes()
-    assert image(r) == want != own
+    assert first_rgb(r) == want != own
     info = json.loads(r.json()["info"])
     assert info["sd_vae_name"] == "other.safetensors"
     assert parse_infotext(info["infotexts"][0])["VAE hash"] == model_hash(
         vdir / "other.safetensors")
-    assert image(client.post(f"{API}/txt2img", json=body)) == own  # restored
+    assert first_rgb(client.post(f"{API}/txt2img", json=body)) == own  # restored
     assert client.post(f"{API}/options", json={"sd_vae": "other.safetensors"}).status_code == 200
-    assert image(client.post(f"{API}/txt2img", json=body)) == want
+    assert first_rgb(client.post(f"{API}/txt2img", json=body)) == want
     r = client.post(f"{API}/txt2img", json={**body, "override_settings": {"sd_vae": "nope"}})
     assert r.status_code == 422 and "sd_vae" in r.json()["detail"] and "nope" in r.json()[
         "detail"]
