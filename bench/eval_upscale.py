@@ -1,12 +1,14 @@
-"""The embedded upscaler against Lanczos: held-out emoji made 4× smaller (128² → 512²), then
+"""An embedded upscaler against Lanczos: held-out emoji made 4× smaller (128² → 512²), then
 upscaled 4× back, compared with the 512² targets by PSNR and SSIM. Prints JSON.
 
     PYTHONPATH=src python bench/eval_upscale.py --data data/emoji512svg [--model FILE] [--device auto]
 
-The inputs are what training makes (`low_res_of`: antialiased bicubic, 8-bit levels); the
-model runs as `sdloom upscale` runs it (upscalers.X4_*: DDIM, 20 steps, noise level 20, empty
-prompt, seed 0) on a whole batch; "vae" is the model's VAE round trip of the targets (the
-best a latent upscaler with this VAE can do). PSNR and SSIM are per image on 8-bit RGB in
+The inputs are what training makes (`low_res_of`: antialiased bicubic, 8-bit levels). An
+ESRGAN-family file (the default: the shipped sdloom-emoji-esrgan-x4) runs image by image as
+`sdloom upscale` runs it (upscalers.run_model, tiled as A1111). An SD x4 upscaler runs as
+`sdloom upscale` runs it too (upscalers.X4_*: DDIM, 20 steps, noise level 20, empty prompt,
+seed 0) on a whole batch, and "vae" is its VAE round trip of the targets (the best a latent
+upscaler with this VAE can do). PSNR and SSIM are per image on 8-bit RGB in
 [0, 1], averaged over images. SSIM as Wang et al. 2004: 11×11 Gaussian window, σ = 1.5,
 K1 = 0.01, K2 = 0.03, valid positions only, per channel, averaged.
 """
@@ -81,8 +83,9 @@ def lanczos(low: torch.Tensor, size: int) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/emoji512svg", help="512² targets + metadata.jsonl")
-    ap.add_argument("--model", default=str(upscalers.EMBEDDED_X4[1]),
-                    help="an x4 upscaler file (default: the shipped one)")
+    ap.add_argument("--model", default=str(upscalers.EMBEDDED[0][1]),
+                    help="an ESRGAN-family or SD x4 upscaler file (default: the shipped "
+                         f"{upscalers.EMBEDDED[0][0]})")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--limit", type=int, help="only the first N held-out images")
     ap.add_argument("--batch", type=int, default=16)
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise-level", type=int, default=DEFAULT_NOISE_LEVEL)
     ap.add_argument("--picture", help="also save a PNG of the first 4 images: input "
                     "(nearest), Lanczos, model, target")
+    ap.add_argument("--picture-crop", type=int, default=0, metavar="N",
+                    help="show only the central N×N pixels of each panel, at 1:1 (0: whole)")
     ap.add_argument("--all", action="store_true",
                     help="every image, not only the held-out ones (training images included)")
     a = ap.parse_args(argv)
@@ -104,10 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         print("no images to evaluate", file=sys.stderr)
         return 1
-    model = load_model(a.model, device=dev,
-                       dtype=torch.float16 if dev.type == "cuda" else torch.float32).model.eval()
-    scores: dict[str, dict[str, list[float]]] = {k: {"psnr": [], "ssim": []}
-                                                 for k in ("model", "lanczos", "vae")}
+    if not Path(a.model).is_file():
+        print(f"no upscaler file {a.model}", file=sys.stderr)
+        return 1
+    entry = upscalers.describe(a.model)
+    if entry.ldsr or entry.scale != 4:
+        print(f"{a.model}: not a 4× ESRGAN-family or SD x4 upscaler", file=sys.stderr)
+        return 1
+    if entry.x4:
+        model = load_model(a.model, device=dev, dtype=torch.float16 if dev.type == "cuda"
+                           else torch.float32).model.eval()
+    else:
+        model = upscalers.load(a.model, dev)
+    kinds = ("model", "lanczos", "vae") if entry.x4 else ("model", "lanczos")
+    scores: dict[str, dict[str, list[float]]] = {k: {"psnr": [], "ssim": []} for k in kinds}
     t0 = time.perf_counter()
     secs = 0.0
     shown: list[torch.Tensor] = []
@@ -118,27 +133,36 @@ def main(argv: list[str] | None = None) -> int:
         target = to_unit(hi)
         low = low_res_of(hi)
         t1 = time.perf_counter()
-        up = upscale_image(model, low, steps=a.steps, sampler=upscalers.X4_SAMPLER, seed=0,
-                           noise_level=a.noise_level, tile=upscalers.X4_TILE,
-                           overlap=upscalers.X4_OVERLAP)
+        if entry.x4:
+            up = to_unit(upscale_image(model, low, steps=a.steps, sampler=upscalers.X4_SAMPLER,
+                                       seed=0, noise_level=a.noise_level,
+                                       tile=upscalers.X4_TILE, overlap=upscalers.X4_OVERLAP))
+        else:  # the PNG `sdloom upscale` would write, read back
+            up = torch.stack([upscalers.to_tensor(upscalers.run_model(
+                model, upscalers.to_image(x[None]))).squeeze(0) for x in to_unit(low)])
         secs += time.perf_counter() - t1
-        with torch.no_grad():
-            vae = model.first_stage_model
-            rec = vae.decode(vae.encode(hi.to(dev, model.dtype))[0]).float().cpu()
-        outs = {"model": to_unit(up), "lanczos": lanczos(to_unit(low), size),
-                "vae": to_unit(rec)}
+        outs = {"model": up, "lanczos": lanczos(to_unit(low), size)}
+        if entry.x4:
+            with torch.no_grad():
+                vae = model.first_stage_model
+                rec = vae.decode(vae.encode(hi.to(dev, model.dtype))[0]).float().cpu()
+            outs["vae"] = to_unit(rec)
         for name, x in outs.items():
             scores[name]["psnr"] += psnr(x, target).tolist()
             scores[name]["ssim"] += ssim(x, target).tolist()
         if a.picture and len(shown) < 4:
             near = F.interpolate(to_unit(low), scale_factor=4, mode="nearest")
             row = [near, outs["lanczos"], outs["model"], target]
+            if a.picture_crop:
+                o = (size - a.picture_crop) // 2
+                row = [x[..., o:o + a.picture_crop, o:o + a.picture_crop] for x in row]
             shown += [torch.cat([x[i] for x in row], dim=2) for i in range(len(hi))]
     res = {name: {m: round(float(np.mean(v)), 4) for m, v in s.items()}
            for name, s in scores.items()}
     res.update(images=len(items), held_out=not a.all, size=f"{size // 4} -> {size}",
-               model_file=Path(a.model).name, device=dev.type, steps=a.steps,
-               noise_level=a.noise_level, upscale_s_per_image=round(secs / len(items), 4),
+               model_file=Path(a.model).name, device=dev.type,
+               **({"steps": a.steps, "noise_level": a.noise_level} if entry.x4 else {}),
+               upscale_s_per_image=round(secs / len(items), 4),
                wall_s=round(time.perf_counter() - t0, 1))
     if a.picture:
         grid = torch.cat(shown[:4], dim=1)

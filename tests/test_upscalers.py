@@ -303,9 +303,11 @@ def updir(tmp_path):
 
 def test_registry_names_and_scales(updir):
     entries = upscalers.available(updir)
+    entries = [e for e in entries if e.path is None or e.path.parent == updir]
     assert [e.name for e in entries] == ["None", "Lanczos", "Nearest", "2x-compact", "4x-tiny"]
     assert [e.scale for e in entries[3:]] == [2, 4]
-    assert [e.name for e in upscalers.available(None)] == ["None", "Lanczos", "Nearest"]
+    shipped = [name for name, path in upscalers.EMBEDDED if path.is_file()]
+    assert [e.name for e in upscalers.available(None)] == ["None", "Lanczos", "Nearest", *shipped]
     assert upscalers.find("lanczos", updir).name == "Lanczos"
     with pytest.raises(NotFoundError, match="'nope'.*4x-tiny"):
         upscalers.find("nope", updir)
@@ -400,9 +402,13 @@ def test_upscalers_route_lists_models(client):
     r = client.get(f"{API}/upscalers")
     assert r.status_code == 200
     rows = r.json()
-    assert [x["name"] for x in rows] == ["None", "Lanczos", "Nearest", "2x-compact", "4x-tiny"]
-    assert rows[4] == {"name": "4x-tiny", "model_name": "ESRGAN",
+    assert [x["name"] for x in rows] == ["None", "Lanczos", "Nearest", "sdloom-emoji-esrgan-x4",
+                                         "2x-compact", "4x-tiny"]
+    assert rows[5] == {"name": "4x-tiny", "model_name": "ESRGAN",
                        "model_path": "4x-tiny.safetensors", "model_url": None, "scale": 4}
+    assert rows[3] == {"name": "sdloom-emoji-esrgan-x4", "model_name": "ESRGAN",
+                       "model_path": "sdloom-emoji-esrgan-x4.safetensors", "model_url": None,
+                       "scale": 4}
 
 
 def test_extra_single_image(client, updir):

@@ -103,7 +103,7 @@ def test_trained_file_loads_as_an_x4_upscaler_and_upscales_from_the_cli(trained,
     loaded = load_model(path)
     assert loaded.model.config.family == FAMILY and loaded.model.config.unet == TINY.unet
     # installed as the built-in: listed, found by name, and run by `sdloom upscale`
-    monkeypatch.setattr(upscalers, "EMBEDDED_X4", ("sdloom-emoji-x4", path))
+    monkeypatch.setattr(upscalers, "EMBEDDED", (("sdloom-emoji-x4", path),))
     entry = upscalers.find("sdloom-emoji-x4")
     assert entry.x4 and entry.scale == 4 and entry.path == path
     src = tmp_path / "low.png"
@@ -120,14 +120,14 @@ def test_trained_file_loads_as_an_x4_upscaler_and_upscales_from_the_cli(trained,
 
 def test_registry_lists_the_builtin_only_when_its_file_exists(trained, tmp_path, monkeypatch):
     path, _ = trained
-    monkeypatch.setattr(upscalers, "EMBEDDED_X4", ("sdloom-emoji-x4", tmp_path / "absent"))
+    monkeypatch.setattr(upscalers, "EMBEDDED", (("sdloom-emoji-x4", tmp_path / "absent"),))
     assert [e.name for e in upscalers.available()] == ["None", "Lanczos", "Nearest"]
     with pytest.raises(SdloomError, match="upscaler not found"):
         upscalers.find("sdloom-emoji-x4")
     # until installed, a file of that name in the upscaler folder is listed as any other
     (tmp_path / "sdloom-emoji-x4.safetensors").write_bytes(path.read_bytes())
     assert upscalers.find("sdloom-emoji-x4", tmp_path).path.parent == tmp_path
-    monkeypatch.setattr(upscalers, "EMBEDDED_X4", ("sdloom-emoji-x4", path))
+    monkeypatch.setattr(upscalers, "EMBEDDED", (("sdloom-emoji-x4", path),))
     names = [e.name for e in upscalers.available(tmp_path)]
     assert names == ["None", "Lanczos", "Nearest", "sdloom-emoji-x4"]  # not twice
     assert upscalers.find("sdloom-emoji-x4", tmp_path).path == path
@@ -258,7 +258,7 @@ def test_hires_fix_uses_the_builtin_upscaler(trained, tmp_path, monkeypatch):
     from sdloom.pipelines.params import GenerationParams
     from tiny import TINY_SD1, tiny_model
     path, _ = trained
-    monkeypatch.setattr(upscalers, "EMBEDDED_X4", ("sdloom-emoji-x4", path))
+    monkeypatch.setattr(upscalers, "EMBEDDED", (("sdloom-emoji-x4", path),))
     save_model(tiny_model(), TINY_SD1, tmp_path / "m.safetensors")
     eng = Engine.load(tmp_path / "m.safetensors", device="cpu", precision="fp32")
     seen = []

@@ -1,6 +1,7 @@
 """One registry of image upscalers, named as A1111 names them: "None", "Lanczos", "Nearest",
-sdloom's embedded x4 upscaler "sdloom-emoji-x4" when its file is in assets/
-(docs/embedded-model.md), and every model file in the upscaler folder by its stem:
+sdloom's embedded upscalers whose files are in assets/ (docs/embedded-model.md: the compact
+ESRGAN "sdloom-emoji-esrgan-x4" ships; the latent x4 "sdloom-emoji-x4" is listed once a GPU
+run has trained one), and every model file in the upscaler folder by its stem:
 ESRGAN-family networks
 (models/esrgan.py), SD x4 upscaler checkpoints (families/x4_upscaler.py, told by shapes) and
 LDSR models (families/ldsr.py): a file, or a subfolder named as the entry holding A1111's
@@ -28,9 +29,11 @@ from .errors import LimitError, NotFoundError, SdloomError
 from .models import esrgan
 
 BUILTIN = ("None", "Lanczos", "Nearest")
-# the embedded upscaler, listed when its file exists (it is trained on a GPU, then shipped)
-EMBEDDED_X4 = ("sdloom-emoji-x4",
-               Path(__file__).resolve().parent / "assets" / "sdloom-emoji-x4.safetensors")
+# the embedded upscalers, each listed when its file exists; the kind is told by shapes
+_ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED: tuple[tuple[str, Path], ...] = tuple(
+    (name, _ASSETS / f"{name}.safetensors") for name in ("sdloom-emoji-esrgan-x4",
+                                                          "sdloom-emoji-x4"))
 MAX_PASSES = 3  # A1111 Upscaler.upscale
 TILE, TILE_OVERLAP = 192, 8  # A1111's ESRGAN_tile / ESRGAN_tile_overlap defaults
 # SD x4: tiles of the model's native 128 low-res pixels (512 out); no prompt, diffusers'
@@ -121,14 +124,19 @@ def _scale_of(path: Path) -> tuple[int | None, bool, bool]:
     return _scales[key]
 
 
+def describe(path: str | Path, name: str | None = None) -> Upscaler:
+    """The entry of one model file (or LDSR folder), named `name` (default: its stem); its
+    kind and factor are told by tensor shapes."""
+    path = Path(path)
+    return Upscaler(name or path.stem, path, *_scale_of(path))
+
+
 def available(upscaler_dir: str | Path | None = None) -> list[Upscaler]:
-    """None, Lanczos, Nearest, the embedded x4 upscaler when installed, then the model files
+    """None, Lanczos, Nearest, the embedded upscalers that are installed, then the model files
     of upscaler_dir (.pth/.pt/.safetensors, and .ckpt for SD x4 upscalers; sorted; for one
     stem in several formats, .safetensors wins)."""
     out = [Upscaler(n) for n in BUILTIN]
-    embedded, path = EMBEDDED_X4
-    if path.is_file():
-        out.append(Upscaler(embedded, path, scale=4, x4=True))
+    out += [describe(path, name) for name, path in EMBEDDED if path.is_file()]
     taken = {e.name for e in out}
     d = Path(upscaler_dir) if upscaler_dir else None
     if d is None or not d.is_dir():
@@ -143,7 +151,7 @@ def available(upscaler_dir: str | Path | None = None) -> list[Upscaler]:
                 and p.name not in files and p.name not in taken):
             if (inner := _ldsr_in(p)) is not None:
                 files[p.name] = inner
-    entries = [Upscaler(stem, p, *_scale_of(p)) for stem, p in files.items()]
+    entries = [describe(p, stem) for stem, p in files.items()]
     # a .ckpt is listed only when it is a diffusion upscaler (other .ckpt files are SD
     # models), and a subfolder only when it holds an LDSR model
     return out + [e for e in entries if e.ldsr or (e.path.parent == d and (

@@ -95,13 +95,23 @@ def noise_augment(low: torch.Tensor, noise: torch.Tensor,
     return (sa * low.float() + sb * noise.float()).to(low.dtype)
 
 
-def low_res_of(high: torch.Tensor) -> torch.Tensor:
-    """The 4× smaller image [B,3,h/4,w/4] of images in [-1, 1]: antialiased bicubic, rounded
-    to 8-bit levels as a saved image would be. What the embedded upscaler trains on and is
-    measured with."""
-    low = F.interpolate(high.float(), scale_factor=0.25, mode="bicubic", antialias=True,
+def low_res_of(high: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """The `factor`× smaller image [B,3,h/f,w/f] of images in [-1, 1]: antialiased bicubic,
+    rounded to 8-bit levels as a saved image would be. What the embedded upscalers train on
+    and are measured with."""
+    low = F.interpolate(high.float(), scale_factor=1 / factor, mode="bicubic", antialias=True,
                         align_corners=False)
     return (((low.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1).to(high.dtype)
+
+
+def random_windows(high: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One random size×size window of each image [B, C, H, W] (offsets drawn from `gen`), or
+    the images themselves when size is 0 or their size."""
+    if not size or (high.shape[-2] == size and high.shape[-1] == size):
+        return high
+    ys = torch.randint(0, high.shape[-2] - size + 1, (len(high),), generator=gen).tolist()
+    xs = torch.randint(0, high.shape[-1] - size + 1, (len(high),), generator=gen).tolist()
+    return torch.stack([x[:, y:y + size, x0:x0 + size] for x, y, x0 in zip(high, ys, xs)])
 
 
 class LowResConditioning:
@@ -130,12 +140,7 @@ class LowResConditioning:
 
     def crop(self, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """One random window per image (offsets from `gen`), or the images when crop is 0."""
-        c = self.crop_size
-        if not c or (high.shape[-2] == c and high.shape[-1] == c):
-            return high
-        ys = torch.randint(0, high.shape[-2] - c + 1, (len(high),), generator=gen).tolist()
-        xs = torch.randint(0, high.shape[-1] - c + 1, (len(high),), generator=gen).tolist()
-        return torch.stack([x[:, y:y + c, x0:x0 + c] for x, y, x0 in zip(high, ys, xs)])
+        return random_windows(high, self.crop_size, gen)
 
     def low_res(self, high: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """{"c_concat": the noised low-res images, "y": their noise levels}, to add to what

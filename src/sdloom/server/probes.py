@@ -86,10 +86,12 @@ def probes_router(server, wait) -> APIRouter:
 
     @router.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:
-        """None, Lanczos, Nearest, then upscaler_dir's models with their detected factor
-        (A1111 lists 4 for the built-ins; model_path is the file name, never the folder)."""
+        """None, Lanczos, Nearest, the embedded upscalers, then upscaler_dir's models with
+        their detected factor and kind (A1111 lists 4 for the built-ins; model_path is the
+        file name, never the folder)."""
         from ..upscalers import available
-        return [{"name": u.name, "model_name": "ESRGAN" if u.is_model else None,
+        return [{"name": u.name, "model_name": ("LDSR" if u.ldsr else "SD x4" if u.x4
+                                                else "ESRGAN" if u.is_model else None),
                  "model_path": u.path.name if u.path else None, "model_url": None,
                  "scale": u.scale if u.is_model else 4}
                 for u in available(server.upscaler_dir)]

@@ -1,5 +1,6 @@
 """`sdloom train`: VAE, denoiser (`what=unet`: the U-Net, or SD3's MMDiT), U-Net + text encoder
-jointly (e.g. from scratch), or LoRA.
+jointly (e.g. from scratch), or LoRA; ControlNets (controlnet_train.py) and ESRGAN-family
+upscalers (`what=esrgan`, sr_train.py) too.
 
 Images → frozen VAE → latents (z − shift)·scale; noise at a drawn timestep; the denoiser's
 objective is its family's (objectives.py, chosen once from `Family.model_sampling`): ε/v on the
@@ -437,6 +438,10 @@ def train(cfg: TrainConfig, data_dir: str | Path, output_dir: str | Path, resume
     cfg.validate()
     d, dev = init_distributed(device)
     try:
+        if cfg.what == "esrgan":  # a pixel-space network, not a latent diffusion model
+            from .sr_train import train_upscaler
+            return train_upscaler(cfg, Path(data_dir), Path(output_dir), resume, progress,
+                                  stop_after, d, dev)
         return _train(cfg, Path(data_dir), Path(output_dir), resume, sample_fn, progress,
                       stop_after, d, dev)
     finally:
@@ -454,7 +459,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
         torch.backends.cudnn.allow_tf32 = True
     kw = dict(buckets=cfg.buckets, bucket_step=cfg.bucket_step, random_crop=cfg.random_crop,
               flip=cfg.flip, caption_dropout=cfg.caption_dropout,
-              include_holdout=cfg.include_holdout, caption_templates=cfg.caption_templates)
+              include_holdout=cfg.include_holdout, caption_templates=cfg.caption_templates,
+              caption_variants=cfg.caption_variants)
     ds = (ControlDataset(data, cfg.resolution, preprocessor=cfg.control_preprocessor, **kw)
           if cfg.what == "controlnet" else ImageCaptionDataset(data, cfg.resolution, **kw))
     sampler = BatchSampler(ds.sizes, cfg.batch_size, cfg.seed, d.rank, d.world)

@@ -1,0 +1,210 @@
+"""`sdloom train --what esrgan`: an ESRGAN-family super-resolution network (models/esrgan.py)
+trained on pixels. Each step cuts one random `x4_crop`² window of every training image, makes
+it `scale`× smaller as the x4 upscaler's training does (`low_res_of`: antialiased bicubic,
+8-bit levels) and fits the network's output in [0, 1] to the window: L2 (`rec_loss=l2`, what
+PSNR measures) or L1. There is no autoencoder in the path, so nothing bounds the result but
+the network. The output, `model.safetensors`, is in BasicSR's key layout: the upscaler
+registry, A1111 and Real-ESRGAN's own code all read it. Resumable and DDP-ready as the other
+runs (state.py, distributed.py); data order and crops are functions of the seed and step.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints.save import save_safetensors
+from ..errors import SdloomError
+from ..families.x4_upscaler import low_res_of, random_windows
+from ..io import atomic_write_text
+from ..models import esrgan
+from .config import TrainConfig
+from .data import BatchSampler, ImageCaptionDataset, micro_batches
+from .distributed import Dist, checksum, wrap_ddp
+from .ema import EMA
+from .state import claim_output, clean_leftovers, load_state, publish_state
+
+# the embedded upscaler (docs/embedded-model.md): Real-ESRGAN's compact net at 48 features and
+# 12 body convs, 0.27 M parameters
+PRESETS: dict[str, esrgan.Config] = {
+    "emoji-esrgan-x4": esrgan.CompactConfig(nf=48, num_conv=12, scale=4),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_network(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """A fresh seeded network of a preset, or an upscaler file to fine-tune; trainable."""
+    if cfg.model in PRESETS:
+        torch.manual_seed(cfg.seed)
+        net = esrgan.build(PRESETS[cfg.model])
+    elif Path(cfg.model).is_file():
+        net = esrgan.load_upscaler(cfg.model)
+    else:
+        raise SdloomError(f"what=esrgan: model {cfg.model!r} is neither an upscaler preset "
+                          f"({', '.join(sorted(PRESETS))}) nor an ESRGAN-family file")
+    return net.to(device).train().requires_grad_(True)
+
+
+def check_sizes(cfg: TrainConfig, scale: int) -> int:
+    """The high-res window side (x4_crop, or the whole image); it must divide by the factor."""
+    crop = cfg.x4_crop or cfg.resolution
+    if crop % scale:
+        raise SdloomError(f"x4_crop (or resolution) must be a multiple of the network's "
+                          f"factor {scale}, not {crop}")
+    return crop
+
+
+def reconstruction(cfg: TrainConfig, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (F.mse_loss if cfg.rec_loss == "l2" else F.l1_loss)(out.float(), target.float())
+
+
+def train_upscaler(cfg: TrainConfig, data: Path, out: Path, resume: bool, progress: bool,
+                   stop_after: int | None, d: Dist, device: torch.device) -> dict:
+    """The loop of train.train for what=esrgan; returns the same dict."""
+    from .train import Logger, _no_sync, lr_factor
+    out.mkdir(parents=True, exist_ok=True)
+    state = claim_output(out, cfg, resume)
+    if d.main:
+        clean_leftovers(out)
+    net = build_network(cfg, device)
+    scale = net.config.scale
+    crop = check_sizes(cfg, scale)
+    ds = ImageCaptionDataset(data, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip,
+                             include_holdout=cfg.include_holdout)
+    sampler = BatchSampler(ds.sizes, cfg.batch_size, cfg.seed, d.rank, d.world)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=tuple(cfg.adam_betas),
+                            **({"fused": True} if device.type == "cuda" else {}))
+    ema = EMA(net, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)  # crop offsets
+    step = 0
+    if state is not None:
+        step = _load(state, cfg, net, opt, ema, scaler, gen, d)
+    module = wrap_ddp(net, d, device)
+    batches = micro_batches(ds, sampler, step * cfg.grad_accum, None, cfg.num_workers,
+                            pin=device.type == "cuda")
+    if d.main:
+        atomic_write_text(out / "config.json", cfg.to_json())
+    logger = Logger(out, d.main, step)
+    bar = None
+    if progress and d.main:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
+                   desc="train esrgan")
+    losses: list[float] = []
+    window: list[torch.Tensor] = []
+    t0, seen, start = time.perf_counter(), 0, step
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    while step < end:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(cfg, step)
+        total = torch.zeros((), device=device)
+        for k in range(cfg.grad_accum):
+            b = next(batches)
+            high = random_windows(b["pixels"], crop, gen).to(device, non_blocking=True)
+            low = (low_res_of(high, scale) + 1) / 2
+            # DDP all-reduces gradients on the last micro-batch only
+            with _no_sync(module, k == cfg.grad_accum - 1):
+                with torch.autocast(device.type, dtype=amp or torch.float32,
+                                    enabled=amp is not None):
+                    loss = reconstruction(cfg, module(low), (high + 1) / 2)
+                part = loss / cfg.grad_accum
+                (scaler.scale(part) if scaler else part).backward()
+            total += loss.detach() / cfg.grad_accum
+            seen += len(high) * d.world
+        if scaler:
+            scaler.unscale_(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip or float("inf"))
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(net)
+        step += 1
+        window.append(total)
+        if step % cfg.log_every == 0 or step == end:
+            vals = d.mean(torch.stack(window)).tolist()
+            window.clear()
+            if not all(math.isfinite(v) for v in vals):
+                raise SdloomError(f"the loss is not finite at step {step}: lower the learning "
+                                  "rate, or use bf16 rather than fp16")
+            losses += vals
+            lr = opt.param_groups[0]["lr"]
+            logger.log(step, loss=sum(vals) / len(vals), lr=lr, grad_norm=float(gnorm),
+                       images_per_s=seen / (time.perf_counter() - t0))
+            if bar is not None:
+                bar.set_postfix(loss=f"{vals[-1]:.5f}", lr=f"{lr:.2e}")
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.save_every == 0 or step == end:
+            _save(out, cfg, net, opt, ema, scaler, gen, step, d)
+    if bar is not None:
+        bar.close()
+    logger.close()
+    if d.enabled:
+        sums = d.gather(checksum(net))
+        if len(set(sums)) != 1:
+            raise SdloomError(f"distributed ranks diverged: {sums}")
+    elapsed = time.perf_counter() - t0
+    return {"losses": losses, "step": step, "model": net,
+            "images_per_s": seen / elapsed if step > start else 0.0}
+
+
+def _save(out: Path, cfg: TrainConfig, net: nn.Module, opt, ema: EMA | None, scaler,
+          gen: torch.Generator, step: int, d: Dist) -> None:
+    """model.safetensors (the EMA weights when EMA is on, BasicSR keys) atomically, then the
+    training state."""
+    rng = {"data": gen.get_state(), "torch": torch.get_rng_state()}
+    rngs = d.gather(rng)
+    if not d.main:
+        return
+    meta = {"sdloom_step": str(step), "sdloom_train": cfg.to_json()}
+    backup = ema.copy_to(net) if ema is not None else None
+    try:
+        save_safetensors({k: v.to(DTYPES[cfg.save_dtype]) for k, v in net.state_dict().items()},
+                         out / "model.safetensors", meta)
+    finally:
+        if backup is not None:
+            ema.restore(net, backup)
+    st = {"step": step, "world": d.world, "optimizer": opt.state_dict(), "rng": rngs}
+    if ema is not None:
+        st["ema"] = ema.state_dict()
+    if scaler is not None:
+        st["scaler"] = scaler.state_dict()
+    publish_state(out, step, dict(net.named_parameters()), st, cfg)
+
+
+def _load(state: Path, cfg: TrainConfig, net: nn.Module, opt, ema: EMA | None, scaler,
+          gen: torch.Generator, d: Dist) -> int:
+    raw, st = load_state(state, cfg)
+    own = dict(net.named_parameters())
+    if raw.keys() != own.keys() or any(raw[k].shape != p.shape for k, p in own.items()):
+        raise SdloomError("--resume: the saved network does not match this run's model")
+    if (ema is not None) != ("ema" in st):
+        raise SdloomError(f"--resume: {state} was saved {'with' if 'ema' in st else 'without'} "
+                          "EMA; ema_decay cannot be turned on or off in a resumed run")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(raw[k])
+    opt.load_state_dict(st["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(st["ema"])
+    if scaler is not None and "scaler" in st:
+        scaler.load_state_dict(st["scaler"])
+    if st["world"] != d.world:
+        print(f"sdloom: resuming a {st['world']}-process run on {d.world}: data order "
+              "differs from the uninterrupted run", file=sys.stderr)
+    rng = st["rng"][d.rank % len(st["rng"])]
+    gen.set_state(rng["data"])
+    torch.set_rng_state(rng["torch"])
+    return int(st["step"])
