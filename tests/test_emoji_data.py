@@ -162,7 +162,11 @@ def test_build_small(tmp_path):
     assert by_text["grinning face"]["codepoints"] == "1F600"
     assert "thumbs up, medium skin tone" in by_text
     assert [r["file_name"] for r in rows] == [f"{i:05d}.png" for i in range(len(rows))]
-    assert all(set(r) == {"file_name", "text", "codepoints", "holdout"} for r in rows)
+    assert all(set(r) == {"file_name", "text", "codepoints", "holdout", "variants"}
+               for r in rows)
+    # what `sdloom eval --prompts name|alias` prompts with, the caption itself left out
+    assert by_text["keycap #, hash"]["variants"] == ["keycap #", "hash"]
+    assert by_text["grinning face"]["variants"] == []  # no alias; keywords not asked for
     pictures, corners_checked = set(), 0
     for r in rows:
         with Image.open(out / r["file_name"]) as im:
@@ -181,6 +185,17 @@ def test_build_small(tmp_path):
     assert held == [r for r in rows if r["holdout"]]
     info = json.loads((out / "build.json").read_text())
     assert info["size"] == 64 and info["font_pixel_size"] == 109
+
+
+def test_caption_variants_with_keywords(tmp_path):
+    from sdloom.training.emoji_data import caption_variants
+    kw = {"1F34E": ["apple", "fruit", "red apple"], "1F44D": ["+1", "thumbs up"]}
+    assert caption_variants("red apple", "1F34E", kw) == ["apple", "fruit"]
+    assert caption_variants("thumbs up, thumbs", "1F44D", kw) == ["thumbs up", "thumbs", "+1"]
+    # toned forms: CLDR has no entry for the sequence, tones stay on name and alias
+    assert caption_variants("thumbs up, thumbs, dark skin tone", "1F44D 1F3FF", kw) == [
+        "thumbs up, dark skin tone", "thumbs, dark skin tone"]
+    assert caption_variants("red apple", "1F34E") == []
 
 
 @needs_font

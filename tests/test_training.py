@@ -140,6 +140,37 @@ def test_caption_templates(tmp_path, data):
         TrainConfig().override({"caption_templates": "a photo"}).validate()
 
 
+def test_caption_variants(tmp_path, data):
+    root = tmp_path / "v"
+    root.mkdir()
+    rows = [json.loads(x) for x in (data / "metadata.jsonl").read_text().splitlines()]
+    for r in rows:
+        (root / r["file_name"]).write_bytes((data / r["file_name"]).read_bytes())
+    rows[1]["variants"] = ["one", "two", "three"]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = ImageCaptionDataset(root, 32, caption_dropout=0.2, flip=True)
+    ds = ImageCaptionDataset(root, 32, caption_dropout=0.2, flip=True, caption_variants=True)
+    text = ds.items[1].text
+    caps = [ds.caption(1, ds.augment(s)) for s in range(1200)]
+    counts = {c: caps.count(c) for c in set(caps)}
+    assert set(counts) == {"", text, "one", "two", "three"}
+    kept = 1200 - counts[""]
+    assert 0.42 < counts[text] / kept < 0.58  # half keep the caption
+    assert all(0.1 < counts[v] / kept < 0.23 for v in ("one", "two", "three"))
+    # the variant is drawn after the others: flips and dropout are unchanged; rows without
+    # variants keep their caption; without the option the column is ignored
+    assert [(plain.augment(s).flip, plain.caption(1, plain.augment(s)) == "")
+            for s in range(300)] == [(ds.augment(s).flip, c == "") for s, c in
+                                     zip(range(300), caps)]
+    assert {ds.caption(0, ds.augment(s)) for s in range(100)} == {"", ds.items[0].text}
+    assert {plain.caption(1, plain.augment(s)) for s in range(100)} == {"", text}
+    assert ds.caption(1) == text
+    rows[1]["variants"] = "one"
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SdloomError, match="variants must be a list"):
+        ImageCaptionDataset(root, 32)
+
+
 def test_buckets_batches_shards_and_resume_positions(tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import SdloomError
 
-WHAT = ("vae", "unet", "full", "lora", "controlnet", "x4")
+WHAT = ("vae", "unet", "full", "lora", "controlnet", "x4", "esrgan")
 CHOICES: dict[str, tuple[str, ...]] = {
     "what": WHAT, "precision": ("fp32", "bf16", "fp16"),
     "schedule": ("constant", "cosine", "linear"), "prediction": ("eps", "v"),
@@ -42,6 +42,7 @@ class TrainConfig:
     min_snr_gamma: float = 0.0
     caption_dropout: float = 0.1
     caption_templates: tuple[str, ...] = ()
+    caption_variants: bool = False
     flip: bool = False
     random_crop: bool = False
     buckets: bool = False
@@ -160,7 +161,8 @@ HELP: dict[str, str] = {
     "what": "vae | unet (the denoiser: the U-Net, or SD3's MMDiT with its text encoders "
             "frozen) | full (U-Net + text encoder jointly, e.g. from scratch) | lora | "
             "controlnet (a ControlNet for the frozen model, training/controlnet_train.py) | "
-            "x4 (an SD x4 upscaler's U-Net on its images made 4× smaller, noise-augmented)",
+            "x4 (an SD x4 upscaler's U-Net on its images made 4× smaller, noise-augmented) | "
+            "esrgan (an ESRGAN-family network on pixels, training/sr_train.py)",
     "model": "a model preset name (fresh random weights) or a checkpoint to start from; "
              "what=controlnet: the frozen base model (`embedded`: the shipped model file)",
     "vae_from": "take the (frozen) VAE from this checkpoint, e.g. a `what=vae` run's output",
@@ -187,12 +189,15 @@ HELP: dict[str, str] = {
     "caption_dropout": "probability of an empty caption (for classifier-free guidance)",
     "caption_templates": "templates the caption is put into, one drawn per sample, `{}` = the "
                          "caption (e.g. '{}|a {}|the {}'); none = captions as written",
+    "caption_variants": "draw half the captions from metadata.jsonl's `variants` column (other "
+                        "names of the image, e.g. the emoji builder's short names, aliases and "
+                        "CLDR keywords), uniformly",
     "flip": "random horizontal flips",
     "random_crop": "random instead of centred crops",
     "buckets": "aspect-ratio buckets of about resolution² pixels",
     "bucket_step": "bucket sides are multiples of this",
     "cache_latents": "encode every image once with the frozen VAE before training",
-    "rec_loss": "VAE reconstruction loss: l1 | l2",
+    "rec_loss": "reconstruction loss of what=vae and what=esrgan: l1 | l2",
     "kl_weight": "VAE KL weight, relative to the summed reconstruction error as in LDM",
     "adv_weight": "VAE patch-discriminator (hinge) weight; 0 = off",
     "adv_start": "step at which the VAE discriminator starts",
@@ -210,7 +215,7 @@ HELP: dict[str, str] = {
                             "image with this preprocessor (canny at the extension's 100/200 "
                             "thresholds, invert, threshold); unset: metadata.jsonl's "
                             "conditioning_file_name column",
-    "x4_crop": "what=x4: train on a random square crop of this many pixels of each image "
+    "x4_crop": "what=x4 and esrgan: train on a random square crop of this many pixels of each image "
                "(0 = the whole image); the low-res input is made from the crop",
     "save_every": "write model + training state every N steps (and at the end)",
     "save_dtype": "dtype of model.safetensors: fp32 | fp16 | bf16",
@@ -222,6 +227,9 @@ HELP: dict[str, str] = {
     "include_holdout": "also train on metadata.jsonl rows marked holdout",
     "num_workers": "DataLoader worker processes for image loading",
 }
+
+# captions in everyday phrasing (the embedded model's stage 3)
+PHRASING = ("{}", "{}", "a {}", "an {}", "the {}", "{} emoji", "an emoji of {}")
 
 PRESETS: dict[str, dict] = {
     # the embedded emoji model on one GPU (docs/embedded-model.md), stage 1: the VAE
@@ -239,8 +247,15 @@ PRESETS: dict[str, dict] = {
                            steps=1000, ema_decay=0.999, prediction="v", min_snr_gamma=5.0,
                            caption_dropout=0.1, cache_latents=True, precision="bf16",
                            save_every=1000, save_dtype="fp16",
-                           caption_templates=("{}", "{}", "a {}", "an {}", "the {}",
-                                              "{} emoji", "an emoji of {}")),
+                           caption_templates=PHRASING),
+    # stage 4 (ran on a 2-core CPU, ~40 min): stage 3's model (the shipped file) fine-tuned on
+    # caption variants, so that a short name, an alias or a CLDR keyword alone names its
+    # emoji; the data set built with --keywords (emoji_data: the `variants` column)
+    "emoji-variants": dict(what="full", resolution=128, batch_size=64, lr=1e-4, warmup=50,
+                           steps=2000, ema_decay=0.999, prediction="v", min_snr_gamma=5.0,
+                           caption_dropout=0.1, cache_latents=True, precision="bf16",
+                           save_every=250, save_dtype="fp16", caption_templates=PHRASING,
+                           caption_variants=True),
     # fine-tuning an SD1.x/SD2.x checkpoint (set model=PATH) on one large GPU
     "sd-finetune": dict(what="unet", resolution=512, batch_size=4, lr=1e-5, warmup=500,
                         schedule="constant", steps=10000, precision="bf16",
@@ -258,6 +273,12 @@ PRESETS: dict[str, dict] = {
                      warmup=100, steps=1500, ema_decay=0.995, prediction="v",
                      min_snr_gamma=5.0, caption_dropout=1.0, cache_latents=False, flip=True,
                      precision="bf16", num_workers=6, save_every=1000, save_dtype="fp16"),
+    # the shipped embedded upscaler sdloom-emoji-esrgan-x4 (docs/embedded-model.md): the
+    # compact ESRGAN net on random 128² windows of the 512² renders (32² inputs), L2
+    "emoji-esrgan-x4": dict(what="esrgan", model="emoji-esrgan-x4", resolution=512,
+                            x4_crop=128, batch_size=16, lr=5e-4, warmup=100, steps=12000,
+                            rec_loss="l2", flip=True, ema_decay=0.999, precision="bf16",
+                            grad_clip=1.0, save_every=2000, save_dtype="fp16"),
     "lora": dict(what="lora", lr=1e-4, warmup=0, schedule="constant", steps=1000, lora_rank=8,
                  lora_alpha=8.0, caption_dropout=0.05),
     # the shipped canny ControlNet for the embedded model (docs/embedded-model.md): 97 s on

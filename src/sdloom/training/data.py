@@ -31,6 +31,7 @@ class Item:
     text: str
     row: int = -1  # line in metadata.jsonl = index into images.npy; -1 for .txt folders
     size: tuple[int, int] = (0, 0)
+    variants: tuple[str, ...] = ()  # metadata.jsonl's "variants": other captions of the image
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Augment:
     crop: tuple[float, float]  # where the crop window sits in the free room, 0…1 each way
     drop_caption: bool
     template: int = 0  # index into the data set's caption templates
+    variant: float = 0.0  # < 0.5: the caption; else it picks one of the image's variants
 
 
 def read_items(root: str | Path, include_holdout: bool = False) -> list[Item]:
@@ -57,7 +59,11 @@ def read_items(root: str | Path, include_holdout: bool = False) -> list[Item]:
                 r = json.loads(line)
                 if r.get("holdout") and not include_holdout:
                     continue
-                items.append(Item(root / r["file_name"], str(r.get("text", "")), n))
+                variants = r.get("variants") or []
+                if not isinstance(variants, list):
+                    raise TypeError("variants must be a list of captions")
+                items.append(Item(root / r["file_name"], str(r.get("text", "")), n,
+                                  variants=tuple(str(v) for v in variants)))
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise SdloomError(f"{meta}: row {n + 1}: bad row ({e})") from None
     else:
@@ -141,9 +147,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, resolution: int, *, buckets: bool = False,
                  bucket_step: int = 64, random_crop: bool = False, flip: bool = False,
                  caption_dropout: float = 0.0, include_holdout: bool = False,
-                 keep_in_memory: bool | None = None, caption_templates: tuple[str, ...] = ()):
+                 keep_in_memory: bool | None = None, caption_templates: tuple[str, ...] = (),
+                 caption_variants: bool = False):
         self.root = Path(root)
         self.templates = tuple(caption_templates)
+        self.variants = caption_variants
         self.items = read_items(self.root, include_holdout)
         self.random_crop, self.flip, self.caption_dropout = random_crop, flip, caption_dropout
         self.npy = npy_cache(self.root) if self.items[0].row >= 0 else None
@@ -195,7 +203,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return Augment(self.flip and flip < 0.5,
                        (cx, cy) if self.random_crop else (0.5, 0.5),
                        drop < self.caption_dropout,
-                       int(tpl * len(self.templates)) if self.templates else 0)
+                       int(tpl * len(self.templates)) if self.templates else 0,
+                       r.random() if self.variants else 0)
 
     def image(self, i: int, aug: Augment | None = None) -> torch.Tensor:
         """[3, H, W] float in [-1, 1]."""
@@ -208,11 +217,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return x.float() / 127.5 - 1.0
 
     def caption(self, i: int, aug: Augment | None = None) -> str:
-        """The caption, empty when dropped, put into a template (`"a {}"`) when the set has
-        templates (the sample's draw picks one; no augmentation: the plain caption)."""
+        """The caption (or, with caption_variants, one of the row's variants), empty when
+        dropped, put into a template (`"a {}"`) when the set has templates (the sample's draw
+        picks one; no augmentation: the plain caption)."""
         if aug is not None and aug.drop_caption:
             return ""
-        text = self.items[i].text
+        it = self.items[i]
+        text = it.text
+        if aug is not None and self.variants and it.variants and aug.variant >= 0.5:
+            # caption_variants: half the draws keep the caption, half take a variant uniformly
+            text = it.variants[min(int((aug.variant - 0.5) * 2 * len(it.variants)),
+                                   len(it.variants) - 1)]
         if aug is None or not self.templates:
             return text
         return self.templates[aug.template].replace("{}", text)

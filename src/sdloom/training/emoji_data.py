@@ -286,10 +286,24 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
+def caption_variants(text: str, codepoints: str,
+                     keywords: dict[str, list[str]] | None = None) -> list[str]:
+    """Other prompts that name the emoji captioned `text`, as `sdloom eval --prompts` makes
+    them (eval/adherence.prompts_of): the short name alone, each alias alone (both with the
+    tones of a toned form) and its CLDR keywords; the caption itself excluded."""
+    from ..eval.adherence import Entry, prompts_of
+    e = Entry(Path(), text, False, codepoints)
+    out = [p for kind in ("name", "alias", "keyword") for p in prompts_of(e, kind, keywords)]
+    return [p for p in dict.fromkeys(out) if p != text]
+
+
 def build_emoji_dataset(out_dir: Path, size: int = 128, font: Path | None = None,
                         holdout: bool = True, *, only: list[str] | None = None,
-                        limit: int | None = None) -> dict:
-    """Render the emoji data set into out_dir (replaced as a whole); returns the counts."""
+                        limit: int | None = None, keywords: Path | None = None) -> dict:
+    """Render the emoji data set into out_dir (replaced as a whole); returns the counts.
+    Every row gets a `variants` column (caption_variants; with CLDR keywords from the
+    annotations file `keywords` when given), which training draws from with
+    caption_variants=true."""
     if size < 8:
         raise SdloomError(f"image size must be at least 8, got {size}")
     out_dir, font = Path(out_dir).resolve(), Path(font) if font is not None else DEFAULT_FONT
@@ -335,6 +349,10 @@ def build_emoji_dataset(out_dir: Path, size: int = 128, font: Path | None = None
     skipped.sort(key=lambda r: [int(c, 16) for c in r["codepoints"].split()])
 
     held = select_holdout(x for x, _ in kept) if holdout else set()
+    kw = None
+    if keywords is not None:
+        from ..eval.adherence import read_cldr_keywords
+        kw = read_cldr_keywords(keywords)
     tmp = _fresh_sibling(out_dir)
     try:
         rows = []
@@ -342,7 +360,8 @@ def build_emoji_dataset(out_dir: Path, size: int = 128, font: Path | None = None
             name = f"{i:05d}.png"
             img.save(tmp / name, format="PNG")
             rows.append({"file_name": name, "text": x.text, "codepoints": x.codepoints,
-                         "holdout": x.emoji in held})
+                         "holdout": x.emoji in held,
+                         "variants": caption_variants(x.text, x.codepoints, kw)})
         (tmp / "metadata.jsonl").write_text(_jsonl(rows), encoding="utf-8")
         (tmp / "holdout.jsonl").write_text(_jsonl([r for r in rows if r["holdout"]]),
                                            encoding="utf-8")
@@ -356,7 +375,9 @@ def build_emoji_dataset(out_dir: Path, size: int = 128, font: Path | None = None
         info = {"size": size, "font": font.name,
                 "font_sha256": hashlib.sha256(font.read_bytes()).hexdigest(),
                 "font_pixel_size": FONT_PIXEL_SIZE, "emoji_package": emoji_pkg.__version__,
-                "pillow": PIL.__version__, "stats": stats, "skipped": skipped}
+                "pillow": PIL.__version__, "stats": stats, "skipped": skipped,
+                "keywords": ({"file": Path(keywords).name, "sha256": hashlib.sha256(
+                    Path(keywords).read_bytes()).hexdigest()} if keywords else None)}
         (tmp / "build.json").write_text(json.dumps(info, ensure_ascii=False, indent=1) + "\n",
                                         encoding="utf-8")
         _swap_in(tmp, out_dir)
@@ -375,10 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--font", type=Path, help=f"font file (default {DEFAULT_FONT})")
     ap.add_argument("--no-holdout", action="store_true", help="train on every emoji")
     ap.add_argument("--limit", type=int, help="only the first N emoji (for quick checks)")
+    ap.add_argument("--keywords", type=Path, metavar="EN_XML",
+                    help="CLDR annotations (Debian unicode-cldr-core: /usr/share/unicode/cldr/"
+                         "common/annotations/en.xml): keywords join each row's variants")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        s = build_emoji_dataset(a.out_dir, a.size, a.font, not a.no_holdout, limit=a.limit)
+        s = build_emoji_dataset(a.out_dir, a.size, a.font, not a.no_holdout, limit=a.limit,
+                                keywords=a.keywords)
     except SdloomError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
