@@ -17,21 +17,27 @@ from test_training import make_shapes
 from tiny import TINY_SD1, tiny_model
 
 
+def torchrun_train(data: Path, out: Path, *args: str) -> None:
+    """`python -m sdloom.training.train` under torchrun, 2 CPU processes (gloo), one thread
+    each, logging every step; fails the test with its stderr if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sdloom.training.train", "--data", str(data), "--output", str(out), *args,
+           "--device", "cpu", "--no-progress", "--set", "log_every=1"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
 def test_torchrun_two_processes_gloo(tmp_path):
     data = make_shapes(tmp_path / "data")
     init = tmp_path / "init.safetensors"
     save_model(tiny_model(), TINY_SD1, init)
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                          os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sdloom.training.train", "--data", str(data), "--output", str(out),
-           "--model", str(init), "--what", "full", "--resolution", "32", "--batch-size", "2",
-           "--grad-accum", "2", "--steps", "4", "--warmup", "1", "--lr", "1e-3", "--flip",
-           "--device", "cpu", "--no-progress", "--set", "log_every=1"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-4000:]
+    torchrun_train(data, out, "--model", str(init), "--what", "full", "--resolution", "32",
+                   "--batch-size", "2", "--grad-accum", "2", "--steps", "4", "--warmup", "1",
+                   "--lr", "1e-3", "--flip")
     sums = json.loads((out / "rank_checksums.json").read_text())
     assert len(sums) == 2 and sums[0] == sums[1]
     # the saved file is rank 0's final weights: U-Net and text encoder trained, VAE frozen
@@ -59,16 +65,9 @@ def test_torchrun_two_processes_gloo_esrgan(tmp_path):
     init = tmp_path / "init.safetensors"
     save_file(esrgan.build(esrgan.CompactConfig(nf=8, num_conv=1)).state_dict(), str(init))
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                          os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sdloom.training.train", "--data", str(data), "--output", str(out),
-           "--model", str(init), "--what", "esrgan", "--resolution", "32", "--x4-crop", "16",
-           "--batch-size", "2", "--grad-accum", "2", "--steps", "3", "--warmup", "0",
-           "--device", "cpu", "--no-progress", "--set", "log_every=1"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-4000:]
+    torchrun_train(data, out, "--model", str(init), "--what", "esrgan", "--resolution", "32",
+                   "--x4-crop", "16", "--batch-size", "2", "--grad-accum", "2", "--steps", "3",
+                   "--warmup", "0")
     saved, before = load_file(str(out / "model.safetensors")), load_file(str(init))
     assert saved.keys() == before.keys()
     assert not torch.equal(saved["body.0.weight"], before["body.0.weight"])

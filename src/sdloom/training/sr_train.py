@@ -9,8 +9,6 @@ runs (state.py, distributed.py); data order and crops are functions of the seed 
 """
 from __future__ import annotations
 
-import math
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +25,9 @@ from .config import TrainConfig
 from .data import BatchSampler, ImageCaptionDataset, micro_batches
 from .distributed import Dist, checksum, wrap_ddp
 from .ema import EMA
-from .state import claim_output, clean_leftovers, load_state, publish_state
+from .state import claim_output, clean_leftovers, publish_state
+from .train import (Logger, _no_sync, gather_rng, load_checkpoint, lr_factor, optimizer_step,
+                    trainer_state, window_losses)
 
 # the embedded upscaler (docs/embedded-model.md): Real-ESRGAN's compact net at 48 features and
 # 12 body convs, 0.27 M parameters
@@ -66,7 +66,6 @@ def reconstruction(cfg: TrainConfig, out: torch.Tensor, target: torch.Tensor) ->
 def train_upscaler(cfg: TrainConfig, data: Path, out: Path, resume: bool, progress: bool,
                    stop_after: int | None, d: Dist, device: torch.device) -> dict:
     """The loop of train.train for what=esrgan; returns the same dict."""
-    from .train import Logger, _no_sync, lr_factor
     out.mkdir(parents=True, exist_ok=True)
     state = claim_output(out, cfg, resume)
     if d.main:
@@ -86,7 +85,7 @@ def train_upscaler(cfg: TrainConfig, data: Path, out: Path, resume: bool, progre
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)  # crop offsets
     step = 0
     if state is not None:
-        step = _load(state, cfg, net, opt, ema, scaler, gen, d)
+        step = load_checkpoint(state, cfg, net, opt, ema, scaler, None, None, gen, d)
     module = wrap_ddp(net, d, device)
     batches = micro_batches(ds, sampler, step * cfg.grad_accum, None, cfg.num_workers,
                             pin=device.type == "cuda")
@@ -119,25 +118,13 @@ def train_upscaler(cfg: TrainConfig, data: Path, out: Path, resume: bool, progre
                 (scaler.scale(part) if scaler else part).backward()
             total += loss.detach() / cfg.grad_accum
             seen += len(high) * d.world
-        if scaler:
-            scaler.unscale_(opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip or float("inf"))
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        gnorm = optimizer_step((opt,), list(net.parameters()), scaler, cfg.grad_clip)
         if ema is not None:
             ema.update(net)
         step += 1
         window.append(total)
         if step % cfg.log_every == 0 or step == end:
-            vals = d.mean(torch.stack(window)).tolist()
-            window.clear()
-            if not all(math.isfinite(v) for v in vals):
-                raise SdloomError(f"the loss is not finite at step {step}: lower the learning "
-                                  "rate, or use bf16 rather than fp16")
+            vals = window_losses(window, d, step)
             losses += vals
             lr = opt.param_groups[0]["lr"]
             logger.log(step, loss=sum(vals) / len(vals), lr=lr, grad_norm=float(gnorm),
@@ -164,8 +151,7 @@ def _save(out: Path, cfg: TrainConfig, net: nn.Module, opt, ema: EMA | None, sca
           gen: torch.Generator, step: int, d: Dist) -> None:
     """model.safetensors (the EMA weights when EMA is on, BasicSR keys) atomically, then the
     training state."""
-    rng = {"data": gen.get_state(), "torch": torch.get_rng_state()}
-    rngs = d.gather(rng)
+    rngs = gather_rng(gen, d)
     if not d.main:
         return
     meta = {"sdloom_step": str(step), "sdloom_train": cfg.to_json()}
@@ -176,35 +162,5 @@ def _save(out: Path, cfg: TrainConfig, net: nn.Module, opt, ema: EMA | None, sca
     finally:
         if backup is not None:
             ema.restore(net, backup)
-    st = {"step": step, "world": d.world, "optimizer": opt.state_dict(), "rng": rngs}
-    if ema is not None:
-        st["ema"] = ema.state_dict()
-    if scaler is not None:
-        st["scaler"] = scaler.state_dict()
-    publish_state(out, step, dict(net.named_parameters()), st, cfg)
-
-
-def _load(state: Path, cfg: TrainConfig, net: nn.Module, opt, ema: EMA | None, scaler,
-          gen: torch.Generator, d: Dist) -> int:
-    raw, st = load_state(state, cfg)
-    own = dict(net.named_parameters())
-    if raw.keys() != own.keys() or any(raw[k].shape != p.shape for k, p in own.items()):
-        raise SdloomError("--resume: the saved network does not match this run's model")
-    if (ema is not None) != ("ema" in st):
-        raise SdloomError(f"--resume: {state} was saved {'with' if 'ema' in st else 'without'} "
-                          "EMA; ema_decay cannot be turned on or off in a resumed run")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(raw[k])
-    opt.load_state_dict(st["optimizer"])
-    if ema is not None:
-        ema.load_state_dict(st["ema"])
-    if scaler is not None and "scaler" in st:
-        scaler.load_state_dict(st["scaler"])
-    if st["world"] != d.world:
-        print(f"sdloom: resuming a {st['world']}-process run on {d.world}: data order "
-              "differs from the uninterrupted run", file=sys.stderr)
-    rng = st["rng"][d.rank % len(st["rng"])]
-    gen.set_state(rng["data"])
-    torch.set_rng_state(rng["torch"])
-    return int(st["step"])
+    publish_state(out, step, dict(net.named_parameters()),
+                  trainer_state(step, d, opt, rngs, ema, scaler), cfg)

@@ -348,10 +348,7 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, adapters: dic
                     vq: VQLoss | None = None) -> None:
     """model.safetensors (or lora.safetensors; EMA weights when EMA is on), written atomically,
     then a training state for an exact resume, published whole (see state.py)."""
-    rng = {"data": gen.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    rngs = d.gather(rng)  # every rank's generators, so a resume restores all of them
+    rngs = gather_rng(gen, d)
     if not d.main:
         return
     meta = {"sdloom_step": str(step), "sdloom_train": cfg.to_json()}
@@ -378,11 +375,7 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, adapters: dic
         if backup is not None:
             ema.restore(model, backup)
     raw = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    st = {"step": step, "world": d.world, "optimizer": opt.state_dict(), "rng": rngs}
-    if ema is not None:
-        st["ema"] = ema.state_dict()
-    if scaler is not None:
-        st["scaler"] = scaler.state_dict()
+    st = trainer_state(step, d, opt, rngs, ema, scaler)
     if disc is not None:
         st["disc"], st["disc_optimizer"] = disc.state_dict(), disc_opt.state_dict()
     if vq is not None and (vq_state := vq.state_dict_of(model.first_stage_model)):
@@ -416,6 +409,32 @@ def load_checkpoint(state: Path, cfg: TrainConfig, model: nn.Module, opt, ema, s
         disc_opt.load_state_dict(st["disc_optimizer"])
     if vq is not None and "vq" in st:
         vq.load_state_dict_of(model.first_stage_model, st["vq"])
+    restore_rng(st, gen, d)
+    return int(st["step"])
+
+
+def trainer_state(step: int, d: Dist, opt, rngs: list[dict], ema: EMA | None, scaler) -> dict:
+    """What a resume needs besides the weights: step, world size, optimizer, every rank's
+    generators, EMA and fp16 scaler (tensors and plain values: weights_only loads it)."""
+    st = {"step": step, "world": d.world, "optimizer": opt.state_dict(), "rng": rngs}
+    if ema is not None:
+        st["ema"] = ema.state_dict()
+    if scaler is not None:
+        st["scaler"] = scaler.state_dict()
+    return st
+
+
+def gather_rng(gen: torch.Generator, d: Dist) -> list[dict]:
+    """Every rank's generators (the data/noise one, torch's, CUDA's), so that a resume
+    restores all of them."""
+    rng = {"data": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return d.gather(rng)
+
+
+def restore_rng(st: dict, gen: torch.Generator, d: Dist) -> None:
+    """This rank's generators from a training state (gather_rng's list under "rng")."""
     if st["world"] != d.world:
         print(f"sdloom: resuming a {st['world']}-process run on {d.world}: data order and "
               "noise differ from the uninterrupted run", file=sys.stderr)
@@ -424,7 +443,6 @@ def load_checkpoint(state: Path, cfg: TrainConfig, model: nn.Module, opt, ema, s
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return int(st["step"])
 
 
 # ------------------------------------------------------------------ the loop
@@ -567,29 +585,14 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
                 (scaler.scale(both) if scaler else both).backward()
             total += loss.detach().float() / cfg.grad_accum
             seen += len(b["captions"]) * d.world
-        if scaler:
-            scaler.unscale_(opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-        for o in (opt, disc_opt) if adv else (opt,):
-            if scaler:
-                scaler.step(o)
-            else:
-                o.step()
-        if scaler:
-            scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if adv:
-            disc_opt.zero_grad(set_to_none=True)
+        gnorm = optimizer_step((opt, disc_opt) if adv else (opt,), params, scaler,
+                               cfg.grad_clip)
         if ema is not None:
             ema.update(model)
         step += 1
         window.append(total)
         if step % cfg.log_every == 0 or step == end:
-            vals = d.mean(torch.stack(window)).tolist()
-            window.clear()
-            if not all(math.isfinite(v) for v in vals):
-                raise SdloomError(f"the loss is not finite at step {step}: lower the learning "
-                                  "rate, or use bf16 rather than fp16")
+            vals = window_losses(window, d, step)
             losses += vals
             lr = opt.param_groups[0]["lr"]
             scalars = {"loss": sum(vals) / len(vals), "lr": lr, "grad_norm": float(gnorm),
@@ -622,6 +625,36 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
     elapsed = time.perf_counter() - t0
     return {"losses": losses, "step": step, "model": model,
             "images_per_s": seen / elapsed if step > start else 0.0}
+
+
+def optimizer_step(opts, params: list, scaler, clip: float) -> torch.Tensor:
+    """One update: unscale the first optimizer's gradients (fp16's scaler), clip the global
+    norm of `params` (0 = no clipping), step every optimizer, clear gradients; returns the
+    norm before clipping."""
+    if scaler:
+        scaler.unscale_(opts[0])
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
+    for o in opts:
+        if scaler:
+            scaler.step(o)
+        else:
+            o.step()
+    if scaler:
+        scaler.update()
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    return gnorm
+
+
+def window_losses(window: list[torch.Tensor], d: Dist, step: int) -> list[float]:
+    """The steps' losses since the last log, averaged over ranks (the window is emptied);
+    SdloomError when one is not finite."""
+    vals = d.mean(torch.stack(window)).tolist()
+    window.clear()
+    if not all(math.isfinite(v) for v in vals):
+        raise SdloomError(f"the loss is not finite at step {step}: lower the learning "
+                          "rate, or use bf16 rather than fp16")
+    return vals
 
 
 def _check_sizes(cfg: TrainConfig, model: nn.Module) -> None:
