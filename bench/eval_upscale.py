@@ -29,6 +29,7 @@ from sdloom import upscalers
 from sdloom.checkpoints.load import load_model
 from sdloom.families.x4_upscaler import DEFAULT_NOISE_LEVEL, low_res_of, upscale_image
 from sdloom.training.data import load_rgb, read_items
+from sdloom.training.sr_train import gaussian_blur
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                     "(nearest), Lanczos, model, target")
     ap.add_argument("--picture-crop", type=int, default=0, metavar="N",
                     help="show only the central N×N pixels of each panel, at 1:1 (0: whole)")
+    ap.add_argument("--blur", type=float, default=0.0, metavar="SIGMA",
+                    help="blur the 512² targets by a Gaussian of SIGMA pixels before making the "
+                         "inputs (softer inputs, like generated images; scores stay against the "
+                         "sharp targets)")
     ap.add_argument("--all", action="store_true",
                     help="every image, not only the held-out ones (training images included)")
     a = ap.parse_args(argv)
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                           for it in items[k:k + a.batch]]).float() / 127.5 - 1
         size = hi.shape[-1]
         target = to_unit(hi)
-        low = low_res_of(hi)
+        low = low_res_of(gaussian_blur(hi, a.blur))
         t1 = time.perf_counter()
         if entry.x4:
             up = to_unit(upscale_image(model, low, steps=a.steps, sampler=upscalers.X4_SAMPLER,
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {name: {m: round(float(np.mean(v)), 4) for m, v in s.items()}
            for name, s in scores.items()}
     res.update(images=len(items), held_out=not a.all, size=f"{size // 4} -> {size}",
-               model_file=Path(a.model).name, device=dev.type,
+               model_file=Path(a.model).name, device=dev.type, blur=a.blur,
                **({"steps": a.steps, "noise_level": a.noise_level} if entry.x4 else {}),
                upscale_s_per_image=round(secs / len(items), 4),
                wall_s=round(time.perf_counter() - t0, 1))

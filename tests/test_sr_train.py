@@ -130,12 +130,37 @@ def test_resume_continues_the_exact_run(data, init_file, tmp_path):
         train(cfg_for(init_file), data, cut, progress=False, device="cpu")
 
 
+def test_blur_degradation():
+    # an impulse spreads into the normalised Gaussian of σ, separably; flat images stay flat
+    x = torch.zeros(1, 1, 21, 21)
+    x[0, 0, 10, 10] = 1
+    y = sr_train.gaussian_blur(x, 1.5)
+    t = torch.arange(-5, 6, dtype=torch.float32)  # the kernel reaches ceil(3σ)
+    g = torch.exp(-t * t / (2 * 1.5 ** 2))
+    g = g / g.sum()
+    assert torch.allclose(y[0, 0, 5:16, 5:16], g[:, None] * g[None, :], atol=1e-6)
+    assert abs(float(y.sum()) - 1) < 1e-5
+    flat = torch.full((1, 3, 8, 8), 0.25)
+    assert torch.allclose(sr_train.gaussian_blur(flat, 2.0), flat)
+    assert sr_train.gaussian_blur(x, 0.0) is x
+    # blurred(): one σ per image, uniform in [0, max), drawn from the generator
+    hi = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    got = sr_train.blurred(hi, 2.0, torch.Generator().manual_seed(5))
+    sig = (torch.rand(3, generator=torch.Generator().manual_seed(5)) * 2.0).tolist()
+    for i, s in enumerate(sig):
+        assert torch.allclose(got[i], sr_train.gaussian_blur(hi[i:i + 1], s)[0])
+    assert sr_train.blurred(hi, 0.0, torch.Generator()) is hi
+
+
 def test_preset_and_refusals(data, tmp_path):
     cfg = TrainConfig().override(PRESETS["emoji-esrgan-x4"])
     cfg.validate()
     net = sr_train.build_network(cfg, torch.device("cpu"))
     assert net.config == sr_train.PRESETS["emoji-esrgan-x4"]
     assert sum(p.numel() for p in net.parameters()) < 400_000
+    assert cfg.blur_max == 2.0 and cfg.rec_loss == "l2"
+    with pytest.raises(SdloomError, match="blur_max"):
+        TrainConfig(what="esrgan", blur_max=-1.0).validate()
     with pytest.raises(SdloomError, match="neither an upscaler preset"):
         train(TrainConfig(what="esrgan", model="embedded", resolution=32), data,
               tmp_path / "a", progress=False, device="cpu")
@@ -228,3 +253,13 @@ def test_eval_scores_an_esrgan_file_by_its_output(tmp_path):
     assert res["model"]["ssim"] == round(float(ev.ssim(near, target).mean()), 4)
     lz = ev.lanczos(ev.to_unit(low_res_of(hi)), 64)
     assert res["lanczos"]["psnr"] == round(float(ev.psnr(lz, target).mean()), 4)
+    # --blur: the inputs come from the blurred targets, the scores against the sharp ones
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert ev.main(["--data", str(root), "--model", str(tmp_path / "near.safetensors"),
+                        "--device", "cpu", "--blur", "1.5"]) == 0
+    res = json.loads(buf.getvalue())
+    soft = ev.to_unit(low_res_of(sr_train.gaussian_blur(hi, 1.5)))
+    near = F.interpolate(soft, scale_factor=4, mode="nearest")
+    assert res["blur"] == 1.5
+    assert res["model"]["psnr"] == round(float(ev.psnr(near, target).mean()), 4)
