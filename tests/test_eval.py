@@ -186,6 +186,7 @@ def test_eval_cli_flags():
     p = build_parser()
     a = p.parse_args(["eval", "--data", "d"])
     assert (a.prompts, a.keywords, a.split, a.show_misses) == ("caption", None, "both", 10)
+    assert a.grid is None  # no picture written unless asked for
     a = p.parse_args(["eval", "--data", "d", "--prompts", "keyword", "--keywords", "k.xml",
                       "--split", "train"])
     assert (a.prompts, a.keywords, a.split) == ("keyword", "k.xml", "train")

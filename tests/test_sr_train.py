@@ -55,12 +55,18 @@ def cfg_for(init: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def window_offsets(window: torch.Tensor, images: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Every (image, y, x) at which `window` [3, s, s] sits in `images` [N, 3, H, W]."""
+    s = window.shape[-1]
+    return [(n, y, x) for n, im in enumerate(images)
+            for y in range(im.shape[-2] - s + 1) for x in range(im.shape[-1] - s + 1)
+            if torch.equal(im[:, y:y + s, x:x + s], window)]
+
+
 def test_the_network_sees_the_bicubic_quarter_of_a_random_window(data, init_file, tmp_path,
                                                                  monkeypatch):
-    windows, inputs, targets = [], [], []
-    real_windows, real_loss = sr_train.random_windows, sr_train.reconstruction
-    monkeypatch.setattr(sr_train, "random_windows",
-                        lambda x, s, g: windows.append(real_windows(x, s, g)) or windows[-1])
+    inputs, targets = [], []
+    real_loss = sr_train.reconstruction
     monkeypatch.setattr(sr_train, "reconstruction",
                         lambda cfg, out, t: targets.append(t) or real_loss(cfg, out, t))
     real_build = sr_train.build_network
@@ -71,16 +77,23 @@ def test_the_network_sees_the_bicubic_quarter_of_a_random_window(data, init_file
         return net
     monkeypatch.setattr(sr_train, "build_network", recording)
     train(cfg_for(init_file, steps=2), data, tmp_path / "run", progress=False, device="cpu")
-    assert len(windows) == len(inputs) == 2
-    for w, x, t in zip(windows, inputs, targets):
+    assert len(targets) == len(inputs) == 2
+    images = shapes_batch(data)
+    off_centre = 0
+    for x, t in zip(inputs, targets):
+        w = t * 2 - 1  # the high-res window, back in [-1, 1]
         assert w.shape == (4, 3, 16, 16) and x.shape == (4, 3, 4, 4)
+        for wi in w:  # a 16² window of a 32² training image (some shapes repeat: any place)
+            found = window_offsets(wi, images)
+            assert found
+            off_centre += all((y, x0) != (8, 8) for _, y, x0 in found)
         # the input: antialiased bicubic to a quarter, on 8-bit levels, in [0, 1]
         want = F.interpolate(w, scale_factor=0.25, mode="bicubic", antialias=True)
         want = ((want.clamp(-1, 1) + 1) * 127.5).round() / 255
         assert torch.allclose(x, want, atol=1e-6)
-        assert torch.allclose(t, (w + 1) / 2)
         assert (x * 255 - (x * 255).round()).abs().max() < 1e-4
-    assert not torch.equal(windows[0], windows[1])  # fresh windows each step
+    assert off_centre  # windows at random places: some cannot be the centre one
+    assert not torch.equal(targets[0], targets[1])  # fresh windows each step
 
 
 def shapes_batch(data: Path) -> torch.Tensor:

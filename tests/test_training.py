@@ -122,6 +122,33 @@ def test_resize_crop_flip_and_caption_dropout(tmp_path):
     assert ImageCaptionDataset(folder, 16).augment(7).flip is False  # options off: no change
 
 
+def test_training_windows_are_random_squares_cut_from_the_prepared_image(tmp_path):
+    folder = tmp_path / "grad"
+    folder.mkdir()
+    yy, xx = np.mgrid[0:32, 0:32]
+    arr = np.stack([yy * 8, xx * 8, np.full_like(yy, 77)], -1).astype(np.uint8)
+    Image.fromarray(arr).save(folder / "g.png")  # every pixel tells where it is
+    (folder / "g.txt").write_text("gradient")
+    full = ImageCaptionDataset(folder, 32, flip=True)
+    ds = ImageCaptionDataset(folder, 32, flip=True, window=8)
+    assert ds.image(0).shape == (3, 8, 8)
+    assert torch.equal(ds.image(0), full.image(0)[:, 12:20, 12:20])  # no augmentation: centred
+    seen = set()
+    for seed in range(200):
+        a = ds.augment(seed)
+        assert a.flip == full.augment(seed).flip  # the window draws come after the others
+        x = ds.image(0, a)
+        whole = full.image(0, full.augment(seed))  # the same flip, uncut
+        y0 = round(24 * a.window[1])
+        x0 = round(24 * a.window[0])
+        assert torch.equal(x, whole[:, y0:y0 + 8, x0:x0 + 8])
+        seen.add((y0, x0))
+    assert len(seen) > 100 and {y for y, _ in seen} >= {0, 24}  # reaching every edge
+    assert ImageCaptionDataset(folder, 32).augment(3).window == (0.5, 0.5)  # off: no draw used
+    with pytest.raises(SdloomError, match="window does not fit"):
+        ImageCaptionDataset(folder, 32, window=40)
+
+
 def test_caption_templates(tmp_path, data):
     plain = ImageCaptionDataset(data, 32, caption_dropout=0.2)
     ds = ImageCaptionDataset(data, 32, caption_dropout=0.2, caption_templates=("{}", "a {} x"))

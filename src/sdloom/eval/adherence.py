@@ -215,7 +215,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--sampler", default="DPM++ 2M")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", default="eval-grid.png", help="where to write a grid of outputs")
+    p.add_argument("--grid", help="write a grid of the first 64 outputs to this PNG")
     p.add_argument("--batch", type=int, default=16, help="images generated at once (1..64)")
     p.add_argument("--device", default="auto")
     p.add_argument("--prompts", choices=PROMPT_KINDS, default="caption",
@@ -236,7 +236,7 @@ def run_eval(args) -> int:
     engine = Engine.load(args.model, device=args.device, precision="auto")
     res = evaluate(engine, Path(args.data), limit=args.limit, steps=args.steps, cfg=args.cfg,
                    sampler=args.sampler, seed=args.seed, batch=args.batch,
-                   grid_path=Path(args.grid), prompts=args.prompts,
+                   grid_path=Path(args.grid) if args.grid else None, prompts=args.prompts,
                    keywords=Path(args.keywords) if args.keywords else None,
                    splits=("train", "holdout") if args.split == "both" else (args.split,))
     print(f"prompts: {args.prompts}")
@@ -248,5 +248,6 @@ def run_eval(args) -> int:
         for m in r["misses"][:max(0, args.show_misses)]:
             print(f"miss ({split}): {m['prompt']!r} → {m['nearest']!r}  distance to its own "
                   f"{m['distance_own']:.1f}, to the nearest {m['distance_nearest']:.1f}")
-    print(f"grid: {args.grid}")
+    if args.grid:
+        print(f"grid: {args.grid}")
     return 0

@@ -194,7 +194,7 @@ class Family:
 
     def training_conditioning(self, model: nn.Module):
         """What `sdloom train` conditions this family's denoiser on when it is not text (an
-        object like LDSR's `LowResConcat`: prepare, crop, low_res, __call__), or None: the
+        object like LDSR's `LowResConcat`: prepare, low_res, __call__), or None: the
         captions through objectives.conditioning_for."""
         return None
 

@@ -440,9 +440,6 @@ class LowResConcat:
                 ) -> dict:
         return {}
 
-    def crop(self, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return high  # fully convolutional: crops are the data set's (random_crop, resolution)
-
     def low_res(self, high: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         low = F.interpolate(high.float(), scale_factor=1 / self.f, mode="bicubic",
                             antialias=True, align_corners=False)

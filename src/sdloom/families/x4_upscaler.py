@@ -104,26 +104,15 @@ def low_res_of(high: torch.Tensor, factor: int = 4) -> torch.Tensor:
     return (((low.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1).to(high.dtype)
 
 
-def random_windows(high: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """One random size×size window of each image [B, C, H, W] (offsets drawn from `gen`), or
-    the images themselves when size is 0 or their size."""
-    if not size or (high.shape[-2] == size and high.shape[-1] == size):
-        return high
-    ys = torch.randint(0, high.shape[-2] - size + 1, (len(high),), generator=gen).tolist()
-    xs = torch.randint(0, high.shape[-1] - size + 1, (len(high),), generator=gen).tolist()
-    return torch.stack([x[:, y:y + size, x0:x0 + size] for x, y, x0 in zip(high, ys, xs)])
-
-
 class LowResConditioning:
     """Training conditioning of the x4 upscaler (LDM `LatentUpscaleDiffusion`): the captions'
     (`base`, the trainer's text conditioning) plus the high-res batch made 4× smaller
     (`low_res_of`) and noised to a noise level drawn uniformly from [0, max_noise_level) per
-    image, which is also the class label `y`. `crop` > 0: the high-res images are first cut
-    to random crop×crop windows (super-resolution is local; a crop costs less than a whole
-    image)."""
+    image, which is also the class label `y`. `crop` > 0: the training windows' side (the data
+    set cuts them, ImageCaptionDataset's `window`), which the latent grid must divide."""
 
     def __init__(self, base, cfg: ModelConfig, crop: int = 0):
-        self.base, self.crop_size = base, crop
+        self.base = base
         u = cfg.unet
         multiple = cfg.vae.downscale * 2 ** (len(u.channel_mult) - 1)
         if crop % multiple:
@@ -137,10 +126,6 @@ class LowResConditioning:
     def prepare(self, captions: list[str], size: tuple[int, int], device: torch.device
                 ) -> dict:
         return self.base.prepare(captions, size, device)
-
-    def crop(self, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """One random window per image (offsets from `gen`), or the images when crop is 0."""
-        return random_windows(high, self.crop_size, gen)
 
     def low_res(self, high: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """{"c_concat": the noised low-res images, "y": their noise levels}, to add to what

@@ -42,6 +42,7 @@ class Augment:
     drop_caption: bool
     template: int = 0  # index into the data set's caption templates
     variant: float = 0.0  # < 0.5: the caption; else it picks one of the image's variants
+    window: tuple[float, float] = (0.5, 0.5)  # where the training window sits, 0…1 each way
 
 
 def read_items(root: str | Path, include_holdout: bool = False) -> list[Item]:
@@ -142,13 +143,15 @@ def crop(arr: np.ndarray, w: int, h: int, where: tuple[float, float]) -> np.ndar
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Images resized on the shorter side and cropped to the training size (or their bucket),
-    as [3, H, W] float tensors in [-1, 1], with captions; keys are (index, augmentation seed)."""
+    as [3, H, W] float tensors in [-1, 1], with captions; keys are (index, augmentation seed).
+    `window` > 0: each sample is a random window×window square of that image instead (the
+    upscalers' training: super-resolution is local), cut before the pixels become floats."""
 
     def __init__(self, root: str | Path, resolution: int, *, buckets: bool = False,
                  bucket_step: int = 64, random_crop: bool = False, flip: bool = False,
                  caption_dropout: float = 0.0, include_holdout: bool = False,
                  keep_in_memory: bool | None = None, caption_templates: tuple[str, ...] = (),
-                 caption_variants: bool = False):
+                 caption_variants: bool = False, window: int = 0):
         self.root = Path(root)
         self.templates = tuple(caption_templates)
         self.variants = caption_variants
@@ -159,6 +162,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                  else [(resolution, resolution)])
         for it in self.items:
             it.size = nearest_bucket(*self._source_size(it), sizes) if buckets else sizes[0]
+        self.window = window
+        if window and min(min(it.size) for it in self.items) < window:
+            raise SdloomError(f"a {window}-pixel training window does not fit in "
+                              f"{resolution}-pixel images")
         if keep_in_memory is None:  # uncropped (random-crop) images are larger: a rough 1.8×
             est = sum(w * h * 3 for w, h in (it.size for it in self.items))
             keep_in_memory = self.npy is None and est * (1.8 if random_crop else 1) < MEMORY_BUDGET
@@ -200,11 +207,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """The draws always happen in one order, so turning an option on changes nothing else."""
         r = random.Random(aug_seed)
         flip, cx, cy, drop, tpl = r.random(), r.random(), r.random(), r.random(), r.random()
+        variant, wx, wy = r.random(), r.random(), r.random()
         return Augment(self.flip and flip < 0.5,
                        (cx, cy) if self.random_crop else (0.5, 0.5),
                        drop < self.caption_dropout,
                        int(tpl * len(self.templates)) if self.templates else 0,
-                       r.random() if self.variants else 0)
+                       variant if self.variants else 0,
+                       (wx, wy) if self.window else (0.5, 0.5))
 
     def image(self, i: int, aug: Augment | None = None) -> torch.Tensor:
         """[3, H, W] float in [-1, 1]."""
@@ -213,6 +222,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         arr = crop(arr, w, h, aug.crop if aug else (0.5, 0.5))
         if aug is not None and aug.flip:
             arr = arr[:, ::-1]
+        if self.window:
+            arr = crop(arr, self.window, self.window, aug.window if aug else (0.5, 0.5))
         x = torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # a writable copy
         return x.float() / 127.5 - 1.0
 

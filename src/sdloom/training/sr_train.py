@@ -1,8 +1,8 @@
 """`sdloom train --what esrgan`: an ESRGAN-family super-resolution network (models/esrgan.py)
-trained on pixels. Each step cuts one random `x4_crop`² window of every training image, makes
-it `scale`× smaller as the x4 upscaler's training does (`low_res_of`: antialiased bicubic,
-8-bit levels) and fits the network's output in [0, 1] to the window: L2 (`rec_loss=l2`, what
-PSNR measures) or L1. There is no autoencoder in the path, so nothing bounds the result but
+trained on pixels. Each sample is one random `x4_crop`² window of a training image (cut by the
+data set before its pixels become floats), made `scale`× smaller as the x4 upscaler's
+training does (`low_res_of`: antialiased bicubic, 8-bit levels); the network's output in
+[0, 1] is fitted to the window: L2 (`rec_loss=l2`, what PSNR measures) or L1. There is no autoencoder in the path, so nothing bounds the result but
 the network. The output, `model.safetensors`, is in BasicSR's key layout: the upscaler
 registry, A1111 and Real-ESRGAN's own code all read it. Resumable and DDP-ready as the other
 runs (state.py, distributed.py); data order and crops are functions of the seed and step.
@@ -19,7 +19,7 @@ from torch import nn
 
 from ..checkpoints.save import save_safetensors
 from ..errors import SdloomError
-from ..families.x4_upscaler import low_res_of, random_windows
+from ..families.x4_upscaler import low_res_of
 from ..io import atomic_write_text
 from ..models import esrgan
 from .config import TrainConfig
@@ -27,15 +27,14 @@ from .data import BatchSampler, ImageCaptionDataset, micro_batches
 from .distributed import Dist, checksum, wrap_ddp
 from .ema import EMA
 from .state import claim_output, clean_leftovers, publish_state
-from .train import (Logger, _no_sync, gather_rng, load_checkpoint, lr_factor, optimizer_step,
-                    trainer_state, window_losses)
+from .train import (DTYPES, Logger, _no_sync, gather_rng, load_checkpoint, lr_factor,
+                    optimizer_step, trainer_state, window_losses)
 
 # the embedded upscaler (docs/embedded-model.md): Real-ESRGAN's compact net at 48 features and
 # 12 body convs, 0.27 M parameters
 PRESETS: dict[str, esrgan.Config] = {
     "emoji-esrgan-x4": esrgan.CompactConfig(nf=48, num_conv=12, scale=4),
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_network(cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -100,7 +99,7 @@ def train_upscaler(cfg: TrainConfig, data: Path, out: Path, resume: bool, progre
     scale = net.config.scale
     crop = check_sizes(cfg, scale)
     ds = ImageCaptionDataset(data, cfg.resolution, random_crop=cfg.random_crop, flip=cfg.flip,
-                             include_holdout=cfg.include_holdout)
+                             include_holdout=cfg.include_holdout, window=crop)
     sampler = BatchSampler(ds.sizes, cfg.batch_size, cfg.seed, d.rank, d.world)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=tuple(cfg.adam_betas),
@@ -108,7 +107,7 @@ def train_upscaler(cfg: TrainConfig, data: Path, out: Path, resume: bool, progre
     ema = EMA(net, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)  # crop offsets
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)  # blur strengths
     step = 0
     if state is not None:
         step = load_checkpoint(state, cfg, net, opt, ema, scaler, None, None, gen, d)
@@ -133,7 +132,7 @@ def train_upscaler(cfg: TrainConfig, data: Path, out: Path, resume: bool, progre
         total = torch.zeros((), device=device)
         for k in range(cfg.grad_accum):
             b = next(batches)
-            high = random_windows(b["pixels"], crop, gen).to(device, non_blocking=True)
+            high = b["pixels"].to(device, non_blocking=True)
             low = (low_res_of(blurred(high, cfg.blur_max, gen), scale) + 1) / 2
             # DDP all-reduces gradients on the last micro-batch only
             with _no_sync(module, k == cfg.grad_accum - 1):

@@ -479,6 +479,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
               flip=cfg.flip, caption_dropout=cfg.caption_dropout,
               include_holdout=cfg.include_holdout, caption_templates=cfg.caption_templates,
               caption_variants=cfg.caption_variants)
+    if cfg.what == "x4":  # random x4_crop² windows of the high-res images
+        kw["window"] = cfg.x4_crop
     ds = (ControlDataset(data, cfg.resolution, preprocessor=cfg.control_preprocessor, **kw)
           if cfg.what == "controlnet" else ImageCaptionDataset(data, cfg.resolution, **kw))
     sampler = BatchSampler(ds.sizes, cfg.batch_size, cfg.seed, d.rank, d.world)
@@ -718,8 +720,6 @@ def _diffusion_step(cfg, module, model, objective, conditioning, b, gen, device
         x0 = b["latents"].to(device, non_blocking=True)
     else:
         pixels = b["pixels"].to(device, non_blocking=True)
-        if hasattr(conditioning, "low_res"):  # an upscaler's (x4, LDSR)
-            pixels = conditioning.crop(pixels, gen)
         with torch.no_grad():
             x0 = model.first_stage_model.latent_from_image(pixels).float()
     n, f = x0.shape[0], model.config.vae.downscale
