@@ -216,7 +216,7 @@ def test_bad_input_is_one_clear_error(root, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "conditioning_file_name" in err and len(err.splitlines()) == 1, err
     assert "Traceback" not in err
-    with pytest.raises(SdloomError, match="needs the trained model"):
+    with pytest.raises(SdloomError, match="need the trained model"):
         train(cfg(root, model="sd1"), root / "data", tmp_path / "c", progress=False)
     with pytest.raises(SdloomError, match="predicts eps; a controlnet .* cannot be trained on v"):
         train(cfg(root, prediction="v"), root / "data", tmp_path / "d", progress=False)

@@ -198,6 +198,22 @@ def test_caption_variants_with_keywords(tmp_path):
     assert caption_variants("red apple", "1F34E") == []
 
 
+def test_specific_keywords_leave_out_words_that_many_emoji_share(tmp_path, capsys):
+    from sdloom.training.emoji_data import main, specific_keywords
+    kw = {"1F34E": ["apple", "fruit", "red"], "1F34F": ["apple", "fruit", "green"],
+          "1F34C": ["banana", "fruit"], "2764": ["heart", "red"], "1F30B": ["volcano"]}
+    # counted over the data set's emoji only (no volcano here); VS16 does not matter
+    cps = ["1F34E", "1F34F", "1F34C", "2764 FE0F", "1F44D 1F3FF"]
+    assert specific_keywords(kw, cps, 2) == {
+        "1F34E": ["apple", "red"], "1F34F": ["apple", "green"], "1F34C": ["banana"],
+        "2764": ["heart", "red"], "1F30B": ["volcano"]}
+    assert specific_keywords(kw, cps, 1)["1F34E"] == []
+    assert specific_keywords(kw, cps, 3) == kw
+    assert main([str(tmp_path / "x"), "--keyword-max-emoji", "2"]) == 2
+    assert "needs --keywords" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 @needs_font
 def test_build_is_deterministic(tmp_path):
     def files(d):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import SdloomError
 
-WHAT = ("vae", "unet", "full", "lora", "controlnet", "x4", "esrgan")
+WHAT = ("vae", "unet", "full", "lora", "controlnet", "x4", "esrgan", "words")
 CHOICES: dict[str, tuple[str, ...]] = {
     "what": WHAT, "precision": ("fp32", "bf16", "fp16"),
     "schedule": ("constant", "cosine", "linear"), "prediction": ("eps", "v"),
@@ -165,7 +165,9 @@ HELP: dict[str, str] = {
             "frozen) | full (U-Net + text encoder jointly, e.g. from scratch) | lora | "
             "controlnet (a ControlNet for the frozen model, training/controlnet_train.py) | "
             "x4 (an SD x4 upscaler's U-Net on its images made 4× smaller, noise-augmented) | "
-            "esrgan (an ESRGAN-family network on pixels, training/sr_train.py)",
+            "esrgan (an ESRGAN-family network on pixels, training/sr_train.py) | words (a "
+            "trained model's text encoder learns the words of metadata.jsonl's variants that "
+            "no caption holds; captions encode as before; training/words_train.py)",
     "model": "a model preset name (fresh random weights) or a checkpoint to start from; "
              "what=controlnet: the frozen base model (`embedded`: the shipped model file)",
     "vae_from": "take the (frozen) VAE from this checkpoint, e.g. a `what=vae` run's output",
@@ -261,6 +263,14 @@ PRESETS: dict[str, dict] = {
                            caption_dropout=0.1, cache_latents=True, precision="bf16",
                            save_every=250, save_dtype="fp16", caption_templates=PHRASING,
                            caption_variants=True),
+    # stage 4 of the shipped model (docs/embedded-model.md): the words of the variants (CLDR
+    # keywords above all) that no caption holds, taught to the text encoder's token table by
+    # distillation (training/words_train.py) on `emoji_data --keywords en.xml`; every caption
+    # encodes as before; 4 min on the 2-core CPU
+    "emoji-words": dict(what="words", model="embedded", batch_size=64, lr=5e-3, warmup=0,
+                        schedule="cosine", steps=2000, weight_decay=0.0, ema_decay=0.0,
+                        precision="fp32", save_every=500, save_dtype="fp16",
+                        caption_templates=PHRASING),
     # fine-tuning an SD1.x/SD2.x checkpoint (set model=PATH) on one large GPU
     "sd-finetune": dict(what="unet", resolution=512, batch_size=4, lr=1e-5, warmup=500,
                         schedule="constant", steps=10000, precision="bf16",

@@ -43,14 +43,15 @@ ZEROED = ("zero_convs.", "middle_block_out.", "input_hint_block.14.")  # cldm's 
 
 
 def base_model_file(name: str) -> Path:
-    """The frozen base model of a ControlNet run: `embedded` is the shipped model's file,
-    anything else a checkpoint (a preset's random weights would teach a ControlNet nothing)."""
+    """The trained model a ControlNet (or a words) run starts from: `embedded` is the shipped
+    model's file, anything else a checkpoint (a preset's random weights would teach nothing)."""
     if name == "embedded":
         from ..pipelines.engine import EMBEDDED_MODEL
         return EMBEDDED_MODEL
     if not Path(name).exists():
-        raise SdloomError(f"model {name!r}: what=controlnet needs the trained model it is made "
-                          "for: a checkpoint file, or `embedded` for the shipped model")
+        raise SdloomError(f"model {name!r}: what=controlnet and what=words need the trained "
+                          "model they are made for: a checkpoint file, or `embedded` for the "
+                          "shipped model")
     return Path(name)
 
 

@@ -297,12 +297,27 @@ def caption_variants(text: str, codepoints: str,
     return [p for p in dict.fromkeys(out) if p != text]
 
 
+def specific_keywords(keywords: dict[str, list[str]], codepoints: list[str],
+                      max_emoji: int) -> dict[str, list[str]]:
+    """`keywords` without those that name more than `max_emoji` of the emoji `codepoints` (the
+    data set's): "face" names a hundred pictures, and trained as a caption it pulls the model
+    towards their average rather than towards any one of them."""
+    from ..eval.adherence import Entry, prompts_of
+    count: dict[str, int] = {}
+    for cp in codepoints:
+        for w in set(prompts_of(Entry(Path(), "", False, cp), "keyword", keywords)):
+            count[w] = count.get(w, 0) + 1
+    return {k: [w for w in ws if count.get(w, 0) <= max_emoji] for k, ws in keywords.items()}
+
+
 def build_emoji_dataset(out_dir: Path, size: int = 128, font: Path | None = None,
                         holdout: bool = True, *, only: list[str] | None = None,
-                        limit: int | None = None, keywords: Path | None = None) -> dict:
+                        limit: int | None = None, keywords: Path | None = None,
+                        keyword_max_emoji: int | None = None) -> dict:
     """Render the emoji data set into out_dir (replaced as a whole); returns the counts.
     Every row gets a `variants` column (caption_variants; with CLDR keywords from the
-    annotations file `keywords` when given), which training draws from with
+    annotations file `keywords` when given, only those naming at most `keyword_max_emoji` of
+    the set's emoji when that is given), which training draws from with
     caption_variants=true."""
     if size < 8:
         raise SdloomError(f"image size must be at least 8, got {size}")
@@ -353,6 +368,8 @@ def build_emoji_dataset(out_dir: Path, size: int = 128, font: Path | None = None
     if keywords is not None:
         from ..eval.adherence import read_cldr_keywords
         kw = read_cldr_keywords(keywords)
+        if keyword_max_emoji is not None:
+            kw = specific_keywords(kw, [x.codepoints for x, _ in kept], keyword_max_emoji)
     tmp = _fresh_sibling(out_dir)
     try:
         rows = []
@@ -377,7 +394,8 @@ def build_emoji_dataset(out_dir: Path, size: int = 128, font: Path | None = None
                 "font_pixel_size": FONT_PIXEL_SIZE, "emoji_package": emoji_pkg.__version__,
                 "pillow": PIL.__version__, "stats": stats, "skipped": skipped,
                 "keywords": ({"file": Path(keywords).name, "sha256": hashlib.sha256(
-                    Path(keywords).read_bytes()).hexdigest()} if keywords else None)}
+                    Path(keywords).read_bytes()).hexdigest(), "max_emoji": keyword_max_emoji}
+                             if keywords else None)}
         (tmp / "build.json").write_text(json.dumps(info, ensure_ascii=False, indent=1) + "\n",
                                         encoding="utf-8")
         _swap_in(tmp, out_dir)
@@ -399,11 +417,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keywords", type=Path, metavar="EN_XML",
                     help="CLDR annotations (Debian unicode-cldr-core: /usr/share/unicode/cldr/"
                          "common/annotations/en.xml): keywords join each row's variants")
+    ap.add_argument("--keyword-max-emoji", type=int, metavar="N",
+                    help="with --keywords: leave out keywords that name more than N of the "
+                         "set's emoji (\"face\", \"hand\")")
     a = ap.parse_args(argv)
+    if a.keyword_max_emoji is not None and (a.keywords is None or a.keyword_max_emoji < 1):
+        print("error: --keyword-max-emoji takes a count of at least 1 and needs --keywords",
+              file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         s = build_emoji_dataset(a.out_dir, a.size, a.font, not a.no_holdout, limit=a.limit,
-                                keywords=a.keywords)
+                                keywords=a.keywords, keyword_max_emoji=a.keyword_max_emoji)
     except SdloomError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """`sdloom train`: VAE, denoiser (`what=unet`: the U-Net, or SD3's MMDiT), U-Net + text encoder
 jointly (e.g. from scratch), or LoRA; ControlNets (controlnet_train.py) and ESRGAN-family
-upscalers (`what=esrgan`, sr_train.py) too.
+upscalers (`what=esrgan`, sr_train.py) and new words for a trained model's text encoder
+(`what=words`, words_train.py) too.
 
 Images → frozen VAE → latents (z − shift)·scale; noise at a drawn timestep; the denoiser's
 objective is its family's (objectives.py, chosen once from `Family.model_sampling`): ε/v on the
@@ -83,7 +84,7 @@ def denoiser_net(model: nn.Module) -> nn.Module:
 def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """A fresh seeded model of a preset, or a checkpoint; everything frozen to begin with."""
     from ..checkpoints.load import load_model
-    if cfg.what == "controlnet":  # a ControlNet is made for a trained model
+    if cfg.what in ("controlnet", "words"):  # made for (or taught to) a trained model
         model = load_model(base_model_file(cfg.model), device=device).model
     elif cfg.model in MODEL_PRESETS:
         torch.manual_seed(cfg.seed)
@@ -460,6 +461,10 @@ def train(cfg: TrainConfig, data_dir: str | Path, output_dir: str | Path, resume
             from .sr_train import train_upscaler
             return train_upscaler(cfg, Path(data_dir), Path(output_dir), resume, progress,
                                   stop_after, d, dev)
+        if cfg.what == "words":  # the text encoder's new-word rows, by distillation
+            from .words_train import train_words
+            return train_words(cfg, Path(data_dir), Path(output_dir), resume, progress,
+                               stop_after, d, dev)
         return _train(cfg, Path(data_dir), Path(output_dir), resume, sample_fn, progress,
                       stop_after, d, dev)
     finally:
@@ -800,7 +805,8 @@ def run_train(a) -> int:
                 stop_after=a.stop_after, device=a.device)
     if res["losses"] and int(os.environ.get("RANK", "0")) == 0:
         print(f"trained to step {res['step']}; last loss {res['losses'][-1]:.4f}; "
-              f"{res['images_per_s']:.1f} images/s → {a.output}", file=sys.stderr)
+              f"{res['images_per_s']:.1f} {res.get('unit', 'images')}/s → {a.output}",
+              file=sys.stderr)
     return 0
 
 
