@@ -73,6 +73,27 @@ def test_torchrun_two_processes_gloo_esrgan(tmp_path):
     assert not torch.equal(saved["body.0.weight"], before["body.0.weight"])
     st = torch.load(find_state(out) / "trainer.pt", weights_only=True)
     assert st["world"] == 2 and len(st["rng"]) == 2
-    assert not torch.equal(st["rng"][0]["data"], st["rng"][1]["data"])  # own crops per rank
+    assert not torch.equal(st["rng"][0]["data"], st["rng"][1]["data"])  # own blur per rank
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_torchrun_two_processes_gloo_words(tmp_path):
+    """what=words under torchrun: each rank draws its own prompts, the rows' gradients are
+    all-reduced, both ranks end alike (words_train checks it) and rank 0 saves a model whose
+    only change is the new words' rows."""
+    from safetensors.torch import load_file
+    from test_words_train import TABLE, make_words_set, new_word_ids
+    data = make_words_set(tmp_path / "data")
+    init = tmp_path / "init.safetensors"
+    save_model(tiny_model(), TINY_SD1, init)
+    out = tmp_path / "out"
+    torchrun_train(data, out, "--model", str(init), "--what", "words", "--batch-size", "3",
+                   "--grad-accum", "2", "--steps", "3", "--warmup", "0", "--lr", "0.05",
+                   "--save-dtype", "fp32", "--caption-templates", "{}", "a {}", "{} emoji")
+    saved, before = load_file(str(out / "model.safetensors")), load_file(str(init))
+    assert [k for k in before if not torch.equal(before[k], saved[k])] == [TABLE]
+    changed = (before[TABLE] != saved[TABLE]).any(1).nonzero().flatten().tolist()
+    assert set(changed) == new_word_ids()
+    st = torch.load(find_state(out) / "trainer.pt", weights_only=True)
+    assert st["world"] == 2 and not torch.equal(st["rng"][0]["data"], st["rng"][1]["data"])
