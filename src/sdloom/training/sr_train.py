@@ -10,7 +10,6 @@ runs (state.py, distributed.py); data order and crops are functions of the seed 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -24,11 +23,10 @@ from ..io import atomic_write_text
 from ..models import esrgan
 from .config import TrainConfig
 from .data import BatchSampler, ImageCaptionDataset, micro_batches
-from .distributed import Dist, checksum, wrap_ddp
+from .distributed import Dist, wrap_ddp
 from .ema import EMA
 from .state import claim_output, clean_leftovers, publish_state
-from .train import (DTYPES, Logger, _no_sync, gather_rng, load_checkpoint, lr_factor,
-                    optimizer_step, trainer_state, window_losses)
+from .train import DTYPES, gather_rng, load_checkpoint, one_network_loop, trainer_state
 
 # the embedded upscaler (docs/embedded-model.md): Real-ESRGAN's compact net at 48 features and
 # 12 body convs, 0.27 M parameters
@@ -105,8 +103,7 @@ def train_upscaler(cfg: TrainConfig, data: Path, out: Path, resume: bool, progre
                             betas=tuple(cfg.adam_betas),
                             **({"fused": True} if device.type == "cuda" else {}))
     ema = EMA(net, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)  # blur strengths
     step = 0
     if state is not None:
@@ -116,60 +113,19 @@ def train_upscaler(cfg: TrainConfig, data: Path, out: Path, resume: bool, progre
                             pin=device.type == "cuda")
     if d.main:
         atomic_write_text(out / "config.json", cfg.to_json())
-    logger = Logger(out, d.main, step)
-    bar = None
-    if progress and d.main:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
-                   desc="train esrgan")
-    losses: list[float] = []
-    window: list[torch.Tensor] = []
-    t0, seen, start = time.perf_counter(), 0, step
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    while step < end:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(cfg, step)
-        total = torch.zeros((), device=device)
-        for k in range(cfg.grad_accum):
-            b = next(batches)
-            high = b["pixels"].to(device, non_blocking=True)
+
+    def micro() -> tuple[torch.Tensor, int]:
+        high = next(batches)["pixels"].to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=False):  # inputs in fp32, as evaluation's
             low = (low_res_of(blurred(high, cfg.blur_max, gen), scale) + 1) / 2
-            # DDP all-reduces gradients on the last micro-batch only
-            with _no_sync(module, k == cfg.grad_accum - 1):
-                with torch.autocast(device.type, dtype=amp or torch.float32,
-                                    enabled=amp is not None):
-                    loss = reconstruction(cfg, module(low), (high + 1) / 2)
-                part = loss / cfg.grad_accum
-                (scaler.scale(part) if scaler else part).backward()
-            total += loss.detach() / cfg.grad_accum
-            seen += len(high) * d.world
-        gnorm = optimizer_step((opt,), list(net.parameters()), scaler, cfg.grad_clip)
-        if ema is not None:
-            ema.update(net)
-        step += 1
-        window.append(total)
-        if step % cfg.log_every == 0 or step == end:
-            vals = window_losses(window, d, step)
-            losses += vals
-            lr = opt.param_groups[0]["lr"]
-            logger.log(step, loss=sum(vals) / len(vals), lr=lr, grad_norm=float(gnorm),
-                       images_per_s=seen / (time.perf_counter() - t0))
-            if bar is not None:
-                bar.set_postfix(loss=f"{vals[-1]:.5f}", lr=f"{lr:.2e}")
-        if bar is not None:
-            bar.update(1)
-        if step % cfg.save_every == 0 or step == end:
-            _save(out, cfg, net, opt, ema, scaler, gen, step, d)
-    if bar is not None:
-        bar.close()
-    logger.close()
-    if d.enabled:
-        sums = d.gather(checksum(net))
-        if len(set(sums)) != 1:
-            raise SdloomError(f"distributed ranks diverged: {sums}")
-    elapsed = time.perf_counter() - t0
-    return {"losses": losses, "step": step, "model": net,
-            "images_per_s": seen / elapsed if step > start else 0.0}
+        return reconstruction(cfg, module(low), (high + 1) / 2), len(high)
+
+    res = one_network_loop(cfg, out, d, device, step=step, stop_after=stop_after,
+                           progress=progress, desc="train esrgan", unit="images",
+                           module=module, trained=net, opt=opt, ema=ema, scaler=scaler,
+                           micro=micro,
+                           save=lambda n: _save(out, cfg, net, opt, ema, scaler, gen, n, d))
+    return {**res, "model": net}
 
 
 def _save(out: Path, cfg: TrainConfig, net: nn.Module, opt, ema: EMA | None, scaler,

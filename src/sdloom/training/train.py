@@ -634,6 +634,69 @@ def _train(cfg: TrainConfig, data: Path, out: Path, resume: bool, sample_fn, pro
             "images_per_s": seen / elapsed if step > start else 0.0}
 
 
+def one_network_loop(cfg: TrainConfig, out: Path, d: Dist, device: torch.device, *,
+                     step: int, stop_after: int | None, progress: bool, desc: str, unit: str,
+                     module: nn.Module, trained: nn.Module, opt, ema: EMA | None, scaler,
+                     micro: Callable[[], tuple[torch.Tensor, int]],
+                     save: Callable[[int], None]) -> dict:
+    """The loop of the runs that train one network with one optimizer (what=esrgan,
+    what=words) from `step` on: the lr schedule, `grad_accum` micro-batches (`micro()` returns
+    one's loss, computed under the run's autocast, and its sample count; DDP all-reduces on the
+    last only), clipping, EMA over `trained`, logging, progress, `save(step)` every save_every
+    steps and at the end, and the ranks' agreement. Returns train()'s dict without "model"."""
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    logger = Logger(out, d.main, step)
+    bar = None
+    if progress and d.main:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, desc=desc)
+    losses: list[float] = []
+    window: list[torch.Tensor] = []
+    t0, seen, start = time.perf_counter(), 0, step
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    while step < end:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(cfg, step)
+        total = torch.zeros((), device=device)
+        for k in range(cfg.grad_accum):
+            with _no_sync(module, k == cfg.grad_accum - 1):
+                with torch.autocast(device.type, dtype=amp or torch.float32,
+                                    enabled=amp is not None):
+                    loss, n = micro()
+                part = loss / cfg.grad_accum
+                (scaler.scale(part) if scaler else part).backward()
+            total += loss.detach() / cfg.grad_accum
+            seen += n * d.world
+        gnorm = optimizer_step((opt,), params, scaler, cfg.grad_clip)
+        if ema is not None:
+            ema.update(trained)
+        step += 1
+        window.append(total)
+        if step % cfg.log_every == 0 or step == end:
+            vals = window_losses(window, d, step)
+            losses += vals
+            lr = opt.param_groups[0]["lr"]
+            logger.log(step, loss=sum(vals) / len(vals), lr=lr, grad_norm=float(gnorm),
+                       **{f"{unit}_per_s": seen / (time.perf_counter() - t0)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{vals[-1]:.5f}", lr=f"{lr:.2e}")
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.save_every == 0 or step == end:
+            save(step)
+    if bar is not None:
+        bar.close()
+    logger.close()
+    if d.enabled:
+        sums = d.gather(checksum(trained))
+        if len(set(sums)) != 1:
+            raise SdloomError(f"distributed ranks diverged: {sums}")
+    elapsed = time.perf_counter() - t0
+    return {"losses": losses, "step": step, "unit": unit,
+            "images_per_s": seen / elapsed if step > start else 0.0}
+
+
 def optimizer_step(opts, params: list, scaler, clip: float) -> torch.Tensor:
     """One update: unscale the first optimizer's gradients (fp16's scaler), clip the global
     norm of `params` (0 = no clipping), step every optimizer, clear gradients; returns the

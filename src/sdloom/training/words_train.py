@@ -17,7 +17,6 @@ the seed and the step.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -31,11 +30,11 @@ from ..io import atomic_write_text
 from ..tokenizer import BOS, EOS, get_tokenizer
 from .config import TrainConfig
 from .data import read_items
-from .distributed import Dist, checksum, wrap_ddp
+from .distributed import Dist, wrap_ddp
 from .ema import EMA
 from .state import claim_output, clean_leftovers, publish_state
-from .train import (DTYPES, Logger, build_model, gather_rng, load_checkpoint, lr_factor,
-                    optimizer_step, trainer_state, window_losses)
+from .train import (DTYPES, build_model, gather_rng, load_checkpoint, one_network_loop,
+                    trainer_state)
 
 
 def token_table(encoder: nn.Module) -> nn.Embedding:
@@ -121,8 +120,7 @@ def train_words(cfg: TrainConfig, data: Path, out: Path, resume: bool, progress:
     opt = torch.optim.AdamW([words.rows], lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=tuple(cfg.adam_betas))
     ema = EMA(words, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)  # prompts and templates
     step = 0
     if state is not None:
@@ -133,63 +131,24 @@ def train_words(cfg: TrainConfig, data: Path, out: Path, resume: bool, progress:
         atomic_write_text(out / "config.json", cfg.to_json())
         print(f"sdloom: what=words: {len(pairs)} prompts with {len(ids)} new tokens",
               flush=True)
-    logger = Logger(out, d.main, step)
-    bar = None
-    if progress and d.main:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
-                   desc="train words")
-    losses: list[float] = []
-    window: list[torch.Tensor] = []
-    t0, seen, start = time.perf_counter(), 0, step
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    while step < end:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(cfg, step)
-        total = torch.zeros((), device=device)
-        for k in range(cfg.grad_accum):
-            pick = torch.randint(len(pairs), (cfg.batch_size,), generator=gen).tolist()
-            tpl = torch.randint(len(templates), (cfg.batch_size,), generator=gen).tolist()
-            batch = [(templates[t].replace("{}", pairs[i][0]),
-                      templates[t].replace("{}", pairs[i][1])) for i, t in zip(pick, tpl)]
-            student = tok([s for s, _ in batch], pad_token=pad).to(device)
-            teacher = tok([c for _, c in batch], pad_token=pad).to(device)
-            with torch.autocast(device.type, dtype=amp or torch.float32,
-                                enabled=amp is not None):
-                with torch.no_grad():  # the caption: no trained row in it
-                    target = words.encoder(teacher)[0]
-                loss = F.mse_loss(module(student).float(), target.float())
-            part = loss / cfg.grad_accum
-            (scaler.scale(part) if scaler else part).backward()
-            total += loss.detach() / cfg.grad_accum
-            seen += cfg.batch_size * d.world
-        gnorm = optimizer_step((opt,), [words.rows], scaler, cfg.grad_clip)
-        if ema is not None:
-            ema.update(words)
-        step += 1
-        window.append(total)
-        if step % cfg.log_every == 0 or step == end:
-            vals = window_losses(window, d, step)
-            losses += vals
-            lr = opt.param_groups[0]["lr"]
-            logger.log(step, loss=sum(vals) / len(vals), lr=lr, grad_norm=float(gnorm),
-                       prompts_per_s=seen / (time.perf_counter() - t0))
-            if bar is not None:
-                bar.set_postfix(loss=f"{vals[-1]:.5f}", lr=f"{lr:.2e}")
-        if bar is not None:
-            bar.update(1)
-        if step % cfg.save_every == 0 or step == end:
-            _save(out, cfg, model, words, opt, ema, scaler, gen, step, d)
-    if bar is not None:
-        bar.close()
-    logger.close()
-    if d.enabled:
-        sums = d.gather(checksum(words))
-        if len(set(sums)) != 1:
-            raise SdloomError(f"distributed ranks diverged: {sums}")
-    elapsed = time.perf_counter() - t0
-    return {"losses": losses, "step": step, "model": model, "unit": "prompts",
-            "images_per_s": seen / elapsed if step > start else 0.0}
+
+    def micro() -> tuple[torch.Tensor, int]:
+        pick = torch.randint(len(pairs), (cfg.batch_size,), generator=gen).tolist()
+        tpl = torch.randint(len(templates), (cfg.batch_size,), generator=gen).tolist()
+        batch = [(templates[t].replace("{}", pairs[i][0]),
+                  templates[t].replace("{}", pairs[i][1])) for i, t in zip(pick, tpl)]
+        student = tok([s for s, _ in batch], pad_token=pad).to(device)
+        teacher = tok([c for _, c in batch], pad_token=pad).to(device)
+        with torch.no_grad():  # the caption: no trained row in it
+            target = words.encoder(teacher)[0]
+        return F.mse_loss(module(student).float(), target.float()), len(batch)
+
+    res = one_network_loop(cfg, out, d, device, step=step, stop_after=stop_after,
+                           progress=progress, desc="train words", unit="prompts",
+                           module=module, trained=words, opt=opt, ema=ema, scaler=scaler,
+                           micro=micro, save=lambda n: _save(out, cfg, model, words, opt, ema,
+                                                             scaler, gen, n, d))
+    return {**res, "model": model}
 
 
 def _save(out: Path, cfg: TrainConfig, model: nn.Module, words: NewWords, opt,
