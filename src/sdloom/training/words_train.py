@@ -60,7 +60,7 @@ class NewWords(nn.Module):
 
     def table(self) -> torch.Tensor:
         """The whole token table with the trained rows in place."""
-        w = token_table(self.encoder).weight
+        w = self.encoder.get_parameter(self.table_name)
         return w.index_put((self.ids,), self.rows.to(w.dtype))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ class NewWords(nn.Module):
     @torch.no_grad()
     def write(self) -> None:
         """Put the trained rows into the encoder's own table (before saving the model)."""
-        token_table(self.encoder).weight.copy_(self.table())
+        self.encoder.get_parameter(self.table_name).copy_(self.table())
 
 
 def caption_tokens(texts, templates: tuple[str, ...]) -> set[int]:
